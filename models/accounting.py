@@ -1,0 +1,63 @@
+"""Parameter and FLOP accounting, computed on the meta device (no memory allocated).
+
+Activated parameters per token count every weight a token passes through: the
+embedding row, attention, dense MLPs, shared experts, the router and only
+num_experts_per_tok of the routed experts (V3 report: 671B total, 37B activated).
+FLOPs per token follow the PaLM appendix B convention: 6 x (activated matmul
+parameters) for forward + backward, plus attention 6 * S * heads * (d_qk + d_v)
+per layer (no causal discount), with MTP depths counted as extra layers + head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from models.config import ModelConfig
+from models.transformer import Transformer
+
+
+@dataclass
+class ModelCounts:
+    params_total: int  # every parameter, MTP included
+    params_total_no_mtp: int
+    params_active: int  # activated per token, MTP included
+    params_active_no_mtp: int
+    params_embedding: int  # input embedding table (not a matmul)
+    flops_per_token: float  # training (fwd + bwd) FLOPs per token at seq_len, MTP included
+
+
+def build_meta_model(cfg: ModelConfig) -> Transformer:
+    with torch.device("meta"):
+        return Transformer(cfg)
+
+
+def count_model(cfg: ModelConfig, seq_len: int | None = None) -> ModelCounts:
+    """Parameter counts and training FLOPs per token of `cfg` at sequence length seq_len."""
+    model = build_meta_model(cfg)
+    seq_len = seq_len or min(cfg.max_position_embeddings, 4096)
+    total = sum(p.numel() for p in model.parameters())
+    mtp = sum(p.numel() for p in model.mtp.parameters())
+    expert_params = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    inactive_per_moe_layer = (cfg.n_routed_experts - cfg.num_experts_per_tok) * expert_params
+    n_moe_main = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    n_moe_mtp = sum(cfg.is_moe_layer(cfg.num_hidden_layers + k) for k in range(cfg.num_nextn_predict_layers))
+    active_no_mtp = total - mtp - n_moe_main * inactive_per_moe_layer
+    active = active_no_mtp + mtp - n_moe_mtp * inactive_per_moe_layer
+    embedding = model.embed_tokens.weight.numel()
+    # Matmul parameters a token uses: everything active but the embedding lookup and norms.
+    norms = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 1)
+    matmul_active = active - embedding - norms
+    if cfg.num_nextn_predict_layers:
+        matmul_active += cfg.num_nextn_predict_layers * cfg.vocab_size * cfg.hidden_size  # shared head reused per depth
+    n_attn_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    attn = 6 * seq_len * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * n_attn_layers
+    return ModelCounts(
+        params_total=total,
+        params_total_no_mtp=total - mtp,
+        params_active=active,
+        params_active_no_mtp=active_no_mtp,
+        params_embedding=embedding,
+        flops_per_token=float(6 * matmul_active + attn),
+    )

@@ -1,0 +1,107 @@
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1, V3 §2.1.1).
+
+Queries and keys/values go through low-rank latents:
+  c_Q = W_DQ h            q^C = W_UQ RMSNorm(c_Q)          q^R = RoPE(W_QR c_Q)     (V3 eqs. 6-8)
+  c_KV, k^R = W_DKV h     k^C, v = W_UK/W_UV RMSNorm(c_KV)   k^R = RoPE(k^R) shared by all heads (eqs. 1-5)
+  o = softmax(q k^T * scale) v;  u = W_O o                                          (eqs. 10-11)
+The module names follow Hugging Face's DeepseekV3Attention so export is a rename.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import ModelConfig
+from models.norm import RMSNorm
+from models.rope import apply_rope
+
+try:  # optional GPU kernel, used only on CUDA
+    from flash_attn import flash_attn_func  # type: ignore
+except Exception:  # pragma: no cover - not installed on CPU machines
+    flash_attn_func = None
+
+
+def attention_core(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, impl: str, mask: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Causal attention. q, k: [B, S, H, Dqk]; v: [B, S, H, Dv] -> [B, S, H, Dv].
+
+    impl "auto" uses flash-attn on CUDA when installed (v padded to Dqk as the kernel
+    needs equal head dims), otherwise torch SDPA; "eager" is the reference math.
+    `mask` ([B, 1, S, S] boolean, True = attend) replaces the causal mask when given.
+    """
+    use_flash = impl == "flash" or (impl == "auto" and flash_attn_func is not None and q.is_cuda and mask is None)
+    if use_flash:
+        if flash_attn_func is None:
+            raise RuntimeError("model.attn_implementation='flash' but flash-attn is not installed")
+        dv = v.shape[-1]
+        if dv < q.shape[-1]:
+            v = F.pad(v, (0, q.shape[-1] - dv))
+        return flash_attn_func(q, k, v, softmax_scale=scale, causal=True)[..., :dv]
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if impl == "eager":
+        scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+        seq = q.shape[-2]
+        if mask is None:
+            mask = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~mask, float("-inf"))
+        out = (scores.softmax(-1).to(v.dtype)) @ v
+    elif mask is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)
+
+
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.q_lora_rank = cfg.q_lora_rank
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.qk_nope_head_dim = cfg.qk_nope_head_dim
+        self.qk_rope_head_dim = cfg.qk_rope_head_dim
+        self.qk_head_dim = cfg.qk_head_dim
+        self.v_head_dim = cfg.v_head_dim
+        self.scale = cfg.softmax_scale
+        self.impl = cfg.attn_implementation
+        h, bias = cfg.hidden_size, cfg.attention_bias
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(h, self.n_heads * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(h, cfg.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.n_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, self.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * cfg.v_head_dim, h, bias=bias)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        bsz, seq, _ = x.shape
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(bsz, seq, -1, self.qk_head_dim)  # -1: heads (fewer per rank under TP)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+
+        kv_latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        kv = self.kv_b_proj(self.kv_a_layernorm(kv_latent))
+        kv = kv.view(bsz, seq, -1, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+
+        cos, sin = rope
+        q_pe = apply_rope(q_pe, cos, sin)
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin)  # one rope key shared by every head
+        heads = q.shape[2]
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        k = torch.cat([k_nope, k_pe.expand(-1, -1, heads, -1)], dim=-1)
+        out = attention_core(q, k, v, self.scale, self.impl, mask)
+        return self.o_proj(out.reshape(bsz, seq, -1))

@@ -1,0 +1,73 @@
+"""Routed experts as stacked weights, computed with one grouped GEMM per projection.
+
+Tokens arrive sorted by expert (expert-major order) with `counts[e]` rows for expert e.
+Weights are stored as [E, out, in] like a stack of nn.Linear weights (gate and up fused,
+as in Hugging Face's in-memory DeepseekV3 experts), so export only splits them per expert.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    torch._grouped_mm's backward rejects gradients with zero strides (e.g. from .sum()).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad.contiguous()
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows x[offsets[e-1]:offsets[e]] @ weight[e].T for every expert e, in one kernel."""
+    return _ContiguousGrad.apply(torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets))
+
+
+def looped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Reference / fallback: one matmul per expert on its contiguous slice of rows."""
+    chunks = x.split(counts)
+    return torch.cat([c @ w.T for c, w in zip(chunks, weight)] or [x.new_zeros(0, weight.shape[1])])
+
+
+class GroupedExperts(nn.Module):
+    """SwiGLU experts: down(silu(gate(x)) * up(x)) with per-expert weights (V3 eq. 12's FFN_i)."""
+
+    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int, implementation: str = "auto") -> None:
+        super().__init__()
+        self.n_experts = n_experts
+        self.intermediate_size = intermediate_size
+        self.implementation = implementation
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
+
+    def reset_parameters(self, std: float) -> None:
+        nn.init.normal_(self.gate_up_proj, std=std)
+        nn.init.normal_(self.down_proj, std=std)
+
+    def resolved_implementation(self, x: torch.Tensor) -> str:
+        if self.implementation != "auto":
+            return self.implementation
+        if x.is_cuda:
+            # The CUDA grouped GEMM wants bf16 and sm90+; fall back to the loop otherwise.
+            major, _ = torch.cuda.get_device_capability(x.device)
+            return "grouped_mm" if x.dtype == torch.bfloat16 and major >= 9 else "loop"
+        return "grouped_mm"
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x: [N, H] sorted by expert; counts: [E] rows per expert -> [N, H]."""
+        if self.resolved_implementation(x) == "grouped_mm":
+            offsets = counts.cumsum(0).to(torch.int32)
+            gate, up = grouped_linear(x, self.gate_up_proj, offsets).chunk(2, dim=-1)
+            return grouped_linear(F.silu(gate) * up, self.down_proj, offsets)
+        sizes = counts.tolist()
+        gate, up = looped_linear(x, self.gate_up_proj, sizes).chunk(2, dim=-1)
+        return looped_linear(F.silu(gate) * up, self.down_proj, sizes)

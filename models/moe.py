@@ -1,0 +1,152 @@
+"""DeepSeekMoE layer (V3 eq. 12): h' = h + sum_i FFN^s_i(h) + sum_i g_i FFN^r_i(h).
+
+The only communication an MoE layer needs, moving token copies to the rank that owns
+their expert and back, goes through a `TokenDispatcher`. `LocalDispatcher` keeps
+everything in-process; `parallel/` swaps in an all-to-all dispatcher under expert
+parallelism, so this file never calls torch.distributed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from models.balance import attach_aux_loss, balance_group_ids, balance_losses
+from models.config import ModelConfig
+from models.experts import GroupedExperts
+from models.mlp import SwiGLU
+from models.router import Router
+
+
+class TokenDispatcher:
+    """Moves routed token copies to experts (dispatch) and their outputs back (combine)."""
+
+    def dispatch(
+        self, x: torch.Tensor, topk_idx: torch.Tensor, keep: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """x [T, H], topk_idx [T, K] -> (rows for this rank's experts in expert-major order,
+        rows per local expert [E_local], context for combine)."""
+        raise NotImplementedError
+
+    def combine(self, y: torch.Tensor, topk_weight: torch.Tensor, ctx: Any) -> torch.Tensor:
+        """Expert outputs -> [T, H]: each token's outputs weighted by its gates and summed."""
+        raise NotImplementedError
+
+
+def permute_by_expert(
+    topk_idx: torch.Tensor, keep: Optional[torch.Tensor], n_experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable expert-major order of the kept (token, slot) assignments, and counts per expert.
+
+    Returns `order` (flat indices into topk_idx.flatten(), dropped ones excluded) and
+    `counts` [n_experts]. Token of assignment j is j // K.
+    """
+    flat = topk_idx.flatten()
+    if keep is not None:
+        flat = flat.masked_fill(~keep.flatten(), n_experts)  # dropped ones sort last
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=n_experts + 1)[:n_experts]
+    if keep is not None:
+        order = order[: int(keep.sum())]
+    return order, counts
+
+
+def unpermute_and_combine(
+    y: torch.Tensor, order: torch.Tensor, topk_weight: torch.Tensor, n_tokens: int, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """sum_k g_{t,k} y_{t,k} for every token t, from rows y in `order`. Gating in fp32."""
+    k = topk_weight.shape[1]
+    weighted = y.float() * topk_weight.flatten()[order].unsqueeze(1)
+    out = weighted.new_zeros(n_tokens * k, y.shape[1]).index_copy_(0, order, weighted)
+    return out.view(n_tokens, k, -1).sum(dim=1).to(out_dtype)
+
+
+class LocalDispatcher(TokenDispatcher):
+    """All experts live in this process: a sort, a gather and a weighted scatter-sum."""
+
+    def __init__(self, n_experts: int) -> None:
+        self.n_experts = n_experts
+
+    def dispatch(self, x, topk_idx, keep):
+        order, counts = permute_by_expert(topk_idx, keep, self.n_experts)
+        token_of = order // topk_idx.shape[1]
+        return x.index_select(0, token_of), counts, order
+
+    def combine(self, y, topk_weight, ctx):
+        return unpermute_and_combine(y, ctx, topk_weight, topk_weight.shape[0], y.dtype)
+
+
+class MoE(nn.Module):
+    """Shared experts + routed experts + router. HF names: gate, experts, shared_experts."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Router(cfg)
+        self.experts = GroupedExperts(
+            cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.experts_implementation
+        )
+        self.shared_experts = (
+            SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
+        )
+        self.dispatcher: TokenDispatcher = LocalDispatcher(cfg.n_routed_experts)
+        # Gradient given to this layer's aux loss; the trainer sets it for global-batch normalisation.
+        self.aux_loss_scale = 1.0
+        # Step statistics, accumulated over micro-batches in training, reset by the bias update.
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
+        self.register_buffer("dropped_tokens", torch.zeros(()), persistent=False)
+        self.last_aux_loss = torch.zeros(())
+
+    def forward(self, x: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        bsz, seq, hidden = x.shape
+        flat = x.reshape(-1, hidden)
+        routing = self.gate(flat)
+        if self.training:
+            self._record_load(routing.topk_idx, routing.keep)
+        rows, counts, ctx = self.dispatcher.dispatch(flat, routing.topk_idx, routing.keep)
+        routed = self.dispatcher.combine(self.experts(rows, counts), routing.topk_weight, ctx)
+        out = routed if self.shared_experts is None else routed + self.shared_experts(flat)
+        out = out.view(bsz, seq, hidden)
+        if self.training:
+            aux = self._aux_loss(routing.scores, routing.topk_idx, bsz, seq, doc_ids)
+            self.last_aux_loss = aux.detach()
+            out = attach_aux_loss(out, aux, self.aux_loss_scale)
+        return out
+
+    def _aux_loss(
+        self, scores: torch.Tensor, topk_idx: torch.Tensor, bsz: int, seq: int, doc_ids: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        if cfg.aux_loss_alpha == 0 and cfg.device_aux_loss_alpha == 0 and cfg.comm_aux_loss_alpha == 0:
+            return scores.new_zeros(())
+        if cfg.seq_aux:
+            group_ids, n_groups = balance_group_ids(bsz, seq, doc_ids, scores.device)
+        else:
+            group_ids, n_groups = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device), 1
+        return balance_losses(
+            scores,
+            topk_idx,
+            group_ids,
+            n_groups,
+            top_k=cfg.num_experts_per_tok,
+            n_device_groups=cfg.n_group,
+            devices_per_token=cfg.topk_group,
+            alpha_expert=cfg.aux_loss_alpha,
+            alpha_device=cfg.device_aux_loss_alpha,
+            alpha_comm=cfg.comm_aux_loss_alpha,
+        )
+
+    @torch.no_grad()
+    def _record_load(self, topk_idx: torch.Tensor, keep: Optional[torch.Tensor]) -> None:
+        kept = topk_idx.flatten() if keep is None else topk_idx.flatten()[keep.flatten()]
+        self.tokens_per_expert += torch.bincount(kept, minlength=self.cfg.n_routed_experts).to(self.tokens_per_expert.dtype)
+        if keep is not None:
+            self.dropped_tokens += (~keep).sum()
+
+    def reset_parameters(self, std: float) -> None:
+        self.gate.reset_parameters(std)
+        self.experts.reset_parameters(std)
+        self.tokens_per_expert.zero_()
+        self.dropped_tokens.zero_()

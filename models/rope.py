@@ -1,0 +1,79 @@
+"""Rotary position embedding in DeepSeek's interleaved layout, with YaRN scaling.
+
+DeepSeek rotates adjacent pairs (x[2i], x[2i+1]) as one complex number by
+angle pos * freq_i (RoFormer eq. 34). YaRN (Peng et al. 2023, §3.2 "NTK-by-parts")
+blends interpolated and extrapolated frequencies with a linear ramp between the
+correction dimensions given by beta_fast / beta_slow.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from models.config import RopeScalingConfig, yarn_get_mscale
+
+
+def _correction_dim(num_rotations: float, dim: int, base: float, max_pos: int) -> float:
+    """Dimension index whose wavelength makes `num_rotations` turns over `max_pos` (YaRN eq. 15)."""
+    return (dim * math.log(max_pos / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+
+def rope_frequencies(dim: int, base: float, scaling: Optional[RopeScalingConfig]) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [dim/2] and the cos/sin amplitude factor."""
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    if scaling is None or scaling.factor <= 1.0:
+        return freqs.float(), 1.0
+    if scaling.type != "yarn":
+        raise ValueError(f"model.rope_scaling.type={scaling.type!r} is not supported (only 'yarn')")
+    low = math.floor(_correction_dim(scaling.beta_fast, dim, base, scaling.original_max_position_embeddings))
+    high = math.ceil(_correction_dim(scaling.beta_slow, dim, base, scaling.original_max_position_embeddings))
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    extrapolate = 1.0 - ramp  # 1 keeps the original (high-frequency) dims
+    freqs = freqs / scaling.factor * (1 - extrapolate) + freqs * extrapolate
+    amplitude = 1.0
+    if scaling.mscale and scaling.mscale_all_dim:
+        amplitude = yarn_get_mscale(scaling.factor, scaling.mscale) / yarn_get_mscale(
+            scaling.factor, scaling.mscale_all_dim
+        )
+    return freqs.float(), amplitude
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """Holds cos/sin tables for positions [0, max_positions)."""
+
+    def __init__(self, dim: int, max_positions: int, base: float, scaling: Optional[RopeScalingConfig]) -> None:
+        super().__init__()
+        self.dim, self.max_positions, self.base, self.scaling = dim, max_positions, base, scaling
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        freqs, amplitude = rope_frequencies(self.dim, self.base, self.scaling)
+        angles = torch.outer(torch.arange(self.max_positions, dtype=torch.float32), freqs)
+        device = self.cos.device if self.cos.device.type != "meta" else None
+        self.cos = (angles.cos() * amplitude).to(device)
+        self.sin = (angles.sin() * amplitude).to(device)
+
+    def forward(self, seq_len: int, position_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [S, dim/2] (or [B, S, dim/2] with explicit positions)."""
+        if position_ids is None:
+            if seq_len > self.max_positions:
+                raise ValueError(f"sequence length {seq_len} exceeds model.max_position_embeddings={self.max_positions}")
+            return self.cos[:seq_len], self.sin[:seq_len]
+        return self.cos[position_ids], self.sin[position_ids]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x [B, S, H, D] by cos/sin [S, D/2] or [B, S, D/2]."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).to(x.dtype)

@@ -1,0 +1,206 @@
+"""The DeepSeek-V3 language model as plain modules: embedding, blocks, norm, head, MTP.
+
+Layers live in an nn.ModuleDict keyed by their index so that pipeline stages can
+delete the layers they do not own without renaming the rest (checkpoint keys stay
+stable across layouts). No torch.distributed here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.attention import MultiHeadLatentAttention
+from models.config import ModelConfig
+from models.mlp import SwiGLU
+from models.moe import MoE
+from models.norm import RMSNorm
+from models.rope import RotaryEmbedding
+
+IGNORE_INDEX = -100
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: h + MLA(norm(h)), then + FFN(norm(h)) (dense or MoE)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MultiHeadLatentAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp: nn.Module = MoE(cfg) if cfg.is_moe_layer(layer_idx) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        doc_ids: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask)
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, doc_ids) if isinstance(self.mlp, MoE) else self.mlp(h))
+
+
+class MTPModule(nn.Module):
+    """Multi-token prediction depth k (V3 §2.2, eqs. 21-23).
+
+    h'_i = eh_proj([enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)])   (concatenation order of the released weights)
+    h^k  = Block(h'),  logits = head(norm(h^k)) predicting t_{i+k+1}; embedding and head shared with the model.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.block = Block(cfg, layer_idx)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # HF: shared_head.norm
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        emb_shifted: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        doc_ids: Optional[torch.Tensor],
+        mask: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        x = self.eh_proj(torch.cat([self.enorm(emb_shifted), self.hnorm(h)], dim=-1))
+        return self.block(x, rope, doc_ids, mask)
+
+
+def shift_left(x: torch.Tensor, k: int, fill: int) -> torch.Tensor:
+    """x[:, i] <- x[:, i + k]; the last k positions get `fill`."""
+    if k == 0:
+        return x
+    return torch.cat([x[:, k:], x.new_full((x.shape[0], k), fill)], dim=1)
+
+
+def mtp_labels(labels: torch.Tensor, k: int, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Targets of MTP depth k: position i predicts labels[i + k] (token i+k+1).
+
+    Positions whose shifted input crosses a document boundary (doc_ids[i] != doc_ids[i+k])
+    are ignored, so no depth learns to predict across documents.
+    """
+    shifted = shift_left(labels, k, IGNORE_INDEX)
+    if doc_ids is not None and k > 0:
+        crosses = shift_left(doc_ids, k, -1) != doc_ids
+        shifted = shifted.masked_fill(crosses, IGNORE_INDEX)
+    return shifted
+
+
+@dataclass
+class ModelOutput:
+    """Summed losses and their token counts so callers can normalise over a global batch."""
+
+    logits: Optional[torch.Tensor]
+    lm_loss_sum: Optional[torch.Tensor] = None  # sum of CE over valid tokens
+    lm_tokens: Optional[torch.Tensor] = None
+    mtp_loss_sums: Optional[torch.Tensor] = None  # [D]
+    mtp_tokens: Optional[torch.Tensor] = None  # [D]
+
+    def loss(self, mtp_weight: float) -> torch.Tensor:
+        """Mean CE + lambda / D * sum_k mean CE_k (V3 eq. 25); aux losses act through their own gradients."""
+        return combine_losses(self, self.lm_tokens, self.mtp_tokens, mtp_weight)
+
+    @property
+    def lm_loss(self) -> torch.Tensor:
+        return self.lm_loss_sum / self.lm_tokens.clamp(min=1)
+
+    @property
+    def mtp_loss(self) -> Optional[torch.Tensor]:
+        """Mean over depths of each depth's mean CE (without lambda)."""
+        if self.mtp_loss_sums is None:
+            return None
+        return (self.mtp_loss_sums / self.mtp_tokens.clamp(min=1)).mean()
+
+
+def combine_losses(
+    out: ModelOutput, lm_tokens: torch.Tensor, mtp_tokens: Optional[torch.Tensor], mtp_weight: float
+) -> torch.Tensor:
+    """The training objective with CE sums divided by the given (possibly global) token counts."""
+    loss = out.lm_loss_sum / lm_tokens.clamp(min=1)
+    if out.mtp_loss_sums is not None and mtp_weight != 0:
+        depth = out.mtp_loss_sums.numel()
+        loss = loss + mtp_weight / depth * (out.mtp_loss_sums / mtp_tokens.clamp(min=1)).sum()
+    return loss
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.rope = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.num_hidden_layers)})
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # MTP depth k is exported as HF layer index num_hidden_layers + k - 1.
+        self.mtp = nn.ModuleList(
+            [MTPModule(cfg, cfg.num_hidden_layers + k) for k in range(cfg.num_nextn_predict_layers)]
+        )
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """N(0, initializer_range) for every matrix, ones for norms, zero router biases."""
+        std = self.cfg.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (RMSNorm, RotaryEmbedding)):
+                module.reset_parameters()
+            elif isinstance(module, MoE):
+                module.reset_parameters(std)
+
+    def head(self, h: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        return self.lm_head(norm(h))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        doc_ids: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None,
+        return_logits: bool = False,
+    ) -> ModelOutput:
+        """input_ids, labels, doc_ids: [B, S]. labels[i] is the target of position i (-100 = ignore).
+
+        Without labels, returns logits only. With labels, returns CE sums and token counts
+        for the main head and for every MTP depth.
+        """
+        seq = input_ids.shape[1]
+        rope = self.rope(seq)
+        h = self.embed_tokens(input_ids)
+        for layer in self.layers.values():
+            h = layer(h, rope, doc_ids, mask)
+        if labels is None:
+            return ModelOutput(logits=self.head(h, self.norm))
+        logits = self.head(h, self.norm)
+        lm_sum, lm_tokens = cross_entropy_sum(logits, labels)
+        out = ModelOutput(logits=logits if return_logits else None, lm_loss_sum=lm_sum, lm_tokens=lm_tokens)
+        if len(self.mtp):
+            sums, counts = [], []
+            for k, module in enumerate(self.mtp, start=1):
+                emb = self.embed_tokens(shift_left(input_ids, k, 0))
+                h = module(h, emb, rope, doc_ids, mask)
+                s, c = cross_entropy_sum(self.head(h, module.norm), mtp_labels(labels, k, doc_ids))
+                sums.append(s)
+                counts.append(c)
+            out.mtp_loss_sums, out.mtp_tokens = torch.stack(sums), torch.stack(counts)
+        return out
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of fp32 token CE over labels != -100, and the number of such tokens."""
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, (labels != IGNORE_INDEX).sum()
