@@ -81,6 +81,49 @@ def reset_peak_rss() -> bool:
         return False
 
 
+# --------------------------------------------------------------------------- CPU contention
+# This box has 2 cores shared with other users' jobs; a concurrent training run halves our
+# throughput.  We record how much CPU *other* processes burned during the timed region and can
+# wait for the machine to go idle before measuring.
+_CLK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_busy_s() -> float:
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    return (sum(v[:8]) - idle) / _CLK
+
+
+class CpuMonitor:
+    """Fraction of machine CPU used by processes other than this one during a region."""
+
+    def __enter__(self):
+        self.t0, self.b0, self.o0 = time.perf_counter(), _cpu_busy_s(), sum(os.times()[:2])
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self.t0
+        foreign = (_cpu_busy_s() - self.b0) - (sum(os.times()[:2]) - self.o0)
+        self.foreign_frac = max(0.0, foreign) / (wall * (os.cpu_count() or 1)) if wall > 0 else 0.0
+        return False
+
+
+def wait_for_idle(max_busy_frac: float = 0.15, window_s: float = 1.0, timeout_s: float = 600.0) -> float:
+    """Block until machine-wide CPU use (by others) over ``window_s`` is below ``max_busy_frac``.
+
+    Returns seconds waited (timeout_s -> gives up and returns, caller should flag the result).
+    """
+    t_start = time.perf_counter()
+    while True:
+        b0 = _cpu_busy_s()
+        time.sleep(window_s)
+        frac = (_cpu_busy_s() - b0) / (window_s * (os.cpu_count() or 1))
+        waited = time.perf_counter() - t_start
+        if frac < max_busy_frac or waited > timeout_s:
+            return waited
+
+
 # --------------------------------------------------------------------------- model
 def build_hf_model(
     shapes: dict = TINY_V3,
@@ -142,6 +185,7 @@ def measure_step_fn(step_fn: Callable[[], object], tokens_per_step: int, steps: 
     """Time ``step_fn()`` (fwd+bwd+optimizer step) ``steps`` times after ``warmup`` untimed calls.
 
     Returns tokens_per_s (from the median step), step_s (median), step_s_min/max, all step times,
+    foreign_cpu_frac (CPU used by other processes during timing; re-run if > ~0.05),
     peak_rss_mb (process VmHWM at the end: includes everything the process ever touched),
     steady_peak_rss_mb (VmHWM after a reset taken just before the timed steps, i.e. peak during
     training steps incl. params/grads/optimizer state/activations), rss_before_mb.
@@ -152,10 +196,11 @@ def measure_step_fn(step_fn: Callable[[], object], tokens_per_step: int, steps: 
     before = rss_stats()
     reset_ok = reset_peak_rss()
     times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step_fn()
-        times.append(time.perf_counter() - t0)
+    with CpuMonitor() as mon:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            step_fn()
+            times.append(time.perf_counter() - t0)
     after = rss_stats()
     med = statistics.median(times)
     return {
@@ -169,6 +214,8 @@ def measure_step_fn(step_fn: Callable[[], object], tokens_per_step: int, steps: 
         "peak_rss_mb": max(after["hwm_mb"], before["hwm_mb"]),
         "steady_peak_rss_mb": after["hwm_mb"] if reset_ok else None,
         "rss_before_mb": before["rss_mb"],
+        # CPU share burned by OTHER processes while timing (0..1); > ~0.05 means numbers are contaminated
+        "foreign_cpu_frac": mon.foreign_frac,
     }
 
 
@@ -201,6 +248,7 @@ def main(argv=None):
     p.add_argument("--attn", default=None, help="None = HF default (sdpa); or eager / sdpa")
     p.add_argument("--experts", default=None, help="None = HF default (grouped_mm); or eager / batched_mm")
     p.add_argument("--json", action="store_true", help="print one JSON line (for subprocess use)")
+    p.add_argument("--no-wait-idle", action="store_true", help="don't wait for other jobs to stop using the CPU")
     a = p.parse_args(argv)
 
     torch.set_num_threads(a.threads)
@@ -208,6 +256,7 @@ def main(argv=None):
     model = build_hf_model(TINY_V3, attn_implementation=a.attn, experts_implementation=a.experts)
     ids, labels = make_batch(TINY_V3)
     nparams = sum(p.numel() for p in model.parameters())
+    waited = 0.0 if a.no_wait_idle else wait_for_idle()
     res = measure_train_step(model, ids, labels, steps=a.steps, warmup=a.warmup)
     res.update(
         model="hf_deepseek_v3",
@@ -217,6 +266,7 @@ def main(argv=None):
         threads=torch.get_num_threads(),
         torch=torch.__version__,
         hwm_after_import_mb=hwm_after_import,
+        waited_for_idle_s=waited,
     )
     if a.json:
         res.pop("step_times")
@@ -228,7 +278,8 @@ def main(argv=None):
         )
         print(
             f"  tokens/s={res['tokens_per_s']:.0f}  step={res['step_s']*1e3:.1f} ms "
-            f"(min {res['step_s_min']*1e3:.1f}, max {res['step_s_max']*1e3:.1f})"
+            f"(min {res['step_s_min']*1e3:.1f}, max {res['step_s_max']*1e3:.1f})  "
+            f"foreign CPU during timing={100*res['foreign_cpu_frac']:.0f}%"
         )
         print(
             f"  peak RSS (process)={res['peak_rss_mb']:.0f} MiB  during steps={res['steady_peak_rss_mb']:.0f} MiB  "

@@ -2,7 +2,9 @@
 
 Activated parameters per token count every weight a token passes through: the
 embedding row, attention, dense MLPs, shared experts, the router and only
-num_experts_per_tok of the routed experts (V3 report: 671B total, 37B activated).
+num_experts_per_tok of the routed experts (V3 report: 671B total, 37B activated;
+this gives 36.6B for V3 and 2.45B for V2-Lite's published 2.4B, whereas counting the
+whole embedding table would give 37.6B and 2.66B).
 FLOPs per token follow the PaLM appendix B convention: 6 x (activated matmul
 parameters) for forward + backward, plus attention 6 * S * heads * (d_qk + d_v)
 per layer (no causal discount), with MTP depths counted as extra layers + head.
@@ -43,12 +45,16 @@ def count_model(cfg: ModelConfig, seq_len: int | None = None) -> ModelCounts:
     inactive_per_moe_layer = (cfg.n_routed_experts - cfg.num_experts_per_tok) * expert_params
     n_moe_main = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     n_moe_mtp = sum(cfg.is_moe_layer(cfg.num_hidden_layers + k) for k in range(cfg.num_nextn_predict_layers))
-    active_no_mtp = total - mtp - n_moe_main * inactive_per_moe_layer
-    active = active_no_mtp + mtp - n_moe_mtp * inactive_per_moe_layer
     embedding = model.embed_tokens.weight.numel()
+    tied = model.lm_head.weight is model.embed_tokens.weight
+    # A token reads one embedding row, not the table (the table counts in full when tied to the head).
+    embedding_row = 0 if tied else cfg.hidden_size
+    unread_embedding = 0 if tied else embedding - embedding_row
+    active_no_mtp = total - mtp - n_moe_main * inactive_per_moe_layer - unread_embedding
+    active = active_no_mtp + mtp - n_moe_mtp * inactive_per_moe_layer
     # Matmul parameters a token uses: everything active but the embedding lookup and norms.
     norms = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 1)
-    matmul_active = active - embedding - norms
+    matmul_active = active - embedding_row - norms
     if cfg.num_nextn_predict_layers:
         matmul_active += cfg.num_nextn_predict_layers * cfg.vocab_size * cfg.hidden_size  # shared head reused per depth
     n_attn_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers

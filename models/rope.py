@@ -36,11 +36,15 @@ def rope_frequencies(dim: int, base: float, scaling: Optional[RopeScalingConfig]
     ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
     extrapolate = 1.0 - ramp  # 1 keeps the original (high-frequency) dims
     freqs = freqs / scaling.factor * (1 - extrapolate) + freqs * extrapolate
-    amplitude = 1.0
+    # Attention factor on cos/sin, as Hugging Face's YaRN: the ratio when both mscales are set
+    # (DeepSeek: 1 when they are equal, the temperature then lives in softmax_scale), else
+    # YaRN's default 0.1 ln(factor) + 1.
     if scaling.mscale and scaling.mscale_all_dim:
         amplitude = yarn_get_mscale(scaling.factor, scaling.mscale) / yarn_get_mscale(
             scaling.factor, scaling.mscale_all_dim
         )
+    else:
+        amplitude = yarn_get_mscale(scaling.factor)
     return freqs.float(), amplitude
 
 

@@ -64,7 +64,8 @@ class Router(nn.Module):
         with torch.no_grad():
             topk_idx = self.select(scores.detach())
         topk_weight = scores.gather(1, topk_idx)
-        if self.norm_topk_prob and self.top_k > 1:
+        # V3 (noaux_tc) always normalises, as HF DeepseekV3; V2 only for top_k > 1, as DeepSeek-V2's own code.
+        if self.norm_topk_prob and (self.top_k > 1 or self.uses_bias):
             topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
         topk_weight = topk_weight * self.routed_scaling_factor
         keep = None

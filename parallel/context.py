@@ -1,0 +1,62 @@
+"""Process-level facts the trainer needs: ranks, device, and the few collectives it calls.
+
+Single-process runs use `ParallelContext.single()`; `parallel.mesh` builds the
+distributed one from torchrun's environment. The trainer talks only to this
+interface, so its loop reads the same on one process and on many.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def default_device() -> torch.device:
+    """CUDA (this process's local GPU) when available, else CPU."""
+    if torch.cuda.is_available():
+        import os
+
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+@dataclass
+class ParallelContext:
+    rank: int = 0
+    world_size: int = 1
+    dp_rank: int = 0  # rank among data-parallel replicas (which data shard to read)
+    dp_size: int = 1
+    device: torch.device = field(default_factory=default_device)
+    mesh: Optional[Any] = None  # torch.distributed DeviceMesh when distributed
+    dp_group: Optional[Any] = None  # process group over which batches differ
+
+    @classmethod
+    def single(cls) -> "ParallelContext":
+        return cls()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 and dist.is_initialized()
+
+    def all_reduce_sum(self, tensor: torch.Tensor, group: Optional[Any] = None) -> torch.Tensor:
+        """Sum over all ranks (or `group`); identity on one process. Returns a new tensor."""
+        if not self.distributed:
+            return tensor
+        out = tensor.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    def dp_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over the data-parallel replicas (token counts of the global batch)."""
+        return self.all_reduce_sum(tensor, self.dp_group)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()

@@ -1,0 +1,237 @@
+"""DeepSeekMoE layer: grouped GEMM vs looped experts vs a naive per-token reference,
+the local dispatcher, and V2 token dropping (capacity factor)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import ModelConfig
+from models.moe import LocalDispatcher, MoE
+from models.router import Router, capacity_keep_mask
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """These tensors are tiny: one intra-op thread avoids OpenMP stalls on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def moe_cfg(**kw) -> ModelConfig:
+    base = dict(
+        hidden_size=16,
+        moe_intermediate_size=8,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=2.5,
+        scoring_func="sigmoid",
+        topk_method="noaux_tc",
+        aux_loss_alpha=0.0,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        rope_scaling=None,
+    )
+    base.update(kw)
+    cfg = ModelConfig(**base)
+    cfg.validate()
+    return cfg
+
+
+def make_moe(cfg: ModelConfig, seed: int = 0) -> MoE:
+    torch.manual_seed(seed)
+    moe = MoE(cfg)
+    moe.reset_parameters(0.2)
+    for p in moe.shared_experts.parameters():
+        nn.init.normal_(p, std=0.2)
+    return moe
+
+
+def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """For each token: shared(x) + sum_k g_k FFN_{e_k}(x), expert weights sliced from the stacks."""
+    flat = x.reshape(-1, x.shape[-1])
+    routing = moe.gate(flat)
+    inter = moe.experts.intermediate_size
+    outs = []
+    for t in range(flat.shape[0]):
+        xt = flat[t]
+        y = moe.shared_experts(xt)
+        for k in range(routing.topk_idx.shape[1]):
+            e = int(routing.topk_idx[t, k])
+            g = routing.topk_weight[t, k]
+            if routing.keep is not None and not routing.keep[t, k]:
+                continue
+            w_gate = moe.experts.gate_up_proj[e, :inter]
+            w_up = moe.experts.gate_up_proj[e, inter:]
+            w_down = moe.experts.down_proj[e]
+            y = y + g * (w_down @ (F.silu(w_gate @ xt) * (w_up @ xt)))
+        outs.append(y)
+    return torch.stack(outs).view_as(x)
+
+
+def clone_with_impl(moe: MoE, impl: str) -> MoE:
+    cfg = moe_cfg(**{**moe.cfg.__dict__, "experts_implementation": impl})
+    other = MoE(cfg)
+    other.load_state_dict(moe.state_dict())
+    return other
+
+
+def record_counts(moe: MoE) -> list:
+    seen = []
+    orig = moe.experts.forward
+
+    def wrapped(x, counts):
+        seen.append((x.shape[0], counts.clone()))
+        return orig(x, counts)
+
+    moe.experts.forward = wrapped
+    return seen
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_grouped_mm_equals_loop_and_naive_with_an_idle_expert(train):
+    cfg = moe_cfg()
+    base = make_moe(cfg, seed=1)
+    with torch.no_grad():
+        base.gate.e_score_correction_bias[3] = -10.0  # expert 3 never selected
+    a, b = clone_with_impl(base, "grouped_mm"), clone_with_impl(base, "loop")
+    a.train(train)
+    b.train(train)
+    seen = record_counts(a)
+    torch.manual_seed(2)
+    x = torch.randn(2, 10, cfg.hidden_size)
+    xa, xb, xn = (x.clone().requires_grad_(True) for _ in range(3))
+    ya, yb = a(xa), b(xb)
+    assert seen[0][1][3] == 0 and seen[0][1].sum() == 20 * cfg.num_experts_per_tok
+    assert (seen[0][1] > 0).sum() >= 4
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-6)
+    ref_mod = clone_with_impl(base, "loop")
+    yn = naive_moe(ref_mod, xn)
+    torch.testing.assert_close(ya, yn, rtol=1e-5, atol=1e-6)
+    torch.manual_seed(3)
+    upstream = torch.randn_like(ya)
+    (ya * upstream).sum().backward()
+    (yb * upstream).sum().backward()
+    (yn * upstream).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(xa.grad, xn.grad, rtol=1e-5, atol=1e-6)
+    pa, pb, pn = dict(a.named_parameters()), dict(b.named_parameters()), dict(ref_mod.named_parameters())
+    for name in pa:
+        torch.testing.assert_close(pa[name].grad, pb[name].grad, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(pa[name].grad, pn[name].grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert a.experts.gate_up_proj.grad[3].abs().sum() == 0
+    assert a.experts.gate_up_proj.grad.abs().sum() > 0
+    assert a.gate.weight.grad.abs().sum() > 0
+
+
+def test_grouped_mm_backward_after_plain_sum():
+    """.sum() sends a zero-stride gradient, which torch._grouped_mm's backward rejects unless made contiguous."""
+    moe = clone_with_impl(make_moe(moe_cfg(), seed=4), "grouped_mm")
+    moe(torch.randn(1, 6, 16)).sum().backward()
+    assert moe.experts.down_proj.grad.abs().sum() > 0
+
+
+def test_v2_softmax_moe_equals_naive():
+    cfg = moe_cfg(scoring_func="softmax", topk_method="group_limited_greedy", routed_scaling_factor=1.0, norm_topk_prob=False, n_shared_experts=2)
+    moe = make_moe(cfg, seed=5)
+    x = torch.randn(3, 4, 16)
+    torch.testing.assert_close(moe(x), naive_moe(moe, x), rtol=1e-5, atol=1e-6)
+
+
+def test_local_dispatcher_round_trip():
+    torch.manual_seed(6)
+    T, H, E, K = 12, 5, 6, 3
+    x = torch.randn(T, H)
+    idx = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+    w = torch.rand(T, K)
+    d = LocalDispatcher(E)
+    rows, counts, ctx = d.dispatch(x, idx, None)
+    assert counts.tolist() == torch.bincount(idx.flatten(), minlength=E).tolist()
+    assert rows.shape == (T * K, H)
+    # rows are in expert-major order: each block holds the tokens routed to that expert
+    start = 0
+    for e, c in enumerate(counts.tolist()):
+        tokens = sorted((idx == e).any(-1).nonzero().flatten().tolist())
+        block = rows[start : start + c]
+        assert sorted(int((x - r).abs().sum(-1).argmin()) for r in block) == tokens
+        start += c
+    torch.testing.assert_close(d.combine(rows, w, ctx), x * w.sum(-1, keepdim=True))
+    # with dropped assignments: fewer rows, and only kept gates contribute
+    keep = torch.rand(T, K) > 0.3
+    rows, counts, ctx = d.dispatch(x, idx, keep)
+    assert rows.shape[0] == int(keep.sum()) == int(counts.sum())
+    torch.testing.assert_close(d.combine(rows, w * keep, ctx), x * (w * keep).sum(-1, keepdim=True))
+
+
+# --------------------------------------------------------------------------- token dropping
+
+
+def reference_keep(topk_idx, score, E, cf):
+    T, K = len(topk_idx), len(topk_idx[0])
+    cap = math.ceil(cf * T * K / E)
+    keep = [[False] * K for _ in range(T)]
+    for e in range(E):
+        assigned = [(score[t][k], t, k) for t in range(T) for k in range(K) if topk_idx[t][k] == e]
+        for _, t, k in sorted(assigned, reverse=True)[:cap]:
+            keep[t][k] = True
+    return keep, cap
+
+
+@pytest.mark.parametrize("cf", [0.5, 1.0, 1.3])
+def test_capacity_keep_mask_matches_loops(cf):
+    torch.manual_seed(7)
+    T, E, K = 20, 6, 2
+    # skewed routing so that some experts overflow
+    probs = torch.tensor([6.0, 3.0, 1.0, 1.0, 0.5, 0.5])
+    idx = torch.stack([torch.multinomial(probs, K) for _ in range(T)])
+    score = torch.rand(T, K)
+    got = capacity_keep_mask(idx, score, E, cf)
+    want, cap = reference_keep(idx.tolist(), score.tolist(), E, cf)
+    assert got.tolist() == want
+    kept_per_expert = torch.bincount(idx[got], minlength=E)
+    assert kept_per_expert.max() <= cap
+    assert (~got).any(), "nothing dropped: test does not exercise capacity"
+
+
+def test_router_and_moe_drop_tokens():
+    cf = 1.0
+    cfg = moe_cfg(capacity_factor=cf, n_group=1, topk_group=1, experts_implementation="grouped_mm")
+    moe = make_moe(cfg, seed=8)
+    with torch.no_grad():  # make expert 0 popular so it overflows
+        moe.gate.e_score_correction_bias[0] = 1.0
+    moe.train()
+    seen = record_counts(moe)
+    torch.manual_seed(9)
+    x = torch.randn(2, 8, 16)
+    flat = x.reshape(-1, 16)
+    routing = moe.gate(flat)
+    assert routing.keep is not None
+    want_keep, cap = reference_keep(routing.topk_idx.tolist(), routing.scores.detach().gather(1, routing.topk_idx).tolist(), 8, cf)
+    assert routing.keep.tolist() == want_keep
+    n_dropped = int((~routing.keep).sum())
+    assert n_dropped > 0
+    assert (routing.topk_weight[~routing.keep] == 0).all()
+    # kept gates are unchanged from the dropless router
+    dropless = Router(moe_cfg(n_group=1, topk_group=1))
+    dropless.load_state_dict(moe.gate.state_dict())
+    full = dropless(flat)
+    torch.testing.assert_close(routing.topk_weight[routing.keep], full.topk_weight[routing.keep])
+
+    y = moe(x)
+    assert int(moe.dropped_tokens) == n_dropped
+    n_rows, counts = seen[0]
+    assert n_rows == 16 * 2 - n_dropped == int(counts.sum())
+    assert counts.max() <= cap
+    torch.testing.assert_close(moe.tokens_per_expert, counts.float())
+    torch.testing.assert_close(y, naive_moe(moe, x), rtol=1e-5, atol=1e-6)
+    moe(x)
+    assert int(moe.dropped_tokens) == 2 * n_dropped  # accumulates over micro-batches

@@ -1,0 +1,203 @@
+"""Experiment configuration: a structured OmegaConf schema built from dataclasses.
+
+`load_config(path, overrides)` merges YAML and `key=value` overrides onto the schema;
+unknown keys and values of the wrong type fail with the key's full path, and
+`validate()` checks relations between fields, again naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data.config import DataConfig
+from models.config import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and the fix."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "moeforge"
+    dir: str = "runs/${run.name}"  # rerunning with the same dir resumes from its newest checkpoint
+    seed: int = 0
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    data_parallel: str = "fsdp"  # fsdp (FSDP2) | zero1 (replicated params, sharded optimizer)
+    pipeline_schedule: str = "1F1B"
+    pipeline_microbatches: Optional[int] = None  # default: train.grad_accum_steps
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2.2e-4
+    min_lr: float = 2.2e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # not applied to norms and biases (1-D parameters)
+    grad_clip: float = 1.0  # global L2 norm; 0 disables
+    warmup_steps: int = 2000  # linear warmup from 0
+    constant_steps: int = 0  # steps at peak lr after warmup
+    decay_steps: Optional[int] = None  # cosine decay to min_lr; None = until train.steps
+    bf16_moments: bool = False  # keep AdamW moments in bf16 (DeepSeek-V3 §3.3.4)
+
+
+@dataclass
+class PiecewiseSchedule:
+    """values[i] holds until boundaries[i] (in `unit`); the last value holds after. Empty: model default."""
+
+    values: list[float] = field(default_factory=list)
+    boundaries: list[int] = field(default_factory=list)
+    unit: str = "steps"  # steps | tokens
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    micro_batch_size: int = 8  # sequences per micro-batch per data-parallel rank
+    seq_len: int = 4096
+    grad_accum_steps: int = 1
+    precision: str = "fp32"  # fp32 | bf16 | fp8
+    log_interval: int = 10
+    # V3 §4.2: lambda 0.3 -> 0.1, gamma 0.001 -> 0; empty values = model.mtp_loss_weight / model.bias_update_speed
+    mtp_weight: PiecewiseSchedule = field(default_factory=PiecewiseSchedule)
+    bias_update_speed: PiecewiseSchedule = field(default_factory=PiecewiseSchedule)
+    max_nonfinite_steps: int = 10  # consecutive NaN/Inf steps tolerated (each skipped) before stopping
+    sample_prompt: str = ""  # printed sample at the end of a run ("" = none)
+    sample_tokens: int = 64
+    threads: Optional[int] = None  # torch intra-op threads on CPU (None: torch default)
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # steps between checkpoints; 0 = only at the end
+    keep_last: int = 3
+    async_save: bool = False
+    at_end: bool = True
+
+
+@dataclass
+class LogConfig:
+    console: bool = True
+    progress: bool = True  # progress bar with ETA (rank 0)
+    wandb: bool = False
+    wandb_project: str = "moeforge"
+    wandb_mode: Optional[str] = None  # online | offline | disabled (None: WANDB_MODE or online)
+    tensorboard: bool = False
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def global_batch_sequences(self) -> int:
+        dp = self.parallel.dp_replicate * self.parallel.dp_shard
+        return self.train.micro_batch_size * self.train.grad_accum_steps * dp
+
+    def validate(self) -> None:
+        """Cross-field checks; raise ConfigError naming the key and the fix."""
+        try:
+            self.model.validate()
+            self.data.validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        t, o, p = self.train, self.optim, self.parallel
+        _check(t.steps > 0, "train.steps", f"must be > 0, got {t.steps}")
+        _check(t.micro_batch_size > 0, "train.micro_batch_size", f"must be > 0, got {t.micro_batch_size}")
+        _check(t.grad_accum_steps > 0, "train.grad_accum_steps", f"must be > 0, got {t.grad_accum_steps}")
+        _check(t.seq_len > 0, "train.seq_len", f"must be > 0, got {t.seq_len}")
+        _check(
+            t.seq_len <= self.model.max_position_embeddings,
+            "train.seq_len",
+            f"{t.seq_len} exceeds model.max_position_embeddings={self.model.max_position_embeddings}; "
+            "lower train.seq_len or raise max_position_embeddings",
+        )
+        _check(t.precision in ("fp32", "bf16", "fp8"), "train.precision", f"must be fp32|bf16|fp8, got {t.precision!r}")
+        _check(t.log_interval > 0, "train.log_interval", "must be > 0")
+        _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+        _check(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be in [0, optim.lr={o.lr}], got {o.min_lr}")
+        _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two numbers in [0, 1)")
+        _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _check(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+        _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _check(o.constant_steps >= 0, "optim.constant_steps", "must be >= 0")
+        _check(o.decay_steps is None or o.decay_steps > 0, "optim.decay_steps", "must be > 0 or null")
+        for name in ("mtp_weight", "bias_update_speed"):
+            s: PiecewiseSchedule = getattr(t, name)
+            key = f"train.{name}"
+            _check(s.unit in ("steps", "tokens"), f"{key}.unit", f"must be steps|tokens, got {s.unit!r}")
+            if s.values:
+                _check(
+                    len(s.boundaries) == len(s.values) - 1,
+                    f"{key}.boundaries",
+                    f"needs len(values) - 1 = {len(s.values) - 1} entries, got {len(s.boundaries)}",
+                )
+                _check(list(s.boundaries) == sorted(s.boundaries), f"{key}.boundaries", "must be increasing")
+                _check(all(v >= 0 for v in s.values), f"{key}.values", "must be >= 0")
+            else:
+                _check(not s.boundaries, f"{key}.boundaries", "given without values")
+        for key in ("dp_replicate", "dp_shard", "tp", "pp", "ep"):
+            _check(getattr(p, key) >= 1, f"parallel.{key}", f"must be >= 1, got {getattr(p, key)}")
+        _check(p.data_parallel in ("fsdp", "zero1"), "parallel.data_parallel", "must be fsdp|zero1")
+        _check(self.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0 (0 = only at the end)")
+        _check(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+        _check(t.max_nonfinite_steps >= 0, "train.max_nonfinite_steps", "must be >= 0")
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = ()) -> Config:
+    """Schema <- YAML file <- dotlist overrides, validated. Errors name the offending key."""
+    schema = OmegaConf.structured(Config)
+    try:
+        layers: list[Any] = [schema]
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"config file not found: {path}")
+            layers.append(OmegaConf.load(path))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        OmegaConf.resolve(merged)
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"{key}: {_first_line(e)}") from None
+    cfg.validate()
+    return cfg
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (saved in every run directory)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

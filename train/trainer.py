@@ -1,0 +1,312 @@
+"""The training loop: data -> model -> loss -> backward -> clip -> AdamW -> bias update -> log.
+
+One optimizer step consumes `grad_accum_steps` micro-batches on every data-parallel
+rank. Losses are normalised over the global batch (CE sums divided by the global
+number of target tokens, aux losses by the global number of micro-batches), so the
+gradients do not depend on how the batch is split over micro-batches or ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import resource
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import OmegaConf
+
+from data import TextBatchStream, load_tokenizer
+from models.balance import moe_routers, update_router_biases
+from models.transformer import Transformer, combine_losses, mtp_labels
+from parallel.context import ParallelContext
+from train import checkpoint as ckpt
+from train.config import Config, ConfigError
+from train.metrics import MetricsLogger, expert_load_stats
+from train.optim import build_optimizer, set_lr
+from train.schedules import Schedules
+from models.accounting import count_model
+
+log = logging.getLogger("moeforge")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, cfg: Config, ctx: Optional[ParallelContext] = None, data: Any = None) -> None:
+        self.cfg = cfg
+        self.ctx = ctx or ParallelContext.single()
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        if cfg.train.precision == "fp8":
+            raise ConfigError("train.precision: fp8 is not available yet; use fp32 or bf16")
+        torch.manual_seed(cfg.run.seed)
+        self.run_dir = Path(cfg.run.dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.device = self.ctx.device
+
+        self.tokenizer = load_tokenizer(cfg.data)
+        if self.tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
+                f"{self.tokenizer.vocab_size} tokens; raise model.vocab_size"
+            )
+        self.model = Transformer(cfg.model).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.schedules = Schedules(
+            cfg.optim, cfg.train.mtp_weight, cfg.train.bias_update_speed, cfg.train.steps,
+            cfg.model.mtp_loss_weight, cfg.model.bias_update_speed,
+        )
+        self.data = data if data is not None else TextBatchStream(
+            cfg.data, self.tokenizer, cfg.train.seq_len, cfg.train.micro_batch_size, self.ctx.dp_rank, self.ctx.dp_size
+        )
+        self.step = 0  # optimizer steps completed
+        self.tokens_seen = 0
+        self.skipped_steps = 0
+        self.consecutive_nonfinite = 0
+        self.flops_per_token = count_model(cfg.model, cfg.train.seq_len).flops_per_token
+        self.peak_flops = peak_flops(self.device, cfg.train.precision)
+        self._stop_requested = False
+        self.resumed_from: Optional[Path] = None
+        self.resume()
+        self.logger = MetricsLogger(cfg, self.run_dir, self.ctx.is_main, cfg.train.steps)
+        if self.ctx.is_main:
+            tok_dir = self.run_dir / "tokenizer"
+            if not tok_dir.exists():
+                shutil.copytree(self.tokenizer.path, tok_dir)
+
+    # ---------------------------------------------------------------- one step
+    def precision_context(self) -> contextlib.AbstractContextManager:
+        if self.cfg.train.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def global_token_counts(self, batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target tokens of the whole global batch: main head and each MTP depth."""
+        depth = self.cfg.model.num_nextn_predict_layers
+        counts = torch.zeros(1 + depth, dtype=torch.float64)
+        for b in batches:
+            counts[0] += int((b["labels"] != -100).sum())
+            for k in range(1, depth + 1):
+                counts[k] += int((mtp_labels(b["labels"], k, b.get("doc_ids")) != -100).sum())
+        counts = self.ctx.dp_sum(counts.to(self.device)).cpu()
+        return counts[0], counts[1:]
+
+    def train_step(self) -> dict[str, Any]:
+        cfg, model = self.cfg, self.model
+        t0 = time.perf_counter()
+        batches = [next(self.data) for _ in range(cfg.train.grad_accum_steps)]
+        lm_tokens, mtp_tokens = self.global_token_counts(batches)
+        mtp_weight = self.schedules.mtp_weight(self.step, self.tokens_seen)
+        n_micro_global = cfg.train.grad_accum_steps * self.ctx.dp_size
+        moe_layers = moe_routers(model)
+        for layer in moe_layers:
+            layer.aux_loss_scale = 1.0 / n_micro_global
+        model.train()
+        sums = torch.zeros(2 + len(mtp_tokens), dtype=torch.float64)  # objective, lm CE sum, mtp CE sums
+        aux = 0.0
+        for b in batches:
+            b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
+            with self.precision_context():
+                out = model(b["input_ids"], b["labels"], b.get("doc_ids"))
+            loss = combine_losses(out, lm_tokens.to(self.device), mtp_tokens.to(self.device), mtp_weight)
+            loss.backward()
+            sums[0] += float(loss.detach())
+            sums[1] += float(out.lm_loss_sum.detach())
+            if out.mtp_loss_sums is not None:
+                sums[2:] += out.mtp_loss_sums.detach().double().cpu()
+            aux += sum(float(layer.last_aux_loss) for layer in moe_layers) / n_micro_global
+        sums = self.ctx.dp_sum(sums.to(self.device)).cpu()
+        aux = float(self.ctx.dp_sum(torch.tensor([aux], dtype=torch.float64, device=self.device)))
+        grad_norm = self.clip_gradients()
+        finite = math.isfinite(float(sums[0])) and math.isfinite(grad_norm)
+        lr = self.schedules.lr(self.step)
+        gamma = self.schedules.bias_update_speed(self.step, self.tokens_seen)
+        if finite:
+            set_lr(self.optimizer, lr)
+            self.optimizer.step()
+            self.consecutive_nonfinite = 0
+        else:
+            self.skipped_steps += 1
+            self.consecutive_nonfinite += 1
+            log.warning("step %d: non-finite loss or gradient; skipping the update (%d in a row)",
+                        self.step + 1, self.consecutive_nonfinite)
+        self.optimizer.zero_grad(set_to_none=True)
+        counts = update_router_biases(model, gamma if finite else 0.0, reduce_counts=self.ctx.all_reduce_sum)
+        if not finite and self.consecutive_nonfinite > cfg.train.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{self.consecutive_nonfinite} consecutive steps with non-finite loss/gradients "
+                f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps})"
+            )
+        step_tokens = cfg.train.micro_batch_size * cfg.train.seq_len * n_micro_global
+        self.step += 1
+        self.tokens_seen += step_tokens
+        dt = time.perf_counter() - t0
+        metrics: dict[str, Any] = {
+            "loss": float(sums[1] / lm_tokens.clamp(min=1)),
+            "total_loss": float(sums[0]),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": step_tokens / dt,
+            "step_time_s": dt,
+            "tokens": self.tokens_seen,
+        }
+        if len(mtp_tokens):
+            metrics["mtp_loss"] = float((sums[2:] / mtp_tokens.clamp(min=1)).mean())
+            metrics["mtp_weight"] = mtp_weight
+        if moe_layers:
+            metrics["aux_loss"] = aux
+            metrics["bias_update_speed"] = gamma
+            biases = [m.gate.e_score_correction_bias for m in moe_layers if m.gate.uses_bias]
+            metrics.update(expert_load_stats(counts, biases))
+            if cfg.model.capacity_factor is not None:
+                dropped = torch.stack([m.dropped_tokens for m in moe_layers])
+                metrics["dropped_tokens"] = float(self.ctx.all_reduce_sum(dropped).sum())
+                for m in moe_layers:
+                    m.dropped_tokens.zero_()
+        achieved = self.flops_per_token * metrics["tokens_per_s"] / self.ctx.world_size
+        metrics["model_flops_per_s"] = achieved
+        if self.peak_flops:
+            metrics["mfu"] = achieved / self.peak_flops
+        metrics["memory_mb"] = memory_mb(self.device)
+        if self.skipped_steps:
+            metrics["skipped_steps"] = self.skipped_steps
+        return metrics
+
+    def clip_gradients(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        if hasattr(norm, "full_tensor"):  # DTensor under FSDP/TP
+            norm = norm.full_tensor()
+        return float(norm)
+
+    # ---------------------------------------------------------------- loop
+    def fit(self) -> list[dict[str, Any]]:
+        """Train until train.steps (or SIGTERM); returns the logged metrics."""
+        cfg = self.cfg
+        history: list[dict[str, Any]] = []
+        previous = self._install_sigterm()
+        try:
+            while self.step < cfg.train.steps:
+                metrics = self.train_step()
+                history.append({"step": self.step, **metrics})
+                self.logger.progress(self.step)
+                if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.steps or self.step == 1:
+                    self.logger.log(self.step, metrics)
+                if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+                    self.save()
+                if self._stop_requested:
+                    log.warning("SIGTERM received: saving at step %d and exiting", self.step)
+                    if not (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
+                        self.save()
+                    break
+            else:
+                if cfg.checkpoint.at_end and not (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
+                    self.save()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            self.logger.close()
+        return history
+
+    def _install_sigterm(self):
+        def handler(signum, frame):  # finish the current step, then save and exit cleanly
+            self._stop_requested = True
+
+        return signal.signal(signal.SIGTERM, handler)
+
+    # ---------------------------------------------------------------- checkpoints
+    def save(self) -> Path:
+        meta = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "skipped_steps": self.skipped_steps,
+            "config": OmegaConf.to_container(OmegaConf.structured(self.cfg)),
+        }
+        return ckpt.save_checkpoint(
+            self.ckpt_dir, self.step, self.model, self.optimizer, meta, self.data.state_dict(),
+            self.ctx.dp_rank, self.ctx.is_main, self.ctx.barrier, self.cfg.checkpoint.keep_last,
+        )
+
+    def resume(self) -> None:
+        """Load the newest complete checkpoint in run.dir, falling back to older ones if corrupt."""
+        for step, path in reversed(ckpt.complete_checkpoints(self.ckpt_dir)):
+            try:
+                meta, data_state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.ctx.dp_rank)
+            except ckpt.CheckpointError as e:
+                log.error("cannot resume from %s: %s; trying an older checkpoint", path, e)
+                continue
+            self.step, self.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
+            self.skipped_steps = int(meta.get("skipped_steps", 0))
+            if data_state:
+                self.data.load_state_dict(data_state)
+            self.resumed_from = path
+            if self.ctx.is_main:
+                print(f"resumed from {path} (step {self.step})", flush=True)
+            return
+
+    def sample(self, prompt: str, max_new_tokens: int) -> str:
+        from train.generate import generate
+
+        new = generate(self.model, self.tokenizer.encode(prompt), max_new_tokens, temperature=0.8,
+                       top_p=0.9, eos_id=self.tokenizer.eos_id, seed=self.cfg.run.seed)
+        return prompt + self.tokenizer.decode(new)
+
+
+def peak_flops(device: torch.device, precision: str) -> Optional[float]:
+    """Dense peak FLOP/s for MFU: a table for common GPUs, a measured fp32 matmul on CPU."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        table = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+        for key, flops in table.items():
+            if key in name:
+                return flops * (2 if precision == "fp8" and key.startswith("H") else 1)
+        return None
+    return measured_matmul_flops()
+
+
+_MATMUL_FLOPS: Optional[float] = None
+
+
+def measured_matmul_flops(n: int = 1024, seconds: float = 0.3) -> float:
+    """fp32 matmul FLOP/s of this CPU with the current thread count (measured once)."""
+    global _MATMUL_FLOPS
+    if _MATMUL_FLOPS is None:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            a @ b
+            reps += 1
+        _MATMUL_FLOPS = 2 * n**3 * reps / (time.perf_counter() - t0)
+    return _MATMUL_FLOPS
+
+
+def memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def load_for_inference(checkpoint: Path):
+    """Model (eval mode, weights from `checkpoint`) and tokenizer of a finished run."""
+    from data.tokenizer import TextTokenizer
+
+    meta = ckpt._read_json(checkpoint / "meta.json")
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), meta["config"]))
+    model = Transformer(cfg.model)
+    state = ckpt.app_state(model, None)
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load({"model": state["model"]}, storage_reader=ckpt.SafeFileSystemReader(str(checkpoint)))
+    model.load_state_dict(state["model"])
+    model.eval()
+    tokenizer = TextTokenizer.from_dir(checkpoint.parent.parent / "tokenizer")
+    return model, tokenizer
