@@ -7,6 +7,8 @@ as in Hugging Face's in-memory DeepseekV3 experts), so export only splits them p
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,6 +50,9 @@ class GroupedExperts(nn.Module):
         self.implementation = implementation
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
+        # Optional replacement GEMM (x, weight [E, out, in], counts, offsets) -> rows @ weight[e].T,
+        # e.g. models.fp8.Fp8GroupedGemm installed by train/precision.py; None = the paths below.
+        self.gemm: Optional[Callable[..., torch.Tensor]] = None
 
     def reset_parameters(self, std: float) -> None:
         nn.init.normal_(self.gate_up_proj, std=std)
@@ -64,10 +69,16 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: [N, H] sorted by expert; counts: [E] rows per expert -> [N, H]."""
+        if self.gemm is not None:
+            offsets = counts.cumsum(0).to(torch.int32)
+            gate, up = self.gemm(x, self.gate_up_proj, counts, offsets).chunk(2, dim=-1)
+            return self.gemm(F.silu(gate) * up, self.down_proj, counts, offsets)
         if self.resolved_implementation(x) == "grouped_mm":
             offsets = counts.cumsum(0).to(torch.int32)
             gate, up = grouped_linear(x, self.gate_up_proj, offsets).chunk(2, dim=-1)
-            return grouped_linear(F.silu(gate) * up, self.down_proj, offsets)
+            # The output is returned unwrapped (not a view): its consumer (gating in combine)
+            # always sends a dense gradient, and FSDP2 hooks need a non-view module output.
+            return torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offsets)
         sizes = counts.tolist()
         gate, up = looped_linear(x, self.gate_up_proj, sizes).chunk(2, dim=-1)
         return looped_linear(F.silu(gate) * up, self.down_proj, sizes)

@@ -68,9 +68,11 @@ class MTPModule(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         doc_ids: Optional[torch.Tensor],
         mask: Optional[torch.Tensor],
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (h^k for the next depth, norm(h^k) for the shared output head)."""
         x = self.eh_proj(torch.cat([self.enorm(emb_shifted), self.hnorm(h)], dim=-1))
-        return self.block(x, rope, doc_ids, mask)
+        h = self.block(x, rope, doc_ids, mask)
+        return h, self.norm(h)
 
 
 def shift_left(x: torch.Tensor, k: int, fill: int) -> torch.Tensor:
@@ -192,8 +194,8 @@ class Transformer(nn.Module):
             sums, counts = [], []
             for k, module in enumerate(self.mtp, start=1):
                 emb = self.embed_tokens(shift_left(input_ids, k, 0))
-                h = module(h, emb, rope, doc_ids, mask)
-                s, c = cross_entropy_sum(self.head(h, module.norm), mtp_labels(labels, k, doc_ids))
+                h, h_normed = module(h, emb, rope, doc_ids, mask)
+                s, c = cross_entropy_sum(self.lm_head(h_normed), mtp_labels(labels, k, doc_ids))
                 sums.append(s)
                 counts.append(c)
             out.mtp_loss_sums, out.mtp_tokens = torch.stack(sums), torch.stack(counts)

@@ -32,6 +32,9 @@ class ParallelContext:
     device: torch.device = field(default_factory=default_device)
     mesh: Optional[Any] = None  # torch.distributed DeviceMesh when distributed
     dp_group: Optional[Any] = None  # process group over which batches differ
+    ep_size: int = 1
+    ep_rank: int = 0
+    ep_group: Optional[Any] = None  # ranks that split the routed experts and exchange tokens
 
     @classmethod
     def single(cls) -> "ParallelContext":

@@ -22,7 +22,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from train.launch import run
 
-    return run(cfg)
+    try:
+        return run(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -2,33 +2,31 @@
 
 from __future__ import annotations
 
-import os
+import torch.distributed as dist
 
-from parallel.context import ParallelContext
-from train.config import Config
-
-
-def build_context(cfg: Config) -> ParallelContext:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return ParallelContext.single()
-    raise SystemExit(
-        f"WORLD_SIZE={world}: multi-process layouts arrive with the distributed core; run a single process for now"
-    )
+from parallel.mesh import LayoutError, init_distributed
+from train.config import Config, ConfigError
 
 
 def run(cfg: Config) -> int:
     from train.trainer import Trainer
 
-    ctx = build_context(cfg)
-    trainer = Trainer(cfg, ctx)
-    history = trainer.fit()
-    if ctx.is_main and history:
-        first, last = history[0], history[-1]
-        print(f"trained steps {first['step']}..{last['step']}: loss {first['loss']:.4f} -> {last['loss']:.4f}; "
-              f"run dir {cfg.run.dir}", flush=True)
-        if cfg.train.sample_prompt:
-            print("---- sample ----")
-            print(trainer.sample(cfg.train.sample_prompt, cfg.train.sample_tokens))
-            print("----------------", flush=True)
+    try:
+        ctx = init_distributed(cfg.parallel, cfg.model)
+    except LayoutError as e:
+        raise ConfigError(str(e)) from None
+    try:
+        trainer = Trainer(cfg, ctx)
+        history = trainer.fit()
+        if ctx.is_main and history:
+            first, last = history[0], history[-1]
+            print(f"trained steps {first['step']}..{last['step']}: loss {first['loss']:.4f} -> {last['loss']:.4f}; "
+                  f"run dir {cfg.run.dir}", flush=True)
+            if cfg.train.sample_prompt and ctx.world_size == 1:
+                print("---- sample ----")
+                print(trainer.sample(cfg.train.sample_prompt, cfg.train.sample_tokens))
+                print("----------------", flush=True)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0

@@ -21,10 +21,13 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, cfg.weight_decay)
+def make_adamw(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
     # foreach=True is the fast multi-tensor path on CPU and CUDA and works with DTensor.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=True)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    return make_adamw(parameter_groups(model, cfg.weight_decay), cfg)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

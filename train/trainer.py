@@ -25,10 +25,11 @@ from data import TextBatchStream, load_tokenizer
 from models.balance import moe_routers, update_router_biases
 from models.transformer import Transformer, combine_losses, mtp_labels
 from parallel.context import ParallelContext
+from parallel.parallelize import build_parallel_optimizer, parallelize
 from train import checkpoint as ckpt
 from train.config import Config, ConfigError
 from train.metrics import MetricsLogger, expert_load_stats
-from train.optim import build_optimizer, set_lr
+from train.optim import make_adamw, parameter_groups, set_lr
 from train.schedules import Schedules
 from models.accounting import count_model
 
@@ -59,7 +60,13 @@ class Trainer:
                 f"{self.tokenizer.vocab_size} tokens; raise model.vocab_size"
             )
         self.model = Transformer(cfg.model).to(self.device)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        # Every rank built the same model from the same seed; the layout is applied from outside.
+        self.plan = parallelize(self.model, self.ctx, cfg.parallel.data_parallel)
+        self.optimizer = build_parallel_optimizer(
+            self.model, self.plan, self.ctx,
+            make_optimizer=lambda groups: make_adamw(groups, cfg.optim),
+            param_groups=lambda model: parameter_groups(model, cfg.optim.weight_decay),
+        )
         self.schedules = Schedules(
             cfg.optim, cfg.train.mtp_weight, cfg.train.bias_update_speed, cfg.train.steps,
             cfg.model.mtp_loss_weight, cfg.model.bias_update_speed,
@@ -125,7 +132,9 @@ class Trainer:
             aux += sum(float(layer.last_aux_loss) for layer in moe_layers) / n_micro_global
         sums = self.ctx.dp_sum(sums.to(self.device)).cpu()
         aux = float(self.ctx.dp_sum(torch.tensor([aux], dtype=torch.float64, device=self.device)))
-        grad_norm = self.clip_gradients()
+        if hasattr(self.optimizer, "reduce_gradients"):  # ZeRO-1: one summed all-reduce per group
+            self.optimizer.reduce_gradients()
+        grad_norm = self.plan.clip_grad_norm(cfg.optim.grad_clip)
         finite = math.isfinite(float(sums[0])) and math.isfinite(grad_norm)
         lr = self.schedules.lr(self.step)
         gamma = self.schedules.bias_update_speed(self.step, self.tokens_seen)
@@ -139,7 +148,7 @@ class Trainer:
             log.warning("step %d: non-finite loss or gradient; skipping the update (%d in a row)",
                         self.step + 1, self.consecutive_nonfinite)
         self.optimizer.zero_grad(set_to_none=True)
-        counts = update_router_biases(model, gamma if finite else 0.0, reduce_counts=self.ctx.all_reduce_sum)
+        counts = update_router_biases(model, gamma if finite else 0.0, reduce_counts=self.ctx.dp_sum)
         if not finite and self.consecutive_nonfinite > cfg.train.max_nonfinite_steps:
             raise NonFiniteLossError(
                 f"{self.consecutive_nonfinite} consecutive steps with non-finite loss/gradients "
@@ -168,7 +177,7 @@ class Trainer:
             metrics.update(expert_load_stats(counts, biases))
             if cfg.model.capacity_factor is not None:
                 dropped = torch.stack([m.dropped_tokens for m in moe_layers])
-                metrics["dropped_tokens"] = float(self.ctx.all_reduce_sum(dropped).sum())
+                metrics["dropped_tokens"] = float(self.ctx.dp_sum(dropped).sum())
                 for m in moe_layers:
                     m.dropped_tokens.zero_()
         achieved = self.flops_per_token * metrics["tokens_per_s"] / self.ctx.world_size
@@ -179,14 +188,6 @@ class Trainer:
         if self.skipped_steps:
             metrics["skipped_steps"] = self.skipped_steps
         return metrics
-
-    def clip_gradients(self) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        if hasattr(norm, "full_tensor"):  # DTensor under FSDP/TP
-            norm = norm.full_tensor()
-        return float(norm)
 
     # ---------------------------------------------------------------- loop
     def fit(self) -> list[dict[str, Any]]:

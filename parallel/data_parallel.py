@@ -1,0 +1,165 @@
+"""Data parallelism: FSDP2 (`fully_shard`) or replicated parameters with a ZeRO-1 optimizer.
+
+Gradients are SUMMED over ranks, never averaged: the trainer divides every loss by
+the global batch's token count, so each rank's gradient is already its share of
+the global gradient. Routed-expert parameters are reduced over the expert-data-
+parallel group only (ranks holding the same experts); everything else over all
+data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from models.moe import MoE
+from parallel.expert_parallel import is_expert_param
+
+
+def dense_and_expert_meshes(mesh) -> tuple[Any, Any]:
+    """(mesh for dense params, mesh for expert params): HSDP 2-D when dp_replicate > 1."""
+    if mesh["dp_replicate"].size() > 1:
+        return mesh["dp_replicate", "dp_shard"], mesh["dp_replicate", "edp"]
+    return mesh["dp_shard"], mesh["edp"]
+
+
+def apply_fsdp(model: nn.Module, mesh, mp_policy: Optional[MixedPrecisionPolicy] = None) -> None:
+    """fully_shard every block (experts separately, over their own mesh), then the root."""
+    dense_mesh, expert_mesh = dense_and_expert_meshes(mesh)
+    mp_policy = mp_policy or MixedPrecisionPolicy()
+    blocks = list(model.layers.values()) + list(model.mtp)
+    for block in blocks:
+        for module in block.modules():
+            if isinstance(module, MoE):
+                fully_shard(module.experts, mesh=expert_mesh, mp_policy=mp_policy)
+        fully_shard(block, mesh=dense_mesh, mp_policy=mp_policy)
+    fully_shard(model, mesh=dense_mesh, mp_policy=mp_policy)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            # Sum, never average: losses are already normalised by the global token count.
+            # Plain SUM collectives (no PREMUL_SUM) also work on gloo.
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+
+
+def local_shard(full: torch.Tensor, mesh) -> torch.Tensor:
+    """This rank's Shard(0) piece of a tensor that every rank of `mesh` holds in full."""
+    shape, offset = compute_local_shape_and_global_offset(full.shape, mesh, [Shard(0)])
+    return full.narrow(0, offset[0], shape[0]) if full.dim() else full
+
+
+class ZeroOneOptimizer:
+    """ZeRO stage 1: parameters and gradients replicated, AdamW state sharded over data parallel.
+
+    Each parameter gets an fp32 master copy sharded along dim 0 (a DTensor) over the
+    ranks that hold the same parameter: all data-parallel ranks for dense weights,
+    the expert-data-parallel group for routed experts. After the summed gradient
+    all-reduce, each rank updates its master shard and the full parameter is
+    all-gathered back.
+    """
+
+    def __init__(self, model: nn.Module, make_inner, mesh) -> None:
+        self.dense_mesh = mesh["dp"]
+        self.expert_mesh = mesh["expert_dp"]
+        self.params: list[tuple[nn.Parameter, DTensor, Any]] = []
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups: dict[bool, list] = {True: [], False: []}
+        masters_of: dict[nn.Parameter, DTensor] = {}
+        for name, p in named:
+            m = self.expert_mesh if is_expert_param(name) else self.dense_mesh
+            master = nn.Parameter(
+                DTensor.from_local(local_shard(p.detach().float(), m).clone(), m, [Shard(0)],
+                                   shape=p.shape, stride=p.stride(), run_check=False)
+            )
+            self.params.append((p, master, m))
+            masters_of[p] = master
+            groups[is_expert_param(name)].append(p)
+        self.groups = [(self.dense_mesh, groups[False]), (self.expert_mesh, groups[True])]
+        self.inner: torch.optim.Optimizer = make_inner(model, masters_of)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.inner.param_groups
+
+    def reduce_gradients(self) -> None:
+        """Sum gradients over each parameter's data-parallel group, one flat all-reduce per group."""
+        for mesh, params in self.groups:
+            grads = [p.grad for p in params if p.grad is not None]
+            if not grads or mesh.size() == 1:
+                continue
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=mesh.get_group())
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset: offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for p, master, mesh in self.params:
+            if p.grad is None:
+                master.grad = None
+                continue
+            master.grad = DTensor.from_local(
+                local_shard(p.grad.float(), mesh).contiguous(), mesh, [Shard(0)],
+                shape=p.shape, stride=p.stride(), run_check=False,
+            )
+        self.inner.step()
+        for p, master, _ in self.params:
+            p.copy_(master.full_tensor().to(p.dtype))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p, master, _ in self.params:
+            p.grad = None
+            master.grad = None
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
+
+
+def grad_norm_replicas(model: nn.Module, mode: str, ctx) -> list[tuple[nn.Parameter, int]]:
+    """(parameter, number of ranks holding an identical copy of this rank's gradient piece)."""
+    if ctx.mesh is None:
+        return [(p, 1) for p in model.parameters() if p.requires_grad]
+    dp_rep = ctx.mesh["dp_replicate"].size()
+    out = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if mode == "fsdp":
+            replicas = dp_rep  # shards distinct over dp_shard / edp, and experts over ep
+        elif is_expert_param(name):
+            replicas = ctx.mesh["expert_dp"].size()
+        else:
+            replicas = ctx.mesh["dp"].size()
+        out.append((p, replicas))
+    return out
+
+
+@torch.no_grad()
+def clip_grad_norm(params: Iterable[tuple[nn.Parameter, int]], max_norm: float, group: Any = None) -> float:
+    """Global L2 norm of all gradients (each distinct piece counted once) and in-place clipping.
+
+    One scalar all-reduce: every rank adds |g_local|^2 / replicas.
+    """
+    params = [(p, r) for p, r in params if p.grad is not None]
+    locals_ = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p, _ in params]
+    device = locals_[0].device if locals_ else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for g, (_, r) in zip(locals_, params):
+        total += g.detach().double().pow(2).sum() / r
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(total, group=group)
+    norm = float(total.sqrt())
+    if max_norm > 0 and norm > max_norm and locals_:
+        torch._foreach_mul_(locals_, max_norm / (norm + 1e-6))
+    return norm

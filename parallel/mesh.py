@@ -1,0 +1,103 @@
+"""Process group and DeviceMesh from torchrun's environment, with layout validation.
+
+Mesh dimensions, outermost first: pp x dp_replicate x edp x ep x tp, where
+dp_shard = edp * ep: expert parallelism is folded into the sharded data-parallel
+dimension (DeepSeek-V3 §3.2: EP ranks are data-parallel ranks that exchange tokens).
+Flattened views:
+  dp        = dp_replicate x edp x ep   ranks that see different data
+  dp_shard  = edp x ep                  FSDP2 shards dense parameters over it
+  edp       expert-data-parallel        FSDP2 shards / ZeRO-1 reduces expert parameters over it
+  ep        expert-parallel             experts are split over it, tokens all-to-all'd within it
+gloo on CPU, NCCL on CUDA, chosen at run time.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+
+from parallel.context import ParallelContext, default_device
+
+if TYPE_CHECKING:
+    from models.config import ModelConfig
+
+
+class LayoutError(ValueError):
+    """A parallel layout that cannot work; the message names the key and the fix."""
+
+
+def validate_layout(parallel, model: "ModelConfig", world_size: int) -> None:
+    """Refuse layouts that do not divide, naming the config key and what would fit."""
+    p = parallel
+    product = p.pp * p.dp_replicate * p.dp_shard * p.tp
+    if product != world_size:
+        raise LayoutError(
+            f"parallel: pp({p.pp}) x dp_replicate({p.dp_replicate}) x dp_shard({p.dp_shard}) x tp({p.tp}) = "
+            f"{product}, but WORLD_SIZE is {world_size}; make the product equal the number of processes"
+        )
+    if p.ep > 1:
+        if model.n_routed_experts == 0:
+            raise LayoutError("parallel.ep: the model has no routed experts (model.n_routed_experts=0); set parallel.ep=1")
+        if model.n_routed_experts % p.ep:
+            raise LayoutError(
+                f"parallel.ep: model.n_routed_experts={model.n_routed_experts} is not divisible by ep={p.ep}; "
+                "pick an ep that divides the number of experts"
+            )
+        if (p.dp_shard * p.tp) % p.ep:
+            raise LayoutError(
+                f"parallel.ep: ep={p.ep} must divide dp_shard x tp = {p.dp_shard * p.tp} "
+                "(expert parallelism is folded into the sharded data-parallel and tensor-parallel ranks)"
+            )
+        if p.tp > 1:
+            raise LayoutError("parallel.ep: ep > 1 together with tp > 1 is not supported yet; use tp=1")
+    if p.tp > 1:
+        raise LayoutError("parallel.tp: tensor parallelism is not available yet; set parallel.tp=1")
+    if p.pp > 1:
+        raise LayoutError("parallel.pp: pipeline parallelism is not available yet; set parallel.pp=1")
+
+
+def init_distributed(parallel, model: "ModelConfig") -> ParallelContext:
+    """Initialise the default process group from torchrun's env and build the mesh."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    validate_layout(parallel, model, world_size)
+    if world_size == 1 and not dist.is_initialized():
+        return ParallelContext.single()
+    device = default_device()
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=10))
+    return build_context(parallel, device)
+
+
+def build_context(parallel, device: torch.device) -> ParallelContext:
+    """DeviceMesh and groups for an initialised default process group."""
+    p = parallel
+    edp = p.dp_shard // p.ep
+    mesh = init_device_mesh(
+        device.type,
+        (p.pp, p.dp_replicate, edp, p.ep, p.tp),
+        mesh_dim_names=("pp", "dp_replicate", "edp", "ep", "tp"),
+    )
+    mesh["dp_replicate", "edp", "ep"]._flatten("dp")
+    mesh["edp", "ep"]._flatten("dp_shard")
+    mesh["dp_replicate", "edp"]._flatten("expert_dp")
+    rank = dist.get_rank()
+    return ParallelContext(
+        rank=rank,
+        world_size=dist.get_world_size(),
+        dp_rank=mesh["dp"].get_local_rank(),
+        dp_size=mesh["dp"].size(),
+        device=device,
+        mesh=mesh,
+        dp_group=mesh["dp"].get_group(),
+        ep_size=p.ep,
+        ep_rank=mesh["ep"].get_local_rank(),
+        ep_group=mesh["ep"].get_group(),
+    )

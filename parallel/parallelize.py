@@ -1,0 +1,57 @@
+"""Apply the configured layout to a freshly built model, from outside the model.
+
+Order: expert parallelism (slice experts, install the all-to-all dispatcher), then
+data parallelism (FSDP2 wrapping, or nothing for ZeRO-1 whose work happens in the
+optimizer). Returns what the trainer needs to reduce and clip gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from parallel.context import ParallelContext
+from parallel.data_parallel import ZeroOneOptimizer, apply_fsdp, clip_grad_norm, grad_norm_replicas
+from parallel.expert_parallel import apply_expert_parallel
+
+
+@dataclass
+class ParallelPlan:
+    mode: str  # single | fsdp | zero1
+    grad_replicas: list = field(default_factory=list)
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        return clip_grad_norm(self.grad_replicas, max_norm)
+
+
+def parallelize(model: nn.Module, ctx: ParallelContext, data_parallel: str, mp_policy: Any = None) -> ParallelPlan:
+    if ctx.mesh is None:
+        return ParallelPlan("single", grad_norm_replicas(model, "single", ctx))
+    if ctx.ep_size > 1:
+        apply_expert_parallel(model, ctx.ep_rank, ctx.ep_size, ctx.ep_group)
+    if data_parallel == "fsdp":
+        apply_fsdp(model, ctx.mesh, mp_policy)
+    return ParallelPlan(data_parallel, grad_norm_replicas(model, data_parallel, ctx))
+
+
+def build_parallel_optimizer(
+    model: nn.Module,
+    plan: ParallelPlan,
+    ctx: ParallelContext,
+    make_optimizer: Callable[[list[dict]], torch.optim.Optimizer],
+    param_groups: Callable[[nn.Module], list[dict]],
+):
+    """The optimizer for the plan: plain (single/FSDP) or ZeRO-1 over sharded fp32 masters."""
+    if plan.mode != "zero1":
+        return make_optimizer(param_groups(model))
+
+    def inner(model: nn.Module, masters: dict) -> torch.optim.Optimizer:
+        groups = param_groups(model)
+        for g in groups:
+            g["params"] = [masters[p] for p in g["params"]]
+        return make_optimizer(groups)
+
+    return ZeroOneOptimizer(model, inner, ctx.mesh)

@@ -1,0 +1,32 @@
+"""One training run as a rank of a multi-rank parity test (or as the single-process reference)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from parallel.mesh import init_distributed
+from parallel.state import full_state_dict
+from train.config import load_config
+from train.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def train_and_report(rank: int, overrides: list[str]) -> dict:
+    """Train with `overrides` on configs/tiny.yaml; return per-step metrics and final full state."""
+    cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
+    ctx = init_distributed(cfg.parallel, cfg.model)
+    try:
+        trainer = Trainer(cfg, ctx)
+        history = trainer.fit()
+        state = full_state_dict(trainer.model, ctx)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    keys = ("loss", "mtp_loss", "aux_loss", "grad_norm")
+    return {
+        "metrics": {k: [float(h[k]) for h in history] for k in keys},
+        "state": state,
+    }
