@@ -119,11 +119,45 @@ class ZeroOneOptimizer:
             p.grad = None
             master.grad = None
 
-    def state_dict(self) -> dict:
-        return self.inner.state_dict()
+    def _init_state(self) -> None:
+        """Materialise AdamW state (zeros) so a checkpoint can be loaded before the first step."""
+        for _, master, _ in self.params:
+            if master not in self.inner.state or not self.inner.state[master]:
+                self.inner.state[master] = {
+                    "step": torch.zeros((), dtype=torch.float32),
+                    "exp_avg": torch.zeros_like(master),
+                    "exp_avg_sq": torch.zeros_like(master),
+                }
 
-    def load_state_dict(self, state: dict) -> None:
-        self.inner.load_state_dict(state)
+    def checkpoint_state(self, names: dict[nn.Parameter, str]) -> dict:
+        """AdamW state keyed by parameter name, in the layout of a plain optimizer's state dict."""
+        self._init_state()
+        state = {names[p]: dict(self.inner.state[master]) for p, master, _ in self.params}
+        index = {id(master): names[p] for p, master, _ in self.params}
+        groups = [
+            {**{k: v for k, v in g.items() if k != "params"}, "params": [index[id(m)] for m in g["params"]]}
+            for g in self.inner.param_groups
+        ]
+        return {"state": state, "param_groups": groups}
+
+    @torch.no_grad()
+    def load_checkpoint_state(self, names: dict[nn.Parameter, str], osd: Optional[dict]) -> None:
+        """Re-slice masters from the (loaded) parameters and fill AdamW state from `osd`."""
+        self._init_state()
+        for p, master, mesh in self.params:
+            master.to_local().copy_(local_shard(p.detach().float(), mesh))
+            if osd is None:
+                continue
+            saved = osd["state"].get(names[p])
+            if saved is None:
+                raise KeyError(f"checkpoint has no optimizer state for {names[p]}")
+            live = self.inner.state[master]
+            for field, value in saved.items():
+                if isinstance(live.get(field), DTensor):
+                    full = value.full_tensor() if isinstance(value, DTensor) else value
+                    live[field].to_local().copy_(local_shard(full.to(live[field].dtype), mesh))
+                else:
+                    live[field] = value.detach().clone() if isinstance(value, torch.Tensor) else value
 
 
 def grad_norm_replicas(model: nn.Module, mode: str, ctx) -> list[tuple[nn.Parameter, int]]:

@@ -90,10 +90,11 @@ def test_bias_balancing_lowers_expert_imbalance(repo_root, tmp_path, cache_dir):
 
 def test_resume_continues_where_it_stopped(repo_root, tmp_path, cache_dir):
     """Rerunning with the same run.dir resumes from the newest checkpoint with the same losses."""
-    straight = make_trainer(repo_root, tmp_path / "straight", cache_dir, **{"train.steps": 6}).fit()
+    pinned = {"optim.warmup_steps": 1, "optim.decay_steps": 6}  # schedule independent of train.steps
+    straight = make_trainer(repo_root, tmp_path / "straight", cache_dir, **{"train.steps": 6, **pinned}).fit()
     run = tmp_path / "resumed"
-    make_trainer(repo_root, run, cache_dir, **{"train.steps": 3}).fit()
-    second = make_trainer(repo_root, run, cache_dir, **{"train.steps": 6})
+    make_trainer(repo_root, run, cache_dir, **{"train.steps": 3, **pinned}).fit()
+    second = make_trainer(repo_root, run, cache_dir, **{"train.steps": 6, **pinned})
     assert second.step == 3 and second.resumed_from is not None
     rest = second.fit()
     assert [h["step"] for h in rest] == [4, 5, 6]

@@ -4,7 +4,7 @@ Layout of RUN_DIR/checkpoints/:
   step_00000100/            one complete checkpoint
     .metadata, *.distcp     DCP shards: model, optimizer, RNG
     meta.json               step, tokens seen, counters, the resolved config
-    data_rank{r}.json       data-pipeline position of each data-parallel rank
+    rank{r}.json            per-rank JSON: data-pipeline position and RNG state
     COMPLETE                marker written last; a directory without it is never loaded
 A checkpoint is written to `step_N.tmp` and published by an atomic rename. Loading
 never unpickles arbitrary objects: DCP metadata is read with an allow-list
@@ -27,11 +27,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_state_dict,
-    set_state_dict,
-)
+
+from parallel.checkpointing import CheckpointState
 
 log = logging.getLogger(__name__)
 
@@ -101,40 +98,29 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def app_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> dict[str, Any]:
-    """Tensors to save: model and optimizer keyed by parameter name (layout independent) and RNG."""
-    options = StateDictOptions(ignore_frozen_params=False)
-    if optimizer is None:
-        msd = get_state_dict(model, [], options=options)[0]
-        state: dict[str, Any] = {"model": msd}
-    else:
-        msd, osd = get_state_dict(model, optimizer, options=options)
-        state = {"model": msd, "optim": osd}
-    state["rng_cpu"] = torch.get_rng_state()
-    return state
-
-
 def save_checkpoint(
     root: Path,
     step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    state: CheckpointState,
     meta: dict[str, Any],
-    data_state: dict[str, Any],
-    dp_rank: int,
+    rank_state: dict[str, Any],
+    rank: int,
     is_main: bool,
     barrier: Callable[[], None],
     keep_last: int,
 ) -> Path:
-    """Write a checkpoint for `step` (every rank calls this) and publish it atomically."""
+    """Write a checkpoint for `step` (every rank calls this) and publish it atomically.
+
+    `rank_state` (this rank's data position and RNG, JSON) goes to rank{r}.json.
+    """
     final = step_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    dcp.save(app_state(model, optimizer), checkpoint_id=str(tmp))
-    _write_json(tmp / f"data_rank{dp_rank}.json", data_state)
+    dcp.save(state.state_dict(), checkpoint_id=str(tmp))
+    _write_json(tmp / f"rank{rank}.json", rank_state)
     barrier()
     if is_main:
         _write_json(tmp / "meta.json", meta)
@@ -150,30 +136,31 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(
-    path: Path, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], dp_rank: int
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load model/optimizer/RNG in place; return (meta, this rank's data state)."""
+def load_checkpoint(path: Path, state: CheckpointState, rank: int) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+    """Load model and optimizer in place; return (meta, this rank's saved JSON state or None).
+
+    A rank that did not exist when the checkpoint was saved (a larger world) gets None.
+    """
     if not (path / MARKER).is_file():
         raise CheckpointError(f"{path}: incomplete checkpoint (no {MARKER} marker)")
     meta = _read_json(path / "meta.json")
-    data_file = path / f"data_rank{dp_rank}.json"
-    data_state = _read_json(data_file) if data_file.is_file() else {}
-    state = app_state(model, optimizer)
+    rank_file = path / f"rank{rank}.json"
+    rank_state = _read_json(rank_file) if rank_file.is_file() else None
+    to_fill = state.state_dict()
     try:
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)))
+        dcp.load(to_fill, storage_reader=SafeFileSystemReader(str(path)))
     except CheckpointError:
         raise
     except Exception as e:  # DCP raises CheckpointException / RuntimeError for bad shards
         raise CheckpointError(f"{path}: cannot load shards ({type(e).__name__}: {_short(e)})") from None
-    set_state_dict(
-        model,
-        optimizer if optimizer is not None else [],
-        model_state_dict=state["model"],
-        optim_state_dict=state.get("optim", {}),
-    )
-    torch.set_rng_state(state["rng_cpu"])
-    return meta, data_state
+    state.load(to_fill)
+    return meta, rank_state
+
+
+def load_checkpoint_rank_state(path: Path, rank: int) -> tuple[int, Optional[dict[str, Any]]]:
+    """(rank, saved JSON state of that rank) without touching tensors."""
+    rank_file = path / f"rank{rank}.json"
+    return rank, (_read_json(rank_file) if rank_file.is_file() else None)
 
 
 def _short(e: Exception) -> str:

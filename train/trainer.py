@@ -8,6 +8,7 @@ gradients do not depend on how the batch is split over micro-batches or ranks.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import math
@@ -25,10 +26,12 @@ from data import TextBatchStream, load_tokenizer
 from models.balance import moe_routers, update_router_biases
 from models.transformer import Transformer, combine_losses, mtp_labels
 from parallel.context import ParallelContext
+from parallel.checkpointing import CheckpointState
 from parallel.parallelize import build_parallel_optimizer, parallelize
 from train import checkpoint as ckpt
 from train.config import Config, ConfigError
 from train.metrics import MetricsLogger, expert_load_stats
+from train.precision import policy_from_config
 from train.optim import make_adamw, parameter_groups, set_lr
 from train.schedules import Schedules
 from models.accounting import count_model
@@ -46,8 +49,6 @@ class Trainer:
         self.ctx = ctx or ParallelContext.single()
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        if cfg.train.precision == "fp8":
-            raise ConfigError("train.precision: fp8 is not available yet; use fp32 or bf16")
         torch.manual_seed(cfg.run.seed)
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -60,8 +61,14 @@ class Trainer:
                 f"{self.tokenizer.vocab_size} tokens; raise model.vocab_size"
             )
         self.model = Transformer(cfg.model).to(self.device)
+        # Precision (train/precision.py) before any wrapping: fp32 routers/norms, FP8 module swaps;
+        # FSDP2 then gets the matching MixedPrecisionPolicy (bf16 compute, fp32 masters and reduction).
+        try:
+            self.precision = policy_from_config(self.model, cfg.train)
+        except ValueError as e:
+            raise ConfigError(f"train.fp8: {e}") from None
         # Every rank built the same model from the same seed; the layout is applied from outside.
-        self.plan = parallelize(self.model, self.ctx, cfg.parallel.data_parallel)
+        self.plan = parallelize(self.model, self.ctx, cfg.parallel.data_parallel, self.precision.fsdp_policy())
         self.optimizer = build_parallel_optimizer(
             self.model, self.plan, self.ctx,
             make_optimizer=lambda groups: make_adamw(groups, cfg.optim),
@@ -78,6 +85,7 @@ class Trainer:
         self.tokens_seen = 0
         self.skipped_steps = 0
         self.consecutive_nonfinite = 0
+        self.checkpoint_state = CheckpointState(self.model, self.optimizer, self.ctx)
         self.flops_per_token = count_model(cfg.model, cfg.train.seq_len).flops_per_token
         self.peak_flops = peak_flops(self.device, cfg.train.precision)
         self._stop_requested = False
@@ -91,9 +99,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- one step
     def precision_context(self) -> contextlib.AbstractContextManager:
-        if self.cfg.train.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return self.precision.autocast(self.device)  # bf16 autocast for bf16 and fp8, nothing for fp32
 
     def global_token_counts(self, batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Target tokens of the whole global batch: main head and each MTP depth."""
@@ -229,25 +235,38 @@ class Trainer:
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "skipped_steps": self.skipped_steps,
+            "dp_size": self.ctx.dp_size,
+            "world_size": self.ctx.world_size,
             "config": OmegaConf.to_container(OmegaConf.structured(self.cfg)),
         }
+        rank_state = {
+            "dp_rank": self.ctx.dp_rank,
+            "data": self.data.state_dict(),
+            "rng_cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+        }
         return ckpt.save_checkpoint(
-            self.ckpt_dir, self.step, self.model, self.optimizer, meta, self.data.state_dict(),
-            self.ctx.dp_rank, self.ctx.is_main, self.ctx.barrier, self.cfg.checkpoint.keep_last,
+            self.ckpt_dir, self.step, self.checkpoint_state, meta, rank_state,
+            self.ctx.rank, self.ctx.is_main, self.ctx.barrier, self.cfg.checkpoint.keep_last,
         )
 
     def resume(self) -> None:
         """Load the newest complete checkpoint in run.dir, falling back to older ones if corrupt."""
         for step, path in reversed(ckpt.complete_checkpoints(self.ckpt_dir)):
             try:
-                meta, data_state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.ctx.dp_rank)
+                meta, rank_state = ckpt.load_checkpoint(path, self.checkpoint_state, self.ctx.rank)
             except ckpt.CheckpointError as e:
                 log.error("cannot resume from %s: %s; trying an older checkpoint", path, e)
                 continue
             self.step, self.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
             self.skipped_steps = int(meta.get("skipped_steps", 0))
-            if data_state:
-                self.data.load_state_dict(data_state)
+            same_layout = meta.get("dp_size") == self.ctx.dp_size and rank_state is not None
+            if not same_layout:  # data positions are global: any rank's state describes them
+                _, rank_state = ckpt.load_checkpoint_rank_state(path, 0)
+            if rank_state:
+                self.data.load_state_dict(rank_state["data"])
+                if same_layout and "rng_cpu" in rank_state:
+                    rng = torch.frombuffer(bytearray(base64.b64decode(rank_state["rng_cpu"])), dtype=torch.uint8)
+                    torch.set_rng_state(rng)
             self.resumed_from = path
             if self.ctx.is_main:
                 print(f"resumed from {path} (step {self.step})", flush=True)
@@ -303,11 +322,7 @@ def load_for_inference(checkpoint: Path):
     meta = ckpt._read_json(checkpoint / "meta.json")
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), meta["config"]))
     model = Transformer(cfg.model)
-    state = ckpt.app_state(model, None)
-    import torch.distributed.checkpoint as dcp
-
-    dcp.load({"model": state["model"]}, storage_reader=ckpt.SafeFileSystemReader(str(checkpoint)))
-    model.load_state_dict(state["model"])
+    ckpt.load_checkpoint(checkpoint, CheckpointState(model, None, ParallelContext.single()), rank=0)
     model.eval()
     tokenizer = TextTokenizer.from_dir(checkpoint.parent.parent / "tokenizer")
     return model, tokenizer
