@@ -29,8 +29,13 @@ def dense_and_expert_meshes(mesh) -> tuple[Any, Any]:
     return mesh["dp_shard"], mesh["edp"]
 
 
-def apply_fsdp(model: nn.Module, mesh, mp_policy: Optional[MixedPrecisionPolicy] = None) -> None:
-    """fully_shard every block (experts separately, over their own mesh), then the root."""
+def apply_fsdp(
+    model: nn.Module, mesh, mp_policy: Optional[MixedPrecisionPolicy] = None, roots: Optional[list[nn.Module]] = None
+) -> None:
+    """fully_shard every block (experts separately, over their own mesh), then the root.
+
+    `roots`: under pipeline parallelism, this rank's stage modules, each its own FSDP root
+    (the pipeline schedule then defers gradient reduction to the end of the step)."""
     dense_mesh, expert_mesh = dense_and_expert_meshes(mesh)
     mp_policy = mp_policy or MixedPrecisionPolicy()
     blocks = list(model.layers.values()) + list(model.mtp)
@@ -39,8 +44,9 @@ def apply_fsdp(model: nn.Module, mesh, mp_policy: Optional[MixedPrecisionPolicy]
             if isinstance(module, MoE):
                 fully_shard(module.experts, mesh=expert_mesh, mp_policy=mp_policy)
         fully_shard(block, mesh=dense_mesh, mp_policy=mp_policy)
-    fully_shard(model, mesh=dense_mesh, mp_policy=mp_policy)
-    for module in model.modules():
+    for root in roots or [model]:
+        fully_shard(root, mesh=dense_mesh, mp_policy=mp_policy)
+    for module in [m for r in roots or [model] for m in r.modules()]:
         if isinstance(module, FSDPModule):
             # Sum, never average: losses are already normalised by the global token count.
             # Plain SUM collectives (no PREMUL_SUM) also work on gloo.

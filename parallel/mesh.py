@@ -58,7 +58,9 @@ def validate_layout(parallel, model: "ModelConfig", world_size: int) -> None:
     if p.tp > 1:
         raise LayoutError("parallel.tp: tensor parallelism is not available yet; set parallel.tp=1")
     if p.pp > 1:
-        raise LayoutError("parallel.pp: pipeline parallelism is not available yet; set parallel.pp=1")
+        from parallel.pipeline import validate_pipeline  # layers vs stages, schedule, micro-batches
+
+        validate_pipeline(p, model)
 
 
 def init_distributed(parallel, model: "ModelConfig") -> ParallelContext:
@@ -100,4 +102,7 @@ def build_context(parallel, device: torch.device) -> ParallelContext:
         ep_size=p.ep,
         ep_rank=mesh["ep"].get_local_rank(),
         ep_group=mesh["ep"].get_group(),
+        pp_size=p.pp,
+        pp_rank=mesh["pp"].get_local_rank(),
+        pp_group=mesh["pp"].get_group(),
     )

@@ -27,14 +27,20 @@ class ParallelPlan:
         return clip_grad_norm(self.grad_replicas, max_norm)
 
 
-def parallelize(model: nn.Module, ctx: ParallelContext, data_parallel: str, mp_policy: Any = None) -> ParallelPlan:
+def parallelize(
+    model: nn.Module, ctx: ParallelContext, data_parallel: str, mp_policy: Any = None, pipeline: Any = None
+) -> ParallelPlan:
+    """`pipeline`: a parallel.pipeline.Pipeline whose stages were already cut from `model` (pp > 1)."""
     if ctx.mesh is None:
         return ParallelPlan("single", grad_norm_replicas(model, "single", ctx))
     if ctx.ep_size > 1:
         apply_expert_parallel(model, ctx.ep_rank, ctx.ep_size, ctx.ep_group)
     if data_parallel == "fsdp":
-        apply_fsdp(model, ctx.mesh, mp_policy)
-    return ParallelPlan(data_parallel, grad_norm_replicas(model, data_parallel, ctx))
+        apply_fsdp(model, ctx.mesh, mp_policy, roots=pipeline.modules if pipeline is not None else None)
+    replicas = grad_norm_replicas(model, data_parallel, ctx)
+    if pipeline is not None:  # tied embedding copies on the first and last stage count once
+        replicas = pipeline.adjust_grad_replicas(replicas)
+    return ParallelPlan(data_parallel, replicas)
 
 
 def build_parallel_optimizer(

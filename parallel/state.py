@@ -29,4 +29,8 @@ def full_state_dict(model: nn.Module, ctx: ParallelContext) -> dict[str, torch.T
     for name, b in model.named_buffers():
         if name.endswith("e_score_correction_bias"):
             out[name] = b.detach().clone()
+    if getattr(ctx, "pp_size", 1) > 1:  # pipeline stages hold different pieces: merge them on every rank
+        pieces: list = [None] * ctx.pp_size
+        dist.all_gather_object(pieces, out, group=ctx.pp_group)
+        out = {name: t for piece in pieces for name, t in piece.items()}
     return out

@@ -38,8 +38,12 @@ class ParallelConfig:
     pp: int = 1
     ep: int = 1
     data_parallel: str = "fsdp"  # fsdp (FSDP2) | zero1 (replicated params, sharded optimizer)
+    # GPipe | 1F1B | Interleaved1F1B | LoopedBFS | InterleavedZeroBubble | ZBVZeroBubble | DualPipeV
     pipeline_schedule: str = "1F1B"
-    pipeline_microbatches: Optional[int] = None  # default: train.grad_accum_steps
+    pipeline_microbatches: Optional[int] = None  # = train.grad_accum_steps (the pipeline's micro-batches)
+    pipeline_stages_per_rank: Optional[int] = None  # virtual stages: 1 for GPipe/1F1B, 2 (default) for the others
+    pipeline_layers_per_stage: Optional[list[int]] = None  # one count per stage (pp x stages_per_rank); None: even
+    pipeline_mtp_stage: bool = False  # final norm + head + MTP as a stage of their own (no transformer layers)
 
 
 @dataclass
@@ -161,6 +165,12 @@ class Config:
         for key in ("dp_replicate", "dp_shard", "tp", "pp", "ep"):
             _check(getattr(p, key) >= 1, f"parallel.{key}", f"must be >= 1, got {getattr(p, key)}")
         _check(p.data_parallel in ("fsdp", "zero1"), "parallel.data_parallel", "must be fsdp|zero1")
+        _check(
+            p.pipeline_microbatches is None or p.pipeline_microbatches == t.grad_accum_steps,
+            "parallel.pipeline_microbatches",
+            f"the pipeline runs the step's train.grad_accum_steps={t.grad_accum_steps} micro-batches; "
+            f"leave it unset or equal to that, got {p.pipeline_microbatches}",
+        )
         _check(self.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0 (0 = only at the end)")
         _check(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
         _check(t.max_nonfinite_steps >= 0, "train.max_nonfinite_steps", "must be >= 0")

@@ -68,7 +68,19 @@ class Trainer:
         except ValueError as e:
             raise ConfigError(f"train.fp8: {e}") from None
         # Every rank built the same model from the same seed; the layout is applied from outside.
-        self.plan = parallelize(self.model, self.ctx, cfg.parallel.data_parallel, self.precision.fsdp_policy())
+        self.has_moe = bool(moe_routers(self.model))
+        self.pipeline = None
+        if self.ctx.pp_size > 1:  # cut this rank's pipeline stages out of the model first (parallel/pipeline.py)
+            from parallel.pipeline import build_pipeline
+
+            policy = self.precision.fsdp_policy() if cfg.parallel.data_parallel == "fsdp" else None
+            act_dtype = getattr(policy, "param_dtype", None) or torch.float32
+            self.pipeline = build_pipeline(self.model, cfg.parallel, self.ctx, act_dtype)
+        self.plan = parallelize(self.model, self.ctx, cfg.parallel.data_parallel, self.precision.fsdp_policy(),
+                                pipeline=self.pipeline)
+        if self.pipeline is not None:
+            self.pipeline.build_schedule(cfg.train.grad_accum_steps, cfg.train.micro_batch_size, cfg.train.seq_len,
+                                         cfg.model.hidden_size, cfg.model.num_nextn_predict_layers)
         self.optimizer = build_parallel_optimizer(
             self.model, self.plan, self.ctx,
             make_optimizer=lambda groups: make_adamw(groups, cfg.optim),
@@ -101,6 +113,12 @@ class Trainer:
     def precision_context(self) -> contextlib.AbstractContextManager:
         return self.precision.autocast(self.device)  # bf16 autocast for bf16 and fp8, nothing for fp32
 
+    @contextlib.contextmanager
+    def _pipeline_context(self):
+        loss_context = getattr(self, "loss_context", contextlib.nullcontext)  # vocab-parallel CE under tp
+        with loss_context(), self.precision_context():
+            yield
+
     def global_token_counts(self, batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Target tokens of the whole global batch: main head and each MTP depth."""
         depth = self.cfg.model.num_nextn_predict_layers
@@ -125,7 +143,10 @@ class Trainer:
         model.train()
         sums = torch.zeros(2 + len(mtp_tokens), dtype=torch.float64)  # objective, lm CE sum, mtp CE sums
         aux = 0.0
-        for b in batches:
+        if self.pipeline is not None:  # the schedule runs forward and backward of all the step's micro-batches
+            sums, aux = self.pipeline.run(batches, lm_tokens, mtp_tokens, mtp_weight, self._pipeline_context)
+            aux /= n_micro_global
+        for b in batches if self.pipeline is None else []:
             b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
             with self.precision_context():
                 out = model(b["input_ids"], b["labels"], b.get("doc_ids"))
@@ -176,13 +197,17 @@ class Trainer:
         if len(mtp_tokens):
             metrics["mtp_loss"] = float((sums[2:] / mtp_tokens.clamp(min=1)).mean())
             metrics["mtp_weight"] = mtp_weight
-        if moe_layers:
+        if moe_layers or (self.pipeline is not None and self.has_moe):
             metrics["aux_loss"] = aux
             metrics["bias_update_speed"] = gamma
             biases = [m.gate.e_score_correction_bias for m in moe_layers if m.gate.uses_bias]
+            if self.pipeline is not None:  # every stage's layers (collective over the pipeline ranks)
+                counts, biases = self.pipeline.gather_load_stats(counts, biases)
             metrics.update(expert_load_stats(counts, biases))
             if cfg.model.capacity_factor is not None:
-                dropped = torch.stack([m.dropped_tokens for m in moe_layers])
+                dropped = torch.stack([m.dropped_tokens.reshape(()) for m in moe_layers] + [torch.zeros((), device=self.device)])
+                if self.pipeline is not None:
+                    dropped = self.pipeline.pp_sum(dropped.sum().reshape(1)).to(self.device)
                 metrics["dropped_tokens"] = float(self.ctx.dp_sum(dropped).sum())
                 for m in moe_layers:
                     m.dropped_tokens.zero_()

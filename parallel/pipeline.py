@@ -1,0 +1,472 @@
+"""Pipeline parallelism: the layer stack split into stages, run by a torch.distributed.pipelining schedule.
+
+Stages
+  The model is split into S = pp x stages_per_rank stages. Stage 0 holds the embedding,
+  the last stage holds the final norm, the output head and the MTP modules (which need
+  the embedding of shifted input ids, so the last stage keeps its own copy of
+  `embed_tokens`). Layers are split evenly unless `parallel.pipeline_layers_per_stage`
+  lists them; `parallel.pipeline_mtp_stage` gives the head + MTP a stage of their own
+  (no transformer layers). Every rank builds the whole model from the same seed and then
+  deletes what its stages do not own (layers from the ModuleDict, other modules set to
+  None), so parameter names (FQNs) are those of the single-process model and
+  checkpoints load across layouts.
+
+Which rank holds which stage follows the schedule: one stage per rank (GPipe, 1F1B),
+  a loop (stage s on rank s mod pp: Interleaved1F1B, InterleavedZeroBubble, LoopedBFS)
+  or a V (stages r and 2pp-1-r on rank r: ZBVZeroBubble, DualPipeV).
+
+Tied embedding copies
+  When the first and the last stage live on different ranks and the last stage needs the
+  embedding (MTP, or tied input/output embeddings), both ranks hold `embed_tokens.weight`
+  with identical initial values (same seed). After the backward of a step the two
+  gradients are summed over the {first, last} group (as Megatron does for tied
+  embeddings), so both copies take the same optimizer step and stay identical. The
+  gradient-norm accounting counts the pair once.
+
+Loss and data
+  Every rank of a stage reads the same micro-batches as the data-parallel rank it belongs
+  to (the data stream is indexed by dp rank only), so no token ids travel through the
+  pipeline: input ids go to the first stage as the schedule's input, and `tokens`,
+  `labels` and `doc_ids` reach every stage as keyword arguments (doc ids: MoE
+  sequence-wise balance loss on every stage; tokens and labels: CE and MTP on the last).
+  The last stage returns [CE sum, MTP CE sum per depth]; the schedule's loss_fn turns it
+  into exactly the single-process objective (`combine_losses` with the global token
+  counts of the step) and `scale_grads=False` keeps the schedule from dividing again.
+
+Aux losses and load counts
+  MoE aux losses reach their gradients through `attach_aux_loss` (an identity on the
+  layer output whose backward also feeds the aux loss), so they need no plumbing through
+  stage outputs. Split-backward schedules (zero bubble, DualPipeV) compute input
+  gradients first and weight gradients later from saved intermediate gradients; the aux
+  path joins the main path at the router's matmul, whose output gradient is one of the
+  saved intermediates, so the aux gradient is included (checked by the parity tests).
+  MoE token counts accumulate on the stage that owns the layer; the trainer's bias update
+  reduces them over data parallelism only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from models.moe import MoE
+from models.transformer import ModelOutput, combine_losses, cross_entropy_sum, mtp_labels, shift_left
+
+# name (case-insensitive in config) -> (class name in torch.distributed.pipelining, stage placement style)
+SCHEDULES: dict[str, tuple[str, str]] = {
+    "GPipe": ("ScheduleGPipe", "single"),
+    "1F1B": ("Schedule1F1B", "single"),
+    "Interleaved1F1B": ("ScheduleInterleaved1F1B", "loop"),
+    "LoopedBFS": ("ScheduleLoopedBFS", "loop"),
+    "InterleavedZeroBubble": ("ScheduleInterleavedZeroBubble", "loop"),
+    "ZBVZeroBubble": ("ScheduleZBVZeroBubble", "v"),
+    "DualPipeV": ("ScheduleDualPipeV", "v"),
+}
+# Schedules that split the backward into input-gradient and weight-gradient passes.
+SPLIT_BACKWARD = {"InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"}
+
+
+def _layout_error(message: str) -> Exception:
+    from parallel.mesh import LayoutError  # mesh imports this module lazily
+
+    return LayoutError(message)
+
+
+def schedule_name(parallel) -> str:
+    """Canonical schedule name for parallel.pipeline_schedule (case-insensitive)."""
+    wanted = str(parallel.pipeline_schedule).replace("_", "").lower()
+    for name in SCHEDULES:
+        if name.lower() == wanted:
+            return name
+    raise _layout_error(
+        f"parallel.pipeline_schedule: unknown schedule {parallel.pipeline_schedule!r}; "
+        f"choose one of {', '.join(SCHEDULES)}"
+    )
+
+
+def schedule_class(name: str):
+    import torch.distributed.pipelining.schedules as schedules
+
+    cls = getattr(schedules, SCHEDULES[name][0], None)
+    if cls is None:
+        raise _layout_error(
+            f"parallel.pipeline_schedule: {name} is not available in this torch ({torch.__version__}); "
+            "pick another schedule"
+        )
+    return cls
+
+
+def stages_per_rank(parallel) -> int:
+    name = schedule_name(parallel)
+    style = SCHEDULES[name][1]
+    v = getattr(parallel, "pipeline_stages_per_rank", None)
+    if style == "single":
+        if v not in (None, 1):
+            raise _layout_error(
+                f"parallel.pipeline_stages_per_rank: {name} runs one stage per rank, got {v}; "
+                "leave it unset or pick Interleaved1F1B / InterleavedZeroBubble for virtual stages"
+            )
+        return 1
+    if style == "v":
+        if v not in (None, 2):
+            raise _layout_error(f"parallel.pipeline_stages_per_rank: {name} needs exactly 2 stages per rank, got {v}")
+        return 2
+    v = 2 if v is None else v
+    if v < 1:
+        raise _layout_error(f"parallel.pipeline_stages_per_rank: must be >= 1, got {v}")
+    return v
+
+
+def stage_to_rank(stage: int, pp: int, style: str) -> int:
+    if style == "v":
+        return stage if stage < pp else 2 * pp - 1 - stage
+    return stage % pp
+
+
+def split_layers(parallel, model) -> list[list[int]]:
+    """Layer indices of every stage (stage order). Raises LayoutError for splits that cannot work."""
+    n_stages = parallel.pp * stages_per_rank(parallel)
+    n_layers = model.num_hidden_layers
+    has_mtp = model.num_nextn_predict_layers > 0
+    counts = getattr(parallel, "pipeline_layers_per_stage", None)
+    mtp_stage = bool(getattr(parallel, "pipeline_mtp_stage", False))
+    if counts:
+        counts = list(counts)
+        if len(counts) != n_stages:
+            raise _layout_error(
+                f"parallel.pipeline_layers_per_stage: {len(counts)} entries for {n_stages} stages "
+                f"(pp={parallel.pp} x {n_stages // parallel.pp} stages per rank); give one count per stage"
+            )
+        if sum(counts) != n_layers or any(c < 0 for c in counts):
+            raise _layout_error(
+                f"parallel.pipeline_layers_per_stage: {counts} must be non-negative and sum to "
+                f"model.num_hidden_layers={n_layers}"
+            )
+    else:
+        body = n_stages - 1 if mtp_stage else n_stages
+        if mtp_stage and not has_mtp:
+            raise _layout_error("parallel.pipeline_mtp_stage: the model has no MTP modules (num_nextn_predict_layers=0)")
+        if body < 1 or n_layers < body:
+            raise _layout_error(
+                f"parallel.pp: {n_stages} pipeline stages (pp={parallel.pp} x {n_stages // parallel.pp} per rank"
+                f"{', one for MTP' if mtp_stage else ''}) cannot split model.num_hidden_layers={n_layers}; "
+                "use fewer stages or more layers"
+            )
+        base, extra = divmod(n_layers, body)
+        counts = [base + (1 if i < extra else 0) for i in range(body)] + ([0] if mtp_stage else [])
+    for i, c in enumerate(counts):
+        if c == 0 and not (i == n_stages - 1 and has_mtp):
+            raise _layout_error(
+                f"parallel.pp: stage {i} of {n_stages} would hold no transformer layers "
+                f"(split {counts}); only the last stage may be empty, and only when it holds MTP; "
+                "use fewer stages or set parallel.pipeline_layers_per_stage"
+            )
+    out, start = [], 0
+    for c in counts:
+        out.append(list(range(start, start + c)))
+        start += c
+    return out
+
+
+def validate_microbatches(parallel, n_micro: int) -> None:
+    """Micro-batches per step vs stages and schedule (the schedule classes' own requirements)."""
+    name = schedule_name(parallel)
+    pp = parallel.pp
+    n_stages = pp * stages_per_rank(parallel)
+    style = SCHEDULES[name][1]
+    if name in ("1F1B", "ZBVZeroBubble", "DualPipeV") or style == "v":
+        need = n_stages if style == "v" else pp
+        if n_micro < need:
+            raise _layout_error(
+                f"parallel.pipeline_microbatches: {name} needs at least {need} micro-batches per step "
+                f"({'stages' if style == 'v' else 'pp'}={need}), got {n_micro}; raise train.grad_accum_steps"
+            )
+    if style == "loop":
+        rounds = max(1, n_micro // pp)
+        if n_micro % rounds:
+            raise _layout_error(
+                f"parallel.pipeline_microbatches: {name} needs the micro-batch count ({n_micro}) to be a "
+                f"multiple of max(1, m // pp) = {rounds}; use a multiple of pp={pp}"
+            )
+
+
+def validate_pipeline(parallel, model) -> None:
+    """Layout checks for pp > 1 (called by parallel.mesh.validate_layout)."""
+    name = schedule_name(parallel)
+    schedule_class(name)
+    split_layers(parallel, model)
+    if parallel.pipeline_microbatches is not None:
+        validate_microbatches(parallel, parallel.pipeline_microbatches)
+    if name in SPLIT_BACKWARD and parallel.data_parallel == "fsdp" and parallel.dp_replicate * parallel.dp_shard > 1:
+        raise _layout_error(
+            f"parallel.pipeline_schedule: {name} splits the backward into input and weight passes, which "
+            "FSDP2-sharded parameters do not support here (weight gradients would be lost); "
+            "use parallel.data_parallel=zero1 or a non-split schedule (1F1B, GPipe, Interleaved1F1B)"
+        )
+    if SCHEDULES[name][1] == "v" and parallel.data_parallel == "fsdp" and parallel.dp_replicate * parallel.dp_shard > 1:
+        raise _layout_error(
+            f"parallel.pipeline_schedule: {name} puts the first and last stage on one rank, which shares the "
+            "embedding between two FSDP roots; use parallel.data_parallel=zero1"
+        )
+
+
+# ------------------------------------------------------------------------------------------ stage modules
+class StageModule(nn.Module):
+    """One pipeline stage over modules of the (pruned) Transformer, which it references, not copies.
+
+    forward(x, tokens=, labels=, doc_ids=): x is input ids on the first stage, the hidden
+    state [B, S, H] elsewhere. Non-last stages return the hidden state; the last returns
+    [CE sum, MTP CE sum per depth] (fp32). Mirrors Transformer.forward op for op.
+    """
+
+    def __init__(self, model: nn.Module, index: int, n_stages: int, layer_ids: list[int], act_dtype: torch.dtype):
+        super().__init__()
+        self.index, self.n_stages, self.act_dtype = index, n_stages, act_dtype
+        self.is_first, self.is_last = index == 0, index == n_stages - 1
+        self.rope = model.rope
+        self.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in layer_ids})
+        if self.is_first:
+            self.embed_tokens = model.embed_tokens
+        if self.is_last:
+            self.norm, self.lm_head, self.mtp = model.norm, model.lm_head, model.mtp
+            if len(model.mtp) and not self.is_first:
+                self.embed_tokens = model.embed_tokens
+        self.moe_layers = [m for m in self.modules() if isinstance(m, MoE)]
+        self.aux_sum = torch.zeros((), dtype=torch.float64)  # sum of MoE aux losses over the step's forwards
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor,
+                doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        rope = self.rope(tokens.shape[1])
+        h = self.embed_tokens(x) if self.is_first else x
+        for layer in self.layers.values():
+            h = layer(h, rope, doc_ids, None)
+        if not self.is_last:
+            self._record_aux()
+            return h.to(self.act_dtype)
+        lm_sum, _ = cross_entropy_sum(self.lm_head(self.norm(h)), labels)
+        sums = [lm_sum.reshape(1).float()]
+        for k, module in enumerate(self.mtp, start=1):
+            emb = self.embed_tokens(shift_left(tokens, k, 0))
+            h, h_normed = module(h, emb, rope, doc_ids, None)
+            s, _ = cross_entropy_sum(self.lm_head(h_normed), mtp_labels(labels, k, doc_ids))
+            sums.append(s.reshape(1).float())
+        self._record_aux()
+        return torch.cat(sums)
+
+    def _record_aux(self) -> None:
+        if self.training and self.moe_layers:
+            self.aux_sum += sum(float(m.last_aux_loss) for m in self.moe_layers)
+
+
+def prune_model(model: nn.Module, keep_layers: set[int], first: bool, last: bool) -> None:
+    """Delete what this rank's stages do not own; names of what stays are unchanged."""
+    for key in list(model.layers.keys()):
+        if int(key) not in keep_layers:
+            del model.layers[key]
+    needs_embed = first or (last and (len(model.mtp) > 0 or model.cfg.tie_word_embeddings))
+    if not needs_embed:
+        model.embed_tokens = None
+    if not last:
+        model.norm = None
+        model.lm_head = None
+        model.mtp = nn.ModuleList()
+
+
+# ------------------------------------------------------------------------------------------ the pipeline
+@dataclass
+class Pipeline:
+    """This rank's stages of the model, its schedule, and the per-step glue the trainer calls."""
+
+    model: nn.Module
+    ctx: Any
+    name: str
+    style: str
+    n_stages: int
+    stage_ids: list[int]
+    layer_split: list[list[int]]
+    modules: list[StageModule]
+    parallel: Any = None  # the ParallelConfig
+    tie_group: Any = None  # {first, last} stage ranks sharing embed_tokens, when on different ranks
+    n_micro: int = 0
+    schedule: Any = None
+    stages: list[Any] = field(default_factory=list)
+    # Per step, set by run():
+    _norm: tuple = ()
+    _sums: Optional[torch.Tensor] = None
+    # Optional timing hooks (bench): stage index -> seconds of compute in this step
+    busy: Optional[dict] = None
+
+    @property
+    def has_first(self) -> bool:
+        return 0 in self.stage_ids
+
+    @property
+    def has_last(self) -> bool:
+        return self.n_stages - 1 in self.stage_ids
+
+    # -------------------------------------------------------------------- building
+    def build_schedule(self, n_micro: int, micro_batch: int, seq_len: int, hidden: int, mtp_depth: int) -> None:
+        from torch.distributed.pipelining import PipelineStage
+
+        validate_microbatches(self.parallel, n_micro)
+        device = self.ctx.device
+        pp_group = self.ctx.pp_group
+        self.stages = []
+        for module in self.modules:
+            act = module.act_dtype
+            inp = (torch.empty(micro_batch, seq_len, dtype=torch.long, device=device) if module.is_first
+                   else torch.empty(micro_batch, seq_len, hidden, dtype=act, device=device).requires_grad_())
+            out = (torch.empty(1 + mtp_depth, dtype=torch.float32, device=device) if module.is_last
+                   else torch.empty(micro_batch, seq_len, hidden, dtype=act, device=device).requires_grad_())
+            self.stages.append(PipelineStage(module, module.index, self.n_stages, device,
+                                             input_args=(inp,), output_args=(out,), group=pp_group))
+        cls = schedule_class(self.name)
+        target = self.stages[0] if self.style == "single" else self.stages
+        self.schedule = cls(target, n_microbatches=n_micro, loss_fn=self._loss_fn, scale_grads=False)
+        self.n_micro = n_micro
+
+    # -------------------------------------------------------------------- one step
+    def _loss_fn(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        lm_tokens, mtp_tokens, mtp_weight = self._norm
+        depth = output.numel() - 1
+        out = ModelOutput(logits=None, lm_loss_sum=output[0], mtp_loss_sums=output[1:] if depth else None)
+        loss = combine_losses(out, lm_tokens, mtp_tokens, mtp_weight)
+        row = torch.cat([loss.detach().double().reshape(1), output.detach().double()])
+        self._sums[: row.numel()] += row.to(self._sums.device)
+        return loss
+
+    def run(self, batches: list[dict[str, torch.Tensor]], lm_tokens: torch.Tensor, mtp_tokens: torch.Tensor,
+            mtp_weight: float, autocast: Callable[[], contextlib.AbstractContextManager]) -> tuple[torch.Tensor, float]:
+        """Forward + backward of the step's micro-batches through the schedule.
+
+        Returns ([objective, CE sum, MTP CE sums] summed over micro-batches and pipeline
+        stages (not yet over data parallelism), this data-parallel rank's aux-loss sum over
+        all stages and micro-batches). Gradients of the tied embedding copies are summed.
+        """
+        device = self.ctx.device
+        depth = len(mtp_tokens)
+        self._norm = (lm_tokens.to(device), mtp_tokens.to(device), mtp_weight)
+        self._sums = torch.zeros(2 + depth, dtype=torch.float64)
+        for m in self.modules:
+            m.aux_sum = torch.zeros((), dtype=torch.float64)
+        cat = {k: torch.cat([b[k] for b in batches]).to(device) for k in batches[0]}
+        kwargs = {"tokens": cat["input_ids"], "labels": cat["labels"]}
+        if "doc_ids" in cat:
+            kwargs["doc_ids"] = cat["doc_ids"]
+        with autocast():
+            self.schedule.step(cat["input_ids"], target=cat["labels"], return_outputs=False, **kwargs)
+        self.sum_tied_gradients()
+        sums = self._sums if self.has_last else torch.zeros_like(self._sums)
+        aux = torch.tensor([float(sum(m.aux_sum for m in self.modules))], dtype=torch.float64)
+        both = self.pp_sum(torch.cat([sums, aux]))
+        return both[:-1], float(both[-1])
+
+    def pp_sum(self, t: torch.Tensor) -> torch.Tensor:
+        out = t.to(self.ctx.device).clone()
+        dist.all_reduce(out, group=self.ctx.pp_group)
+        return out.cpu()
+
+    def tied_embedding(self) -> Optional[nn.Parameter]:
+        emb = self.model.embed_tokens
+        return emb.weight if (emb is not None and self.tie_group is not None) else None
+
+    @torch.no_grad()
+    def sum_tied_gradients(self) -> None:
+        w = self.tied_embedding()
+        if w is None:
+            return
+        g = w.grad
+        if g is None:
+            g = w.grad = torch.zeros_like(w)
+        local = g.to_local() if hasattr(g, "to_local") else g
+        dist.all_reduce(local, group=self.tie_group)
+
+    def adjust_grad_replicas(self, replicas: list[tuple[nn.Parameter, int]]) -> list[tuple[nn.Parameter, int]]:
+        """The tied embedding copies hold the same gradient after the sum: count the pair once."""
+        w = self.tied_embedding()
+        return [(p, r * 2 if p is w else r) for p, r in replicas]
+
+    def gather_rows(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Concatenate per-stage [L_local, ...] statistics of all pipeline ranks, in layer order."""
+        pieces: list[Any] = [None] * self.ctx.pp_size
+        local = None if t is None else (min(self.stage_layers() or [10**9]), t.detach().cpu())
+        dist.all_gather_object(pieces, local, group=self.ctx.pp_group)
+        got = sorted((p for p in pieces if p is not None), key=lambda x: x[0])
+        return torch.cat([p[1] for p in got]) if got else None
+
+    def gather_load_stats(self, counts: Optional[torch.Tensor], biases: list[torch.Tensor]):
+        """(counts [L, E], router biases) of every pipeline stage's MoE layers, on every rank."""
+        counts = self.gather_rows(counts)
+        stacked = self.gather_rows(torch.stack(biases) if biases else None)
+        return counts, ([] if stacked is None else list(stacked))
+
+    def stage_layers(self) -> list[int]:
+        return sorted(i for s in self.stage_ids for i in self.layer_split[s])
+
+
+def build_pipeline(model: nn.Module, parallel, ctx, act_dtype: torch.dtype = torch.float32) -> Pipeline:
+    """Prune `model` to this rank's stages and wrap them (before EP / FSDP are applied)."""
+    name = schedule_name(parallel)
+    style = SCHEDULES[name][1]
+    v = stages_per_rank(parallel)
+    n_stages = parallel.pp * v
+    split = split_layers(parallel, model.cfg)
+    stage_ids = [s for s in range(n_stages) if stage_to_rank(s, parallel.pp, style) == ctx.pp_rank]
+    keep = {i for s in stage_ids for i in split[s]}
+    prune_model(model, keep, first=0 in stage_ids, last=n_stages - 1 in stage_ids)
+    modules = [StageModule(model, s, n_stages, split[s], act_dtype) for s in stage_ids]
+    pipe = Pipeline(model, ctx, name, style, n_stages, stage_ids, split, modules, parallel=parallel)
+    last_rank = stage_to_rank(n_stages - 1, parallel.pp, style)
+    needs_tie = last_rank != 0 and (model.cfg.num_nextn_predict_layers > 0 or model.cfg.tie_word_embeddings)
+    if needs_tie:
+        pipe.tie_group = _tie_group(ctx, last_rank)
+    return pipe
+
+
+def _tie_group(ctx, last_rank: int):
+    """Process group of {pp rank 0, pp rank `last_rank`} at this rank's other mesh coordinates.
+
+    Every rank creates every such group (new_group is collective), in the same order.
+    """
+    mesh = ctx.mesh.mesh  # [pp, dp_replicate, edp, ep, tp] global ranks
+    flat = mesh.reshape(mesh.shape[0], -1)
+    mine = None
+    for j in range(flat.shape[1]):
+        ranks = sorted({int(flat[0, j]), int(flat[last_rank, j])})
+        group = dist.new_group(ranks)
+        if ctx.rank in ranks:
+            mine = group
+    return mine
+
+
+@contextlib.contextmanager
+def timed_stages(pipe: Pipeline):
+    """Bench helper: accumulate per-stage compute seconds (forward and backward) into pipe.busy."""
+    pipe.busy = {s.stage_index: 0.0 for s in pipe.stages}
+    originals = []
+    for stage in pipe.stages:
+        fwd, bwd = stage.forward_maybe_with_nosync, stage.backward_maybe_with_nosync
+
+        def make(fn, idx):
+            def wrapped(*a, **k):
+                t0 = time.perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    pipe.busy[idx] += time.perf_counter() - t0
+            return wrapped
+
+        stage.forward_maybe_with_nosync = make(fwd, stage.stage_index)
+        stage.backward_maybe_with_nosync = make(bwd, stage.stage_index)
+        originals.append((stage, fwd, bwd))
+    try:
+        yield pipe.busy
+    finally:
+        for stage, fwd, bwd in originals:
+            stage.forward_maybe_with_nosync, stage.backward_maybe_with_nosync = fwd, bwd
