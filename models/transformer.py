@@ -205,4 +205,6 @@ class Transformer(nn.Module):
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of fp32 token CE over labels != -100, and the number of such tokens."""
     loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    if hasattr(loss, "full_tensor"):  # vocab-parallel CE (tensor parallelism) returns a replicated DTensor
+        loss = loss.full_tensor()
     return loss, (labels != IGNORE_INDEX).sum()

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from models.moe import MoE
@@ -167,21 +168,27 @@ class ZeroOneOptimizer:
 
 
 def grad_norm_replicas(model: nn.Module, mode: str, ctx) -> list[tuple[nn.Parameter, int]]:
-    """(parameter, number of ranks holding an identical copy of this rank's gradient piece)."""
+    """(parameter, number of ranks holding an identical copy of this rank's gradient piece).
+
+    Within a pipeline stage's ranks, a piece is distinct across the mesh dimensions its
+    DTensor is sharded over (FSDP, TP) and, for routed experts, across the ep ranks;
+    every other rank of the stage holds the same values.
+    """
     if ctx.mesh is None:
         return [(p, 1) for p in model.parameters() if p.requires_grad]
-    dp_rep = ctx.mesh["dp_replicate"].size()
+    stage_world = ctx.world_size // max(ctx.pp_size, 1)
     out = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if mode == "fsdp":
-            replicas = dp_rep  # shards distinct over dp_shard / edp, and experts over ep
-        elif is_expert_param(name):
-            replicas = ctx.mesh["expert_dp"].size()
-        else:
-            replicas = ctx.mesh["dp"].size()
-        out.append((p, replicas))
+        distinct = 1
+        if isinstance(p, DTensor):
+            for size, placement in zip(p.device_mesh.shape, p.placements):
+                if placement.is_shard() or isinstance(placement, _StridedShard):  # FSDP over TP: strided
+                    distinct *= size
+        if ctx.ep_size > 1 and is_expert_param(name):
+            distinct *= ctx.ep_size
+        out.append((p, stage_world // distinct))
     return out
 
 

@@ -48,15 +48,24 @@ def validate_layout(parallel, model: "ModelConfig", world_size: int) -> None:
                 f"parallel.ep: model.n_routed_experts={model.n_routed_experts} is not divisible by ep={p.ep}; "
                 "pick an ep that divides the number of experts"
             )
-        if (p.dp_shard * p.tp) % p.ep:
+        if p.dp_shard % p.ep:
             raise LayoutError(
-                f"parallel.ep: ep={p.ep} must divide dp_shard x tp = {p.dp_shard * p.tp} "
-                "(expert parallelism is folded into the sharded data-parallel and tensor-parallel ranks)"
+                f"parallel.ep: ep={p.ep} must divide dp_shard={p.dp_shard} "
+                "(expert parallelism is folded into the sharded data-parallel ranks)"
             )
-        if p.tp > 1:
-            raise LayoutError("parallel.ep: ep > 1 together with tp > 1 is not supported yet; use tp=1")
     if p.tp > 1:
-        raise LayoutError("parallel.tp: tensor parallelism is not available yet; set parallel.tp=1")
+        sizes = {
+            "model.num_attention_heads": model.num_attention_heads,
+            "model.intermediate_size": model.intermediate_size,
+            "model.vocab_size": model.vocab_size,
+        }
+        if model.n_shared_experts:
+            sizes["model.moe_intermediate_size x n_shared_experts"] = model.moe_intermediate_size * model.n_shared_experts
+        for key, size in sizes.items():
+            if size % p.tp:
+                raise LayoutError(f"parallel.tp: {key}={size} is not divisible by tp={p.tp}; pick a tp that divides it")
+        if p.data_parallel == "zero1":
+            raise LayoutError("parallel.data_parallel: zero1 with tp > 1 is not supported yet; use fsdp")
     if p.pp > 1:
         from parallel.pipeline import validate_pipeline  # layers vs stages, schedule, micro-batches
 
@@ -102,6 +111,7 @@ def build_context(parallel, device: torch.device) -> ParallelContext:
         ep_size=p.ep,
         ep_rank=mesh["ep"].get_local_rank(),
         ep_group=mesh["ep"].get_group(),
+        tp_size=p.tp,
         pp_size=p.pp,
         pp_rank=mesh["pp"].get_local_rank(),
         pp_group=mesh["pp"].get_group(),

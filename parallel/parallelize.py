@@ -1,7 +1,7 @@
 """Apply the configured layout to a freshly built model, from outside the model.
 
-Order: expert parallelism (slice experts, install the all-to-all dispatcher), then
-data parallelism (FSDP2 wrapping, or nothing for ZeRO-1 whose work happens in the
+Order: expert parallelism (slice experts, install the all-to-all dispatcher), tensor
+parallelism (DTensor plans), then data parallelism (FSDP2 wrapping, or nothing for ZeRO-1 whose work happens in the
 optimizer). Returns what the trainer needs to reduce and clip gradients.
 """
 
@@ -16,6 +16,7 @@ from torch import nn
 from parallel.context import ParallelContext
 from parallel.data_parallel import ZeroOneOptimizer, apply_fsdp, clip_grad_norm, grad_norm_replicas
 from parallel.expert_parallel import apply_expert_parallel
+from parallel.tensor_parallel import apply_tensor_parallel
 
 
 @dataclass
@@ -35,6 +36,8 @@ def parallelize(
         return ParallelPlan("single", grad_norm_replicas(model, "single", ctx))
     if ctx.ep_size > 1:
         apply_expert_parallel(model, ctx.ep_rank, ctx.ep_size, ctx.ep_group)
+    if ctx.tp_size > 1:
+        apply_tensor_parallel(model, ctx.mesh["tp"])
     if data_parallel == "fsdp":
         apply_fsdp(model, ctx.mesh, mp_policy, roots=pipeline.modules if pipeline is not None else None)
     replicas = grad_norm_replicas(model, data_parallel, ctx)

@@ -62,13 +62,16 @@ LAYOUTS = {
     "ep2_dp2": (4, {"parallel.dp_shard": 4, "parallel.ep": 2, "parallel.data_parallel": "fsdp"}),
     "ep4": (4, {"parallel.dp_shard": 4, "parallel.ep": 4, "parallel.data_parallel": "fsdp"}),
     "hsdp2x2_ep2": (4, {"parallel.dp_replicate": 2, "parallel.dp_shard": 2, "parallel.ep": 2}),
+    "tp2": (2, {"parallel.tp": 2}),
+    "tp2_dp2_fsdp": (4, {"parallel.tp": 2, "parallel.dp_shard": 2}),
+    "tp2_ep2": (4, {"parallel.tp": 2, "parallel.dp_shard": 2, "parallel.ep": 2}),
 }
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_single_process(layout, reference, tmp_path, cache_dir):
     world, extra = LAYOUTS[layout]
-    dp = world  # no tp/pp here: every rank is a data-parallel rank
+    dp = world // (extra.get("parallel.tp", 1) * extra.get("parallel.pp", 1))
     results = run_ranks(world, train_and_report, overrides(tmp_path, cache_dir, dp=dp, **extra))
     for rank, got in enumerate(results):
         assert_parity(reference, got, f"{layout} rank {rank}")

@@ -115,9 +115,16 @@ class Trainer:
 
     @contextlib.contextmanager
     def _pipeline_context(self):
-        loss_context = getattr(self, "loss_context", contextlib.nullcontext)  # vocab-parallel CE under tp
-        with loss_context(), self.precision_context():
+        with self.loss_context(), self.precision_context():
             yield
+
+    def loss_context(self) -> contextlib.AbstractContextManager:
+        """Vocab-parallel cross-entropy over the tp-sharded logits (forward and backward)."""
+        if self.ctx.tp_size > 1:
+            from torch.distributed.tensor.parallel import loss_parallel
+
+            return loss_parallel()
+        return contextlib.nullcontext()
 
     def global_token_counts(self, batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Target tokens of the whole global batch: main head and each MTP depth."""
@@ -148,10 +155,11 @@ class Trainer:
             aux /= n_micro_global
         for b in batches if self.pipeline is None else []:
             b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
-            with self.precision_context():
-                out = model(b["input_ids"], b["labels"], b.get("doc_ids"))
-            loss = combine_losses(out, lm_tokens.to(self.device), mtp_tokens.to(self.device), mtp_weight)
-            loss.backward()
+            with self.loss_context():
+                with self.precision_context():
+                    out = model(b["input_ids"], b["labels"], b.get("doc_ids"))
+                loss = combine_losses(out, lm_tokens.to(self.device), mtp_tokens.to(self.device), mtp_weight)
+                loss.backward()
             sums[0] += float(loss.detach())
             sums[1] += float(out.lm_loss_sum.detach())
             if out.mtp_loss_sums is not None:

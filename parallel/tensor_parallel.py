@@ -1,0 +1,80 @@
+"""Tensor parallelism with DTensor plans applied to the plain model from outside.
+
+Per block (Megatron-style column -> row pairs, heads split over the `tp` ranks):
+  MLA     q_b_proj / q_proj and kv_b_proj column-parallel (each rank owns whole heads),
+          o_proj row-parallel; the low-rank down-projections q_a_proj / kv_a_proj_with_mqa
+          and their RMSNorms stay replicated (they are small, V2 §2.1.2).
+  MLP     gate_proj / up_proj column-parallel, down_proj row-parallel (dense layers and
+          shared experts alike).
+  MoE     router and routed experts replicated over tp (experts are split by expert
+          parallelism instead); every tp rank routes the same tokens.
+Embedding is vocab-parallel (row-wise over the vocabulary) and the output head is
+column-parallel with vocab-parallel cross-entropy (`loss_parallel`).
+
+The one place DTensor cannot see a partial gradient is MLA's shared RoPE key k^R:
+it is computed by the replicated kv_a_proj_with_mqa and consumed by this rank's heads
+only, so its gradient is summed over tp by a hook (`_SumGradOverColumns`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from models.attention import MultiHeadLatentAttention
+from models.mlp import SwiGLU
+
+
+class _SumGradOverColumns(torch.autograd.Function):
+    """Identity forward; backward all-reduces gradient columns [start:] over `group`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, start: int, group: Any) -> torch.Tensor:  # type: ignore[override]
+        ctx.start, ctx.group = start, group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        grad = grad.clone()
+        part = grad[..., ctx.start:].contiguous()
+        dist.all_reduce(part, group=ctx.group)
+        grad[..., ctx.start:] = part
+        return grad, None, None
+
+
+def _sum_rope_key_grad(kv_lora_rank: int, group: Any):
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return _SumGradOverColumns.apply(output, kv_lora_rank, group)
+
+    return hook
+
+
+def MLP_PLAN() -> dict:
+    """SwiGLU: both input projections column-parallel, the output projection row-parallel."""
+    return {"gate_proj": ColwiseParallel(), "up_proj": ColwiseParallel(), "down_proj": RowwiseParallel()}
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
+    """Shard attention heads, MLP widths, embedding and head over `tp_mesh`."""
+    group = tp_mesh.get_group()
+    for module in model.modules():
+        if isinstance(module, MultiHeadLatentAttention):
+            plan = {"kv_b_proj": ColwiseParallel(), "o_proj": RowwiseParallel()}
+            plan["q_proj" if module.q_lora_rank is None else "q_b_proj"] = ColwiseParallel()
+            parallelize_module(module, tp_mesh, plan)
+            module.kv_a_proj_with_mqa.register_forward_hook(_sum_rope_key_grad(module.kv_lora_rank, group))
+        elif isinstance(module, SwiGLU):
+            parallelize_module(module, tp_mesh, MLP_PLAN())
+    parallelize_module(
+        model,
+        tp_mesh,
+        {
+            "embed_tokens": RowwiseParallel(input_layouts=Replicate()),
+            "lm_head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False),
+        },
+    )
