@@ -1,0 +1,79 @@
+"""parallel.mesh.validate_layout: every layout that cannot work is refused with a LayoutError
+naming the config key, and `python -m train` turns it into a clean `config error:` exit 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from models.config import ModelConfig
+from parallel.mesh import LayoutError, validate_layout
+from train.config import ParallelConfig
+
+
+def moe_model(n_routed_experts: int = 16, **extra) -> ModelConfig:
+    return ModelConfig(n_routed_experts=n_routed_experts, **extra)
+
+
+# Cases are chosen to stay invalid as tensor and pipeline parallelism land (tp=3 does not divide
+# 128 heads; 3 stages cannot split 2 layers), so the test pins the contract (LayoutError naming the
+# key and the numbers at fault), not the wording.
+# (parallel overrides, world size, model overrides, key the message must name, other words it must contain)
+INVALID = {
+    "world_size_smaller_than_product": (dict(dp_shard=2), 1, {}, "WORLD_SIZE", ["dp_shard", "2", "1"]),
+    "world_size_larger_than_product": (dict(dp_replicate=2, dp_shard=2), 8, {}, "WORLD_SIZE", ["dp_replicate", "4", "8"]),
+    "experts_not_divisible_by_ep": (dict(dp_shard=3, ep=3), 3, {}, "parallel.ep", ["n_routed_experts=16", "ep=3"]),
+    "ep_not_dividing_dp_shard": (dict(dp_shard=2, ep=4), 2, {}, "parallel.ep", ["dp_shard", "ep=4"]),
+    "ep_not_dividing_dp_shard_with_tp": (dict(dp_shard=1, tp=2, ep=2), 2, {}, "parallel.ep", []),
+    "ep_with_dense_only_model": (dict(dp_shard=2, ep=2), 2, dict(n_routed_experts=0), "parallel.ep", ["n_routed_experts=0", "ep=1"]),
+    "tp_not_dividing_heads": (dict(tp=3), 3, dict(num_attention_heads=128), "parallel.tp", []),
+    "pp_more_stages_than_layers": (dict(pp=3), 3, dict(num_hidden_layers=2, num_nextn_predict_layers=0), "parallel.pp", []),
+}
+
+
+@pytest.mark.parametrize("case", list(INVALID))
+def test_invalid_layout_raises_naming_the_key(case):
+    overrides, world, model, key, words = INVALID[case]
+    with pytest.raises(LayoutError) as err:
+        validate_layout(ParallelConfig(**overrides), moe_model(**model), world)
+    message = str(err.value)
+    assert key in message, message
+    for word in words:
+        assert word in message, f"{word!r} not in {message!r}"
+    assert isinstance(err.value, ValueError)  # callers that catch ValueError still see it
+
+
+VALID = [
+    (dict(), 1, 16),
+    (dict(dp_shard=2), 2, 16),
+    (dict(dp_shard=2, ep=2), 2, 16),
+    (dict(dp_shard=4, ep=2), 4, 16),
+    (dict(dp_shard=4, ep=4), 4, 16),
+    (dict(dp_replicate=2, dp_shard=2, ep=2), 4, 16),
+    (dict(dp_shard=2), 2, 0),  # dense model, plain data parallelism
+    (dict(dp_shard=8, ep=8), 8, 8),  # one expert per rank
+]
+
+
+@pytest.mark.parametrize("overrides,world,experts", VALID)
+def test_valid_layout_accepted(overrides, world, experts):
+    validate_layout(ParallelConfig(**overrides), moe_model(experts), world)
+
+
+def test_cli_reports_layout_error_as_config_error(repo_root, tmp_path):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-m", "train", "--config", "configs/tiny.yaml", "parallel.dp_shard=2",
+         f"run.dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}"],
+        cwd=repo_root, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "config error:" in proc.stderr
+    assert "WORLD_SIZE" in proc.stderr and "dp_shard" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before training started
