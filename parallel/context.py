@@ -35,9 +35,6 @@ class ParallelContext:
     ep_size: int = 1
     ep_rank: int = 0
     ep_group: Optional[Any] = None  # ranks that split the routed experts and exchange tokens
-    pp_size: int = 1
-    pp_rank: int = 0  # pipeline rank (which stages this rank runs)
-    pp_group: Optional[Any] = None  # the ranks of one pipeline (same data-parallel coordinates)
     tp_size: int = 1
     pp_size: int = 1
     pp_rank: int = 0  # pipeline rank (which stages this rank runs)

@@ -126,12 +126,6 @@ class Trainer:
             return loss_parallel()
         return contextlib.nullcontext()
 
-    @contextlib.contextmanager
-    def _pipeline_context(self):
-        loss_context = getattr(self, "loss_context", contextlib.nullcontext)  # vocab-parallel CE under tp
-        with loss_context(), self.precision_context():
-            yield
-
     def global_token_counts(self, batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Target tokens of the whole global batch: main head and each MTP depth."""
         depth = self.cfg.model.num_nextn_predict_layers
