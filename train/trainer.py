@@ -61,6 +61,13 @@ class Trainer:
                 f"{self.tokenizer.vocab_size} tokens; raise model.vocab_size"
             )
         self.model = Transformer(cfg.model).to(self.device)
+        if cfg.checkpoint.init_from_hf and not ckpt.complete_checkpoints(self.ckpt_dir):
+            from train.hf_import import HFImportError, init_from_hf  # HF weights start a fresh run
+
+            try:
+                init_from_hf(self.model, cfg.checkpoint.init_from_hf)
+            except HFImportError as e:
+                raise ConfigError(f"checkpoint.init_from_hf: {e}") from None
         # Precision (train/precision.py) before any wrapping: fp32 routers/norms, FP8 module swaps;
         # FSDP2 then gets the matching MixedPrecisionPolicy (bf16 compute, fp32 masters and reduction).
         try:

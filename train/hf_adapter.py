@@ -1,0 +1,307 @@
+"""The one mapping between moeforge's Transformer and the Hugging Face DeepSeek-V2/V3 layout.
+
+Both directions (train/export.py writes it, train/hf_import.py reads it) walk the same
+list of `HFTensor` entries built by `hf_layout`, so a name can never be mapped one way
+on export and another way on import.
+
+Our names (models/transformer.py)                HF / DeepSeek released layout
+  embed_tokens.weight                            model.embed_tokens.weight
+  layers.{i}.<X>                                 model.layers.{i}.<X>        (same <X>: self_attn.*, norms, mlp.*)
+  layers.{i}.mlp.experts.gate_up_proj [E,2I,H]   model.layers.{i}.mlp.experts.{e}.gate_proj.weight = [e, :I]
+                                                 model.layers.{i}.mlp.experts.{e}.up_proj.weight   = [e, I:]
+  layers.{i}.mlp.experts.down_proj [E,H,I]       model.layers.{i}.mlp.experts.{e}.down_proj.weight = [e]
+  norm.weight                                    model.norm.weight
+  lm_head.weight                                 lm_head.weight
+  MTP depth k (0-based), HF layer j = num_hidden_layers + k:
+  mtp.{k}.enorm / hnorm / eh_proj                model.layers.{j}.enorm / hnorm / eh_proj
+  mtp.{k}.norm.weight                            model.layers.{j}.shared_head.norm.weight
+  mtp.{k}.block.<X>                              model.layers.{j}.<X>        (experts split as above)
+  embed_tokens.weight (shared)                   model.layers.{j}.embed_tokens.weight     (a copy, as released)
+  lm_head.weight (shared)                        model.layers.{j}.shared_head.head.weight (a copy, as released)
+
+Transformers loads the per-expert keys into its fused in-memory [E, 2I, H] / [E, H, I]
+experts; it also accepts the fused keys `mlp.experts.gate_up_proj` / `down_proj`, which
+the importer therefore reads too (`fused_expert_names`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Optional
+
+import torch
+
+from models.config import ModelConfig, RopeScalingConfig
+
+V3, V2 = "deepseek_v3", "deepseek_v2"
+ARCHITECTURES = {V3: "DeepseekV3ForCausalLM", V2: "DeepseekV2ForCausalLM"}
+_EXPERT_STACK = re.compile(r"^(?P<prefix>.*mlp\.experts\.)(?P<which>gate_up_proj|down_proj)$")
+
+
+@dataclass(frozen=True)
+class HFTensor:
+    """One tensor of the HF layout and where it lives in our model.
+
+    `src` is our state-dict name. For a routed expert, `expert` indexes dim 0 of the
+    [E, ...] stack and `rows` (start, stop) selects the gate or up half of gate_up_proj.
+    `shared` marks the MTP copies of the embedding and output head: exported, but on
+    import the main model's tensor wins (they are one tensor in moeforge).
+    """
+
+    hf_name: str
+    src: str
+    shape: tuple[int, ...]
+    expert: Optional[int] = None
+    rows: Optional[tuple[int, int]] = None
+    shared: bool = False
+    keep_fp32: bool = False  # the router bias stays fp32 whatever the export dtype
+
+    def take(self, full: torch.Tensor, first_expert: int = 0) -> torch.Tensor:
+        """This entry's slice of `full` (the whole src tensor, or experts [first_expert, ...) of it)."""
+        if self.expert is None:
+            return full
+        t = full[self.expert - first_expert]
+        return t if self.rows is None else t[self.rows[0] : self.rows[1]]
+
+
+def hf_model_type(cfg: ModelConfig) -> str:
+    """deepseek_v3 for the sigmoid/noaux_tc router, deepseek_v2 for the softmax routers.
+
+    Other combinations (sigmoid with V2's greedy selection) have no HF architecture.
+    """
+    if cfg.scoring_func == "sigmoid" and cfg.topk_method == "noaux_tc":
+        return V3
+    if cfg.scoring_func == "softmax" and cfg.topk_method in ("greedy", "group_limited_greedy"):
+        return V2
+    raise ValueError(
+        f"model.scoring_func={cfg.scoring_func!r} with model.topk_method={cfg.topk_method!r} has no Hugging Face "
+        "architecture: DeepseekV3 is sigmoid + noaux_tc, DeepseekV2 is softmax + greedy/group_limited_greedy"
+    )
+
+
+def mtp_layer_index(cfg: ModelConfig, k: int) -> int:
+    """HF layer index of MTP depth k (0-based): num_hidden_layers + k, as in DeepSeek-V3's release."""
+    return cfg.num_hidden_layers + k
+
+
+def our_to_hf_name(name: str, cfg: ModelConfig) -> str:
+    """HF name of one of our non-expert-stack tensors."""
+    if name == "lm_head.weight":
+        return name
+    m = re.match(r"^mtp\.(\d+)\.(.*)$", name)
+    if m is None:
+        return "model." + name
+    layer, rest = mtp_layer_index(cfg, int(m.group(1))), m.group(2)
+    if rest.startswith("block."):
+        rest = rest[len("block.") :]
+    elif rest == "norm.weight":
+        rest = "shared_head.norm.weight"
+    return f"model.layers.{layer}.{rest}"
+
+
+def hf_layout(
+    cfg: ModelConfig, shapes: Mapping[str, Iterable[int]], model_type: Optional[str] = None
+) -> list[HFTensor]:
+    """Every HF tensor of the model with our source for it, in export order.
+
+    `shapes` maps our state-dict names to shapes (a model's state_dict or a DCP checkpoint's
+    metadata). Router biases are left out for deepseek_v2, which has none (nor uses one).
+    """
+    model_type = model_type or hf_model_type(cfg)
+    out: list[HFTensor] = []
+    for name, shape in shapes.items():
+        shape = tuple(shape)
+        if name.endswith("e_score_correction_bias"):
+            if model_type == V2:
+                continue
+            out.append(HFTensor(our_to_hf_name(name, cfg), name, shape, keep_fp32=True))
+            continue
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # HF ties lm_head to embed_tokens itself
+        m = _EXPERT_STACK.match(name)
+        if m is None:
+            out.append(HFTensor(our_to_hf_name(name, cfg), name, shape))
+            continue
+        prefix = our_to_hf_name(m.group("prefix") + "X", cfg)[:-1]  # "...mlp.experts."
+        n_experts = shape[0]
+        if m.group("which") == "gate_up_proj":
+            inter = shape[1] // 2
+            for e in range(n_experts):
+                for part, rows in (("gate_proj", (0, inter)), ("up_proj", (inter, 2 * inter))):
+                    out.append(HFTensor(f"{prefix}{e}.{part}.weight", name, (inter, shape[2]), e, rows))
+        else:
+            out.extend(HFTensor(f"{prefix}{e}.down_proj.weight", name, tuple(shape[1:]), e) for e in range(n_experts))
+    for k in range(cfg.num_nextn_predict_layers):
+        layer = mtp_layer_index(cfg, k)
+        emb = tuple(shapes["embed_tokens.weight"])
+        out.append(HFTensor(f"model.layers.{layer}.embed_tokens.weight", "embed_tokens.weight", emb, shared=True))
+        head = "embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+        out.append(HFTensor(f"model.layers.{layer}.shared_head.head.weight", head, tuple(shapes[head]), shared=True))
+    return out
+
+
+def fused_expert_names(cfg: ModelConfig, shapes: Mapping[str, Iterable[int]]) -> dict[str, str]:
+    """HF fused expert key (transformers' in-memory layout) -> our expert stack name."""
+    fused = {}
+    for name in shapes:
+        m = _EXPERT_STACK.match(name)
+        if m is not None:
+            prefix = our_to_hf_name(m.group("prefix") + "X", cfg)[:-1]
+            fused[prefix + m.group("which")] = name
+    return fused
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def _rope_parameters(cfg: ModelConfig) -> dict:
+    rs: Optional[RopeScalingConfig] = cfg.rope_scaling
+    if rs is None:
+        return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if rs.type != "yarn":
+        raise ValueError(f"model.rope_scaling.type={rs.type!r}: only 'yarn' can be exported")
+    return {
+        "rope_type": "yarn",
+        "rope_theta": cfg.rope_theta,
+        "factor": rs.factor,
+        "original_max_position_embeddings": rs.original_max_position_embeddings,
+        "beta_fast": rs.beta_fast,
+        "beta_slow": rs.beta_slow,
+        "mscale": rs.mscale,
+        "mscale_all_dim": rs.mscale_all_dim,
+    }
+
+
+# moeforge fields that HF configs do not have; kept under "moeforge" so an import restores them.
+_TRAINING_ONLY = (
+    "bias_update_speed", "aux_loss_alpha", "seq_aux", "device_aux_loss_alpha", "comm_aux_loss_alpha",
+    "capacity_factor", "mtp_loss_weight",
+)
+
+
+def hf_config_dict(
+    cfg: ModelConfig, dtype: torch.dtype, model_type: Optional[str] = None,
+    bos_token_id: Optional[int] = None, eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None,
+) -> dict:
+    """config.json for transformers (5.x reads rope_parameters/dtype; 4.x, vLLM and DeepSeek's
+    own code read rope_scaling/rope_theta/torch_dtype, so both spellings are written, consistently)."""
+    model_type = model_type or hf_model_type(cfg)
+    rope = _rope_parameters(cfg)
+    legacy_scaling = None
+    if rope["rope_type"] != "default":
+        legacy_scaling = {"type": "yarn", **{k: v for k, v in rope.items() if k != "rope_theta"}}
+    dtype_name = str(dtype).removeprefix("torch.")
+    d = {
+        "architectures": [ARCHITECTURES[model_type]],
+        "model_type": model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "moe_intermediate_size": cfg.moe_intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_attention_heads,
+        "q_lora_rank": cfg.q_lora_rank,
+        "kv_lora_rank": cfg.kv_lora_rank,
+        "qk_nope_head_dim": cfg.qk_nope_head_dim,
+        "qk_rope_head_dim": cfg.qk_rope_head_dim,
+        "v_head_dim": cfg.v_head_dim,
+        "n_routed_experts": cfg.n_routed_experts,
+        "n_shared_experts": cfg.n_shared_experts,
+        "num_experts_per_tok": cfg.num_experts_per_tok,
+        "n_group": cfg.n_group,
+        "topk_group": cfg.topk_group,
+        "topk_method": cfg.topk_method,
+        "scoring_func": cfg.scoring_func,
+        "norm_topk_prob": cfg.norm_topk_prob,
+        "routed_scaling_factor": cfg.routed_scaling_factor,
+        "first_k_dense_replace": cfg.first_k_dense_replace,
+        "moe_layer_freq": 1,
+        "num_nextn_predict_layers": cfg.num_nextn_predict_layers,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rope_parameters": rope,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": legacy_scaling,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "initializer_range": cfg.initializer_range,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "attention_bias": cfg.attention_bias,
+        "attention_dropout": 0.0,
+        "hidden_act": "silu",
+        "use_cache": True,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": pad_token_id,
+        "dtype": dtype_name,
+        "torch_dtype": dtype_name,
+        "moeforge": {k: getattr(cfg, k) for k in _TRAINING_ONLY},
+    }
+    if model_type == V3:
+        d["rope_interleave"] = True  # DeepSeek's complex-pair RoPE layout (models/rope.py)
+    else:
+        d["aux_loss_alpha"] = cfg.aux_loss_alpha  # DeepSeek-V2's own config fields
+        d["seq_aux"] = cfg.seq_aux
+    return d
+
+
+# Defaults of transformers' configs where they differ from ModelConfig's (which are DeepSeek-V3 671B),
+# for HF config.json files that leave a field out.
+_HF_DEFAULTS = {
+    V3: {"max_position_embeddings": 4096, "initializer_range": 0.02, "scoring_func": "sigmoid", "topk_method": "noaux_tc"},
+    V2: {
+        "vocab_size": 102400, "hidden_size": 4096, "intermediate_size": 11008, "moe_intermediate_size": 1407,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "n_routed_experts": 64, "n_shared_experts": 2,
+        "first_k_dense_replace": 0, "routed_scaling_factor": 1.0, "norm_topk_prob": False, "n_group": 1,
+        "topk_group": 1, "topk_method": "greedy", "scoring_func": "softmax", "max_position_embeddings": 2048,
+        "initializer_range": 0.02, "num_nextn_predict_layers": 0, "bias_update_speed": 0.0,
+    },
+}
+
+
+def model_config_from_hf(hf: Mapping) -> ModelConfig:
+    """ModelConfig from a DeepSeek-V2/V3 config.json (HF 4.x or 5.x spelling of RoPE)."""
+    model_type = hf.get("model_type")
+    if model_type not in (V3, V2):
+        raise ValueError(f"config.json: model_type {model_type!r} is not deepseek_v3 or deepseek_v2")
+    values: dict = dict(_HF_DEFAULTS[model_type])
+    not_from_hf = {"rope_scaling", "rope_theta", "attn_implementation", "experts_implementation"}
+    fields = set(ModelConfig.__dataclass_fields__) - not_from_hf
+    for key in fields:
+        if key in hf and hf[key] is not None:
+            values[key] = hf[key]
+    if "num_mtp_layers" in hf and "num_nextn_predict_layers" not in hf:
+        values["num_nextn_predict_layers"] = hf["num_mtp_layers"]
+    for key in ("n_group", "topk_group"):
+        if hf.get(key) is None and key in hf:
+            values[key] = 1
+    if "q_lora_rank" in hf:
+        values["q_lora_rank"] = hf["q_lora_rank"]  # None is meaningful (single q_proj)
+    values.update({k: v for k, v in (hf.get("moeforge") or {}).items() if k in fields})
+    # RoPE: transformers 5.x rope_parameters, else 4.x rope_scaling + rope_theta.
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    values["rope_theta"] = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        values["rope_scaling"] = None
+    elif rope_type == "yarn":
+        defaults = RopeScalingConfig()
+        values["rope_scaling"] = RopeScalingConfig(
+            type="yarn",
+            factor=float(rope.get("factor", defaults.factor)),
+            original_max_position_embeddings=int(
+                rope.get("original_max_position_embeddings", values.get("max_position_embeddings", 4096))
+            ),
+            beta_fast=float(rope.get("beta_fast") or 32.0),
+            beta_slow=float(rope.get("beta_slow") or 1.0),
+            mscale=float(rope.get("mscale") or 0.0),
+            mscale_all_dim=float(rope.get("mscale_all_dim") or 0.0),
+        )
+    else:
+        raise ValueError(f"config.json: rope type {rope_type!r} is not supported (default or yarn)")
+    if model_type == V3 and hf.get("rope_interleave") is False:
+        raise ValueError("config.json: rope_interleave=false (half-split RoPE) is not supported; moeforge uses "
+                         "DeepSeek's interleaved layout")
+    cfg = ModelConfig(**values)
+    cfg.validate()
+    return cfg

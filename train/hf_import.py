@@ -1,0 +1,226 @@
+"""Import a Hugging Face DeepSeek-V3 / V2 directory (config.json + safetensors) into our Transformer.
+
+    model = load_hf_model(hf_dir)                       # config from config.json, weights loaded
+    report = load_hf_weights(model, hf_dir)            # into an existing model of matching shape
+    python -m train.hf_import HF_DIR                    # prints the `model:` YAML section to train from it
+
+Training from HF weights: set `checkpoint.init_from_hf: HF_DIR` (the run's model section
+must describe the same architecture; `python -m train.hf_import HF_DIR` prints it). The
+weights are used when the run directory has no checkpoint yet; a resumed run ignores them.
+
+Names follow train/hf_adapter.py (the same mapping the exporter writes). Per-expert keys
+(`mlp.experts.{e}.gate_proj/up_proj/down_proj.weight`, DeepSeek's release and transformers'
+save_pretrained) and transformers' fused keys (`mlp.experts.gate_up_proj` / `down_proj`) are
+both read. MTP layers (index num_hidden_layers + k) are loaded when present; when absent,
+our MTP modules keep their initialisation (reported in `missing_mtp`). Tensors are read one
+at a time with safetensors' lazy `safe_open`, copied into the model and released.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from models.config import ModelConfig
+from models.transformer import Transformer
+from train.hf_adapter import V2, fused_expert_names, hf_layout, hf_model_type, model_config_from_hf
+
+log = logging.getLogger("moeforge.hf_import")
+
+
+class HFImportError(ValueError):
+    """An HF directory that does not fit the model; the message names the file and tensor."""
+
+
+@dataclass
+class ImportReport:
+    loaded: int = 0
+    missing_mtp: list[str] = field(default_factory=list)  # MTP tensors absent from the files (left initialised)
+    ignored: list[str] = field(default_factory=list)  # keys in the files that the model has no place for
+    shared_mismatch: list[str] = field(default_factory=list)  # MTP embed/head copies that differ from the main ones
+
+
+def read_hf_config(hf_dir: str | os.PathLike) -> dict:
+    path = Path(hf_dir) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise HFImportError(f"{path}: unreadable ({e})") from None
+
+
+def hf_model_config(hf_dir: str | os.PathLike) -> ModelConfig:
+    """Our ModelConfig for the architecture described by HF_DIR/config.json."""
+    try:
+        return model_config_from_hf(read_hf_config(hf_dir))
+    except ValueError as e:
+        raise HFImportError(f"{Path(hf_dir) / 'config.json'}: {e}") from None
+
+
+class _SafetensorsFiles:
+    """key -> lazily opened safetensors file, from model.safetensors.index.json or *.safetensors."""
+
+    def __init__(self, hf_dir: Path) -> None:
+        from safetensors import safe_open
+
+        self._open = lambda f: safe_open(str(f), framework="pt", device="cpu")
+        index = hf_dir / "model.safetensors.index.json"
+        self.file_of: dict[str, Path] = {}
+        if index.is_file():
+            for key, fname in json.loads(index.read_text())["weight_map"].items():
+                self.file_of[key] = hf_dir / fname
+        else:
+            files = sorted(hf_dir.glob("*.safetensors"))
+            if not files:
+                raise HFImportError(f"{hf_dir}: no safetensors weights (model.safetensors[.index.json])")
+            for f in files:
+                with self._open(f) as handle:
+                    for key in handle.keys():
+                        self.file_of[key] = f
+        self._handles: dict[Path, object] = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.file_of
+
+    def get(self, key: str) -> torch.Tensor:
+        f = self.file_of[key]
+        if f not in self._handles:
+            if not f.is_file():
+                raise HFImportError(f"{f}: listed in the index but missing")
+            self._handles[f] = self._open(f).__enter__()
+        return self._handles[f].get_tensor(key)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        for h in self._handles.values():
+            h.__exit__(None, None, None)  # type: ignore[attr-defined]
+        self._handles.clear()
+
+
+_MTP_NAME = re.compile(r"^mtp\.")
+
+
+@torch.no_grad()
+def load_hf_weights(model: Transformer, hf_dir: str | os.PathLike) -> ImportReport:
+    """Copy the weights of HF_DIR into `model` (same architecture) in place.
+
+    Every tensor of the main model must be present with its exact shape; MTP tensors may be
+    absent. Raises HFImportError naming the first problem.
+    """
+    hf_dir = Path(hf_dir)
+    cfg = model.cfg
+    files = _SafetensorsFiles(hf_dir)
+    if any(k.endswith("weight_scale_inv") for k in files.file_of):
+        raise HFImportError(f"{hf_dir}: FP8 block-quantised weights (weight_scale_inv); dequantise to bf16 first")
+    state = model.state_dict(keep_vars=True)
+    shapes = {n: tuple(t.shape) for n, t in state.items()}
+    model_type = hf_model_type(cfg)
+    layout = hf_layout(cfg, shapes, model_type)
+    fused = fused_expert_names(cfg, shapes)
+    report = ImportReport()
+    used: set[str] = set()
+    missing: list[str] = []
+    try:
+        for name, hf_key in ((src, key) for key, src in fused.items() if key in files):  # transformers' fused layout
+            _copy(state[name], files.get(hf_key), hf_key, hf_dir)
+            used.add(hf_key)
+            report.loaded += 1
+        fused_loaded = {fused[k] for k in used}
+        for entry in layout:
+            if entry.src in fused_loaded:
+                continue
+            if entry.hf_name not in files:
+                if _MTP_NAME.match(entry.src) or entry.shared:
+                    report.missing_mtp.append(entry.hf_name)
+                else:
+                    missing.append(entry.hf_name)
+                continue
+            used.add(entry.hf_name)
+            value = files.get(entry.hf_name)
+            if entry.shared:  # the MTP copy of our one embedding / head: check, do not overwrite
+                ours = state[entry.src]
+                if value.shape != ours.shape or not torch.equal(value.to(ours.dtype), ours):
+                    report.shared_mismatch.append(entry.hf_name)
+                continue
+            target = state[entry.src]
+            if entry.expert is not None:
+                target = entry.take(target)
+            _copy(target, value, entry.hf_name, hf_dir)
+            report.loaded += 1
+    finally:
+        files.close()
+    if missing:
+        raise HFImportError(f"{hf_dir}: {len(missing)} tensors missing, e.g. {missing[:3]}")
+    report.ignored = sorted(k for k in files.file_of if k not in used)
+    if report.missing_mtp:
+        mtp_layers = sorted({int(k.split(".")[2]) for k in report.missing_mtp})
+        log.warning("%s has no weights for MTP layer(s) %s; those MTP modules keep their initialisation", hf_dir, mtp_layers)
+    if report.ignored:
+        log.warning("%s: %d tensors not used by this model, e.g. %s", hf_dir, len(report.ignored), report.ignored[:3])
+    if report.shared_mismatch:
+        log.warning("%s: MTP copies of the embedding/head differ from the main ones (moeforge shares them; the main "
+                    "ones are used): %s", hf_dir, report.shared_mismatch)
+    if model_type == V2:
+        for name, t in state.items():
+            if name.endswith("e_score_correction_bias"):
+                t.zero_()  # V2 routers do not use a bias
+    return report
+
+
+def _copy(target: torch.Tensor, value: torch.Tensor, key: str, hf_dir: Path) -> None:
+    if tuple(value.shape) != tuple(target.shape):
+        raise HFImportError(f"{hf_dir}: {key} has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}")
+    target.copy_(value.to(target.dtype))
+
+
+def load_hf_model(hf_dir: str | os.PathLike, cfg: Optional[ModelConfig] = None) -> Transformer:
+    """A Transformer built from HF_DIR/config.json (or `cfg`) with HF_DIR's weights, in eval mode."""
+    model = Transformer(cfg or hf_model_config(hf_dir))
+    load_hf_weights(model, hf_dir)
+    return model.eval()
+
+
+def check_same_architecture(cfg: ModelConfig, hf_dir: str | os.PathLike) -> None:
+    """Raise HFImportError naming the fields where `cfg` and HF_DIR/config.json disagree on shapes/routing."""
+    theirs = hf_model_config(hf_dir)
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+            "n_routed_experts", "n_shared_experts", "first_k_dense_replace", "scoring_func", "tie_word_embeddings")
+    diff = [f"model.{k}={getattr(cfg, k)!r} but {getattr(theirs, k)!r} in config.json" for k in keys
+            if getattr(cfg, k) != getattr(theirs, k)]
+    if diff:
+        raise HFImportError(f"{hf_dir}: architecture differs: " + "; ".join(diff))
+
+
+def init_from_hf(model: Transformer, hf_dir: str | os.PathLike) -> ImportReport:
+    """The trainer's hook: check the architecture, then load HF_DIR's weights into `model`."""
+    check_same_architecture(model.cfg, hf_dir)
+    return load_hf_weights(model, hf_dir)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.hf_import",
+                                description="Print the moeforge `model:` config section of an HF DeepSeek-V2/V3 directory.")
+    p.add_argument("hf_dir")
+    args = p.parse_args(argv)
+    from omegaconf import OmegaConf
+
+    try:
+        cfg = hf_model_config(args.hf_dir)
+    except HFImportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(OmegaConf.to_yaml({"model": OmegaConf.structured(cfg)}), end="")
+    print(f"# then train with: checkpoint.init_from_hf={args.hf_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
