@@ -70,12 +70,24 @@ class PiecewiseSchedule:
 
 
 @dataclass
+class Fp8Config:
+    """train.precision=fp8: DeepSeek-V3's fine-grained FP8 recipe (models/fp8.py, train/precision.py)."""
+
+    # fnmatch globs over module names; matching nn.Linear layers and routed experts run their three GEMMs
+    # in FP8. The embedding, MoE gate, norms and attention core never convert (they are not Linear).
+    modules: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=lambda: ["lm_head"])  # output head stays bf16 (V3 §3.3.1)
+    backend: str = "auto"  # auto | emulate | scaled_mm | blockwise (which runs where: models/fp8.py)
+
+
+@dataclass
 class TrainConfig:
     steps: int = 1000
     micro_batch_size: int = 8  # sequences per micro-batch per data-parallel rank
     seq_len: int = 4096
     grad_accum_steps: int = 1
     precision: str = "fp32"  # fp32 | bf16 | fp8
+    fp8: Fp8Config = field(default_factory=Fp8Config)
     log_interval: int = 10
     # V3 §4.2: lambda 0.3 -> 0.1, gamma 0.001 -> 0; empty values = model.mtp_loss_weight / model.bias_update_speed
     mtp_weight: PiecewiseSchedule = field(default_factory=PiecewiseSchedule)
@@ -142,6 +154,11 @@ class Config:
             "lower train.seq_len or raise max_position_embeddings",
         )
         _check(t.precision in ("fp32", "bf16", "fp8"), "train.precision", f"must be fp32|bf16|fp8, got {t.precision!r}")
+        _check(
+            t.fp8.backend in ("auto", "emulate", "scaled_mm", "blockwise"),
+            "train.fp8.backend", f"must be auto|emulate|scaled_mm|blockwise, got {t.fp8.backend!r}",
+        )
+        _check(bool(t.fp8.modules), "train.fp8.modules", "must list at least one module pattern (\"*\" = all)")
         _check(t.log_interval > 0, "train.log_interval", "must be > 0")
         _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
         _check(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be in [0, optim.lr={o.lr}], got {o.min_lr}")

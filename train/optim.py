@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -22,8 +24,65 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def make_adamw(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.bf16_moments:
+        return AdamWBF16Moments(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     # foreach=True is the fast multi-tensor path on CPU and CUDA and works with DTensor.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=True)
+
+
+class AdamWBF16Moments(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, bias correction) with both moments stored in bf16 (V3 §3.3.4).
+
+    Halves optimizer-state memory. The arithmetic is fp32: each step upcasts the moments, updates
+    them, rounds them back to bf16 (round-to-nearest) and applies the fp32 values of this step to
+    the fp32 master parameters. Moments loaded from a checkpoint (which Optimizer.load_state_dict
+    casts to the parameter dtype) are rounded back to bf16 on the next step.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            (b1, b2), lr, wd, eps = group["betas"], group["lr"], group["weight_decay"], group["eps"]
+            ms, vs, steps = [], [], []
+            for p in params:
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.tensor(0.0)
+                    st["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                    st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if st[key].dtype != torch.bfloat16:
+                        st[key] = st[key].to(torch.bfloat16)
+                st["step"] += 1
+                ms.append(st["exp_avg"])
+                vs.append(st["exp_avg_sq"])
+                steps.append(float(st["step"]))
+            grads = [p.grad.float() for p in params]
+            m32 = [m.float() for m in ms]
+            v32 = [v.float() for v in vs]
+            torch._foreach_lerp_(m32, grads, 1 - b1)
+            torch._foreach_mul_(v32, b2)
+            torch._foreach_addcmul_(v32, grads, grads, value=1 - b2)
+            torch._foreach_copy_(ms, m32)
+            torch._foreach_copy_(vs, v32)
+            if wd:
+                torch._foreach_mul_(params, 1 - lr * wd)
+            denom = torch._foreach_sqrt(v32)
+            torch._foreach_div_(denom, [math.sqrt(1 - b2**s) for s in steps])
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(params, m32, denom, [-lr / (1 - b1**s) for s in steps])
+        return loss
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:

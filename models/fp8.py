@@ -1,0 +1,525 @@
+"""FP8 training numerics: the DeepSeek-V3 fine-grained recipe (arXiv 2412.19437 §3.3).
+
+Every FP8 GEMM takes E4M3 (`torch.float8_e4m3fn`, max 448) operands with fine-grained
+scales from online max-abs (§3.3.2, Fig. 7a), and accumulates in FP32 (§3.3.2):
+
+  activations and output gradients   1 x 128 tiles along the contraction dimension
+  weights                            128 x 128 blocks (one quantised copy serves forward and dgrad)
+  wgrad operands (dY, X)             128 x 1 tiles along tokens, the contraction dimension of dW = dY^T X;
+                                     X comes from the FP8 activations cached in forward (§3.3.3),
+                                     dequantised and re-quantised, as the report does for its 1x128 -> 128x1
+                                     conversion; inside the expert GEMM tiles never cross an expert.
+
+scale = amax(tile) / 448 (fp32), q = cast_e4m3(x / scale) with round-to-nearest-even, so the largest
+element of each tile maps to +-448 and every element keeps <= 2^-4 relative error (3 mantissa bits),
+or <= 2^-10 * scale absolute in E4M3's subnormal range. Ragged edges (sizes not divisible by 128)
+are zero-padded for the max-abs, so the last tile's scale comes from its real elements only.
+
+Execution backends for the three GEMMs of a Linear (forward Y = X W^T, dgrad dX = dY W,
+wgrad dW = dY^T X); which one runs where:
+
+  "emulate"    exact quantise -> dequantise emulation: the FP8 operands times their scales in fp32,
+               then an fp32 matmul (fp32 accumulation). Every FP8 rounding is real; the only
+               difference from a tensor-core kernel is fp32 rounding order. Runs on any device.
+               Default on CPU: measured faster than "scaled_mm" on this machine (bench/precision.py).
+  "scaled_mm"  torch._scaled_mm with float8 operands, which on CPU (torch 2.13) supports tensor-wise
+               and row-wise scales only. Exact for this recipe because tile and block scales are
+               constant over each 128-slice of the contraction dimension: one row-wise scaled GEMM per
+               slice, promoted and summed in fp32 -- DeepSeek's promotion interval N_C = 128 (§3.3.2).
+               Runs on CPU and CUDA; slower than "emulate" on CPU (many small GEMMs).
+  "blockwise"  torch._scaled_mm's native 1x128 / 128x128 block scaling (CUDA sm90+, cuBLAS >= 12.9).
+               Verified once per GEMM kind against "emulate" on the device; a kind that fails the probe
+               (or a shape it cannot take) runs "emulate". Not available on CPU.
+  "auto"       "blockwise" on CUDA sm90+ where the probe passes, else "emulate".
+
+The routed-expert grouped GEMMs always run the emulation (torch._grouped_mm in fp32 on CPU, a
+per-expert fp32 loop on CUDA): torch has no CPU `_scaled_grouped_mm`, and its CUDA one takes
+row-wise scales only. A real m-grouped FP8 kernel (e.g. DeepGEMM) would slot in behind
+`Fp8GroupedGemm`.
+
+Pure tensor code: no torch.distributed calls. A TP-sharded (DTensor) weight is computed on its
+local shard, so scales are per shard; see `Fp8Linear.forward`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger("moeforge")
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+TILE = 128
+BACKENDS = ("auto", "emulate", "scaled_mm", "blockwise")
+
+
+@dataclass(frozen=True)
+class Fp8Recipe:
+    tile: int = TILE  # 1 x tile activation / gradient tiles (and tile x 1 for wgrad)
+    block: int = TILE  # block x block weight blocks
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"fp8 backend must be one of {'|'.join(BACKENDS)}, got {self.backend!r}")
+        if self.tile <= 0 or self.block <= 0:
+            raise ValueError("fp8 tile and block sizes must be > 0")
+
+
+# ---------------------------------------------------------------- quantisation
+
+
+def _scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    """fp32 decoding scale amax / 448; all-zero tiles get scale 1 (their values stay 0)."""
+    s = amax.float() / E4M3_MAX
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+def _cast(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (x / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)
+
+
+def _pad_last(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    pad = -x.shape[-1] % multiple
+    return F.pad(x, (0, pad)) if pad else x
+
+
+def quantize_tiles(x: torch.Tensor, tile: int = TILE) -> tuple[torch.Tensor, torch.Tensor]:
+    """1 x tile quantisation along the last dim. x [..., K] -> (q [..., K] e4m3, scales [..., ceil(K/tile)] fp32)."""
+    k = x.shape[-1]
+    xp = _pad_last(x.float(), tile)
+    t = xp.view(*xp.shape[:-1], xp.shape[-1] // tile, tile)
+    s = _scale_from_amax(t.abs().amax(-1, keepdim=True))
+    q = _cast(t, s).view(xp.shape)
+    if q.shape[-1] != k:
+        q = q[..., :k].contiguous()
+    return q, s.squeeze(-1)
+
+
+def dequantize_tiles(q: torch.Tensor, scales: torch.Tensor, tile: int = TILE, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    k = q.shape[-1]
+    if k % tile == 0 and q.is_contiguous():
+        return (q.to(dtype).view(*q.shape[:-1], k // tile, tile) * scales.to(dtype).unsqueeze(-1)).view(q.shape)
+    return q.to(dtype) * scales.to(dtype).repeat_interleave(tile, dim=-1)[..., :k]
+
+
+def quantize_blocks(w: torch.Tensor, block: int = TILE) -> tuple[torch.Tensor, torch.Tensor]:
+    """block x block quantisation of the last two dims. w [..., N, K] -> (q, scales [..., ceil(N/b), ceil(K/b)])."""
+    n, k = w.shape[-2:]
+    pn, pk = -n % block, -k % block
+    wp = F.pad(w.float(), (0, pk, 0, pn)) if (pn or pk) else w.float()
+    lead = wp.shape[:-2]
+    t = wp.view(*lead, (n + pn) // block, block, (k + pk) // block, block)
+    s = _scale_from_amax(t.abs().amax(dim=(-3, -1), keepdim=True))
+    q = _cast(t, s).view(wp.shape)
+    if pn or pk:
+        q = q[..., :n, :k].contiguous()
+    return q, s.squeeze(-1).squeeze(-2)
+
+
+def expand_block_scales(scales: torch.Tensor, n: int, k: int, block: int = TILE) -> torch.Tensor:
+    """Per-element scales [..., n, k] from block scales [..., nb, kb]."""
+    return scales.repeat_interleave(block, dim=-2)[..., :n, :].repeat_interleave(block, dim=-1)[..., :k]
+
+
+def dequantize_blocks(q: torch.Tensor, scales: torch.Tensor, block: int = TILE, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    n, k = q.shape[-2:]
+    if n % block == 0 and k % block == 0 and q.is_contiguous():
+        lead = q.shape[:-2]
+        t = q.to(dtype).view(*lead, n // block, block, k // block, block)
+        return (t * scales.to(dtype)[..., :, None, :, None]).view(q.shape)
+    return q.to(dtype) * expand_block_scales(scales.to(dtype), n, k, block)
+
+
+def row_tile_ids(counts: Optional[torch.Tensor], n_rows: int, tile: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """Tile index of every row for tile x 1 tiles along rows that never cross a group boundary.
+
+    counts [G] rows per group (None: one group). Returns (ids [n_rows] int64, number of tiles).
+    """
+    if counts is None:
+        return torch.arange(n_rows, device=device) // tile, -(-n_rows // tile)
+    counts = counts.to(device=device, dtype=torch.int64)
+    tiles_per_group = (counts + tile - 1) // tile
+    first_tile = tiles_per_group.cumsum(0) - tiles_per_group
+    group_start = counts.cumsum(0) - counts
+    group = torch.repeat_interleave(torch.arange(counts.numel(), device=device), counts, output_size=n_rows)
+    local = torch.arange(n_rows, device=device) - group_start[group]
+    return first_tile[group] + local // tile, int(tiles_per_group.sum())
+
+
+def quantize_row_tiles(
+    x: torch.Tensor, tile: int = TILE, counts: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """tile x 1 quantisation along rows (tokens), within groups of `counts` rows.
+
+    x [M, K] -> (q [M, K] e4m3, scales [n_tiles, K] fp32, tile id of every row [M]).
+    """
+    x = x.float()
+    ids, n_tiles = row_tile_ids(counts, x.shape[0], tile, x.device)
+    if counts is None and x.shape[0] % tile == 0:
+        amax = x.abs().view(n_tiles, tile, x.shape[1]).amax(1)
+    else:
+        amax = x.new_zeros(n_tiles, x.shape[1]).scatter_reduce_(0, ids[:, None].expand_as(x), x.abs(), "amax")
+    s = _scale_from_amax(amax)
+    return _cast(x, s[ids]), s, ids
+
+
+def dequantize_row_tiles(q: torch.Tensor, scales: torch.Tensor, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return q.to(dtype) * scales.to(dtype)[ids]
+
+
+def fake_quantize(x: torch.Tensor, kind: str = "tiles", tile: int = TILE) -> torch.Tensor:
+    """x rounded through E4M3 with the recipe's scaling (kind: tiles | blocks | row_tiles), in x's dtype."""
+    if kind == "tiles":
+        return dequantize_tiles(*quantize_tiles(x, tile), tile).to(x.dtype)
+    if kind == "blocks":
+        return dequantize_blocks(*quantize_blocks(x, tile), tile).to(x.dtype)
+    q, s, ids = quantize_row_tiles(x, tile)
+    return dequantize_row_tiles(q, s, ids).to(x.dtype)
+
+
+# ---------------------------------------------------------------- GEMM backends
+# Operands (all quantised with `recipe`):
+#   forward  x [M,K] 1xT tiles (scales [M,kt])   w [N,K] blocks ([nb,kb])  -> x w^T  [M,N]
+#   dgrad    g [M,N] 1xT tiles (scales [M,nt])   w [N,K] blocks            -> g w    [M,K]
+#   wgrad    g [M,N] Tx1 tiles (scales [mt,N])   x [M,K] Tx1 tiles ([mt,K]) -> g^T x [N,K] (fp32)
+
+
+def _emulate_fwd(xq, xs, wq, ws, r: Fp8Recipe, out_dtype):
+    return (dequantize_tiles(xq, xs, r.tile) @ dequantize_blocks(wq, ws, r.block).t()).to(out_dtype)
+
+
+def _emulate_dgrad(gq, gs, wq, ws, r: Fp8Recipe, out_dtype):
+    return (dequantize_tiles(gq, gs, r.tile) @ dequantize_blocks(wq, ws, r.block)).to(out_dtype)
+
+
+def _emulate_wgrad(gq, gs, gids, xq, xs, xids, r: Fp8Recipe):
+    return dequantize_row_tiles(gq, gs, gids).t() @ dequantize_row_tiles(xq, xs, xids)
+
+
+def _colmajor(t: torch.Tensor) -> torch.Tensor:
+    return t.t().contiguous().t()
+
+
+def _scaled_mm_chunked(a_chunks, out_shape, device) -> torch.Tensor:
+    """sum over contraction slices of torch._scaled_mm(a_c, b_c, row scales, column scales) in fp32."""
+    out = torch.zeros(out_shape, dtype=torch.float32, device=device)
+    for a, b, sa, sb in a_chunks:
+        out += torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.float32)
+    return out
+
+
+def _scaled_mm_fwd(xq, xs, wq, ws, r: Fp8Recipe, out_dtype):
+    m, n, t, b = xq.shape[0], wq.shape[0], r.tile, r.block
+    col = ws.repeat_interleave(b, 0)[:n]  # [N, kb]
+    chunks = (
+        (xq[:, c * t:(c + 1) * t].contiguous(), wq[:, c * t:(c + 1) * t].contiguous().t(),
+         xs[:, c:c + 1].contiguous(), col[:, c].contiguous().view(1, n))
+        for c in range(xs.shape[1])
+    )
+    return _scaled_mm_chunked(chunks, (m, n), xq.device).to(out_dtype)
+
+
+def _scaled_mm_dgrad(gq, gs, wq, ws, r: Fp8Recipe, out_dtype):
+    m = gq.shape[0]
+    k, t, b = wq.shape[1], r.tile, r.block
+    col = ws.repeat_interleave(b, 1)[:, :k]  # [nb, K]
+    chunks = (
+        (gq[:, c * t:(c + 1) * t].contiguous(), _colmajor(wq[c * t:(c + 1) * t]),
+         gs[:, c:c + 1].contiguous(), col[c].contiguous().view(1, k))
+        for c in range(gs.shape[1])
+    )
+    return _scaled_mm_chunked(chunks, (m, k), gq.device).to(out_dtype)
+
+
+def _scaled_mm_wgrad(gq, gs, gids, xq, xs, xids, r: Fp8Recipe):
+    n, k, t = gq.shape[1], xq.shape[1], r.tile
+    chunks = (
+        (gq[c * t:(c + 1) * t].t().contiguous(), _colmajor(xq[c * t:(c + 1) * t]),
+         gs[c].contiguous().view(n, 1), xs[c].contiguous().view(1, k))
+        for c in range(gs.shape[0])
+    )
+    return _scaled_mm_chunked(chunks, (n, k), gq.device)
+
+
+# CUDA sm90+: native block scaling. Layouts follow torch's _scaled_mm contract (1x128 scales
+# outer-dim-major, 128x128 scales in block units of the mat2 operand); each GEMM kind is checked
+# against the emulation on first use, so a layout mismatch degrades to "emulate", never to wrong numbers.
+def _blockwise_fwd(xq, xs, wq, ws, r: Fp8Recipe, out_dtype):
+    st = F.ScalingType
+    return F.scaled_mm(xq, wq.t(), _colmajor(xs), st.BlockWise1x128, ws.t(), st.BlockWise128x128, output_dtype=out_dtype)
+
+
+def _blockwise_dgrad(gq, gs, wq, ws, r: Fp8Recipe, out_dtype):
+    st = F.ScalingType
+    return F.scaled_mm(gq, _colmajor(wq), _colmajor(gs), st.BlockWise1x128, ws, st.BlockWise128x128, output_dtype=out_dtype)
+
+
+def _blockwise_wgrad(gq, gs, gids, xq, xs, xids, r: Fp8Recipe):
+    st = F.ScalingType
+    return F.scaled_mm(gq.t().contiguous(), _colmajor(xq), gs.t(), st.BlockWise1x128, xs.t(), st.BlockWise1x128,
+                       output_dtype=torch.float32)
+
+
+_EMULATE = {"fwd": _emulate_fwd, "dgrad": _emulate_dgrad, "wgrad": _emulate_wgrad}
+_SCALED_MM = {"fwd": _scaled_mm_fwd, "dgrad": _scaled_mm_dgrad, "wgrad": _scaled_mm_wgrad}
+_BLOCKWISE = {"fwd": _blockwise_fwd, "dgrad": _blockwise_dgrad, "wgrad": _blockwise_wgrad}
+_PROBED: dict[tuple[str, int, str], bool] = {}
+
+
+def _blockwise_ok(kind: str, device: torch.device) -> bool:
+    """Does the native block-scaled kernel for `kind` run here and match the emulation? (cached)"""
+    if device.type != "cuda" or not hasattr(F, "ScalingType"):
+        return False
+    key = (device.type, device.index or 0, kind)
+    if key not in _PROBED:
+        ok = False
+        try:
+            if torch.cuda.get_device_capability(device)[0] >= 9:
+                g = torch.Generator(device=device).manual_seed(0)
+                a = torch.randn(256, 384, device=device, generator=g)
+                b = torch.randn(512, 384, device=device, generator=g) * 0.02
+                r = Fp8Recipe(backend="emulate")
+                args = _gemm_operands(kind, a, b, r)
+                want = _EMULATE[kind](*args, r, torch.float32) if kind != "wgrad" else _EMULATE[kind](*args, r)
+                got = _BLOCKWISE[kind](*args, r, torch.float32) if kind != "wgrad" else _BLOCKWISE[kind](*args, r)
+                ok = bool(torch.allclose(got.float(), want, rtol=1e-3, atol=1e-3 * float(want.abs().max())))
+        except Exception as e:  # pragma: no cover - CUDA only
+            log.info("fp8: native block-scaled _scaled_mm unavailable for %s (%s); using the emulation", kind, e)
+        _PROBED[key] = ok
+        log.info("fp8 %s GEMM on %s: %s", kind, device, "torch._scaled_mm block-scaled" if ok else "emulation")
+    return _PROBED[key]
+
+
+def _gemm_operands(kind: str, a: torch.Tensor, b: torch.Tensor, r: Fp8Recipe):
+    """Quantised operands of the probe problem for one GEMM kind (a: [M,K] activations, b: [N,K] weight)."""
+    if kind == "fwd":
+        return (*quantize_tiles(a, r.tile), *quantize_blocks(b, r.block))
+    if kind == "dgrad":  # a plays dY [M, N=384]; b^T plays the weight [384, 512]
+        return (*quantize_tiles(a, r.tile), *quantize_blocks(b.t().contiguous(), r.block))
+    return (*quantize_row_tiles(a, r.tile), *quantize_row_tiles(b[:256], r.tile))  # wgrad: dY [256,384], X [256,384]
+
+
+def resolve_backend(recipe: Fp8Recipe, kind: str, device: torch.device, shape_ok: bool = True) -> str:
+    """The backend that runs GEMM `kind` on `device` (see the module docstring)."""
+    if recipe.backend == "emulate":
+        return "emulate"
+    if recipe.backend == "scaled_mm":
+        if recipe.tile != recipe.block:
+            raise ValueError("fp8 backend scaled_mm needs tile == block")
+        return "scaled_mm"
+    if shape_ok and recipe.tile == recipe.block == 128 and _blockwise_ok(kind, device):
+        return "blockwise"
+    return "emulate"
+
+
+def _blockwise_shape_ok(*dims: int) -> bool:
+    return all(d % 128 == 0 for d in dims)
+
+
+def _table(name: str):
+    return {"emulate": _EMULATE, "scaled_mm": _SCALED_MM, "blockwise": _BLOCKWISE}[name]
+
+
+def describe_backend(recipe: Fp8Recipe, device: torch.device) -> str:
+    """Which path the Linear GEMMs take on `device` (for logs and the benchmark)."""
+    kinds = {k: resolve_backend(recipe, k, device) for k in ("fwd", "dgrad", "wgrad")}
+    linear = ", ".join(f"{k}={v}" for k, v in kinds.items())
+    return f"linear: {linear}; grouped experts: emulate"
+
+
+# ---------------------------------------------------------------- Linear
+
+
+class _Fp8LinearFn(torch.autograd.Function):
+    """y = x w^T with FP8 operands in all three GEMMs; caches FP8 x and FP8 w for backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe, out_dtype: torch.dtype):  # type: ignore[override]
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k)
+        m, n = x2.shape[0], weight.shape[0]
+        xq, xs = quantize_tiles(x2, recipe.tile)
+        wq, ws = quantize_blocks(weight, recipe.block)
+        backend = resolve_backend(recipe, "fwd", x.device, _blockwise_shape_ok(k, n) and m % 4 == 0)
+        y = _table(backend)["fwd"](xq, xs, wq, ws, recipe, out_dtype)
+        ctx.save_for_backward(xq, xs, wq, ws)
+        ctx.recipe, ctx.x_dtype, ctx.x_shape = recipe, x.dtype, x.shape
+        return y.view(*lead, n)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        xq, xs, wq, ws = ctx.saved_tensors
+        r: Fp8Recipe = ctx.recipe
+        n, k = wq.shape
+        g = grad.reshape(-1, n)
+        m = g.shape[0]
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            gq, gs = quantize_tiles(g, r.tile)
+            backend = resolve_backend(r, "dgrad", g.device, _blockwise_shape_ok(k, n) and m % 4 == 0)
+            dx = _table(backend)["dgrad"](gq, gs, wq, ws, r, ctx.x_dtype).view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            x = dequantize_tiles(xq, xs, r.tile)  # the cached FP8 activations, re-tiled along tokens
+            aq, as_, aids = quantize_row_tiles(g, r.tile)
+            bq, bs, bids = quantize_row_tiles(x, r.tile)
+            backend = resolve_backend(r, "wgrad", g.device, _blockwise_shape_ok(m, n, k))
+            dw = _table(backend)["wgrad"](aq, as_, aids, bq, bs, bids, r)
+        return dx, dw, None, None
+
+
+def _autocast_out_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+               recipe: Fp8Recipe = Fp8Recipe()) -> torch.Tensor:
+    """F.linear with the three GEMMs in FP8. Output dtype: the autocast dtype inside autocast, else x's."""
+    out_dtype = _autocast_out_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        y = _Fp8LinearFn.apply(x, weight, recipe, out_dtype)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+    return y
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "to_local") and hasattr(t, "placements")
+
+
+class Fp8Linear(nn.Linear):
+    """nn.Linear whose forward, input-grad and weight-grad GEMMs run in FP8 (weights stay fp32 masters).
+
+    Same parameters and state-dict keys as nn.Linear; `from_linear` reuses the module's Parameters.
+    Under tensor parallelism (DTensor weight) the GEMMs run on the local shard -- scales are computed
+    per shard -- and the output is re-wrapped with the placement the plan implies:
+    weight Shard(0) (colwise) -> output Shard(-1); weight Shard(1) (rowwise) -> output Partial.
+    """
+
+    recipe: Fp8Recipe
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, recipe: Fp8Recipe) -> "Fp8Linear":
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.recipe = recipe
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _is_dtensor(self.weight):
+            return self._forward_dtensor(x)
+        return fp8_linear(x, self.weight, self.bias, self.recipe)
+
+    def _forward_dtensor(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+        w = self.weight
+        (placement,) = w.placements
+        x_local = x.to_local() if _is_dtensor(x) else x
+        bias = self.bias
+        if isinstance(placement, Shard) and placement.dim == 0:
+            out_placement = Shard(x_local.dim() - 1)
+            b_local = bias.to_local() if bias is not None else None
+        elif isinstance(placement, Shard) and placement.dim == 1:
+            out_placement = Partial()
+            b_local = None  # added once, after the reduction
+        else:
+            out_placement = Replicate()
+            b_local = bias.to_local() if bias is not None else None
+        y = fp8_linear(x_local, w.to_local(), b_local, self.recipe)
+        y = DTensor.from_local(y, w.device_mesh, [out_placement], run_check=False)
+        if bias is not None and b_local is None:
+            y = y + bias
+        return y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", fp8={self.recipe.backend}"
+
+
+# ---------------------------------------------------------------- grouped experts
+
+
+def _grouped_mm_fp32(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """fp32 grouped GEMM: a [N,K] @ b[e] ([E,K,O]) per group, or a^T-style [K,N]x[N,O] -> [E,K,O] when
+    both are 2-D (offsets along the contraction). torch._grouped_mm on CPU, a loop elsewhere."""
+    if a.device.type == "cpu":
+        try:
+            return torch._grouped_mm(a.contiguous(), b.contiguous() if b.dim() == 2 else b, offs=offsets)
+        except RuntimeError:  # alignment limits (16-byte strides): fall through to the loop
+            pass
+    sizes = counts.tolist()
+    if b.dim() == 3:
+        chunks = a.split(sizes)
+        return torch.cat([c @ w for c, w in zip(chunks, b)] or [a.new_zeros(0, b.shape[-1])])
+    return torch.stack([ac @ bc for ac, bc in zip(a.split(sizes, dim=1), b.split(sizes, dim=0))])
+
+
+class _Fp8GroupedFn(torch.autograd.Function):
+    """out[rows of e] = x[rows of e] @ weight[e]^T for every expert e, FP8 in all three GEMMs."""
+
+    @staticmethod
+    def forward(ctx, x, weight, counts, offsets, recipe: Fp8Recipe, out_dtype):  # type: ignore[override]
+        xq, xs = quantize_tiles(x, recipe.tile)
+        wq, ws = quantize_blocks(weight, recipe.block)  # [E, O, H], per-expert 128x128 blocks
+        xd = dequantize_tiles(xq, xs, recipe.tile)
+        wd = dequantize_blocks(wq, ws, recipe.block)
+        y = _grouped_mm_fp32(xd, wd.transpose(-2, -1), offsets, counts).to(out_dtype)
+        ctx.save_for_backward(xq, xs, wq, ws, counts, offsets)
+        ctx.recipe, ctx.x_dtype = recipe, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        xq, xs, wq, ws, counts, offsets = ctx.saved_tensors
+        r: Fp8Recipe = ctx.recipe
+        grad = grad.contiguous()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            g = dequantize_tiles(*quantize_tiles(grad, r.tile), r.tile)
+            dx = _grouped_mm_fp32(g, dequantize_blocks(wq, ws, r.block), offsets, counts).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            x = dequantize_tiles(xq, xs, r.tile)
+            g = dequantize_row_tiles(*quantize_row_tiles(grad, r.tile, counts))  # tiles stay inside an expert
+            xr = dequantize_row_tiles(*quantize_row_tiles(x, r.tile, counts))
+            dw = _grouped_mm_fp32(g.t(), xr, offsets, counts)
+        return dx, dw, None, None, None, None
+
+
+class Fp8GroupedGemm:
+    """The GroupedExperts GEMM hook: (x [N,H] expert-sorted, weight [E,O,H], counts, offsets) -> [N,O]."""
+
+    def __init__(self, recipe: Fp8Recipe) -> None:
+        self.recipe = recipe
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        out_dtype = _autocast_out_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return _Fp8GroupedFn.apply(x, weight, counts, offsets, self.recipe, out_dtype)
+
+    def __repr__(self) -> str:
+        return f"Fp8GroupedGemm({self.recipe})"
+
+
+def e4m3_error_bound(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Largest |x - dequant(quant(x))| E4M3 round-to-nearest allows: 2^-4 |x| for normals,
+    2^-10 * scale in the subnormal range (spacing 2^-9 below 2^-6), per element (scale broadcast)."""
+    return torch.maximum(x.abs() * 2.0**-4, scale * 2.0**-10)
+
+
+__all__ = [
+    "E4M3", "E4M3_MAX", "TILE", "Fp8Recipe", "Fp8Linear", "Fp8GroupedGemm", "fp8_linear",
+    "quantize_tiles", "dequantize_tiles", "quantize_blocks", "dequantize_blocks", "quantize_row_tiles",
+    "dequantize_row_tiles", "fake_quantize", "resolve_backend", "describe_backend", "e4m3_error_bound",
+]
