@@ -36,15 +36,19 @@ def apply_fsdp(
     """fully_shard every block (experts separately, over their own mesh), then the root.
 
     `roots`: under pipeline parallelism, this rank's stage modules, each its own FSDP root
-    (the pipeline schedule then defers gradient reduction to the end of the step)."""
+    (the pipeline schedule then defers gradient reduction to the end of the step). Parameters
+    then stay unsharded from the first forward to the end of the step (no all-gather per
+    micro-batch), which zero-bubble schedules also need: their weight-gradient pass finds
+    the parameters through the stage module, and must see the unsharded ones autograd used."""
     dense_mesh, expert_mesh = dense_and_expert_meshes(mesh)
     mp_policy = mp_policy or MixedPrecisionPolicy()
+    reshard = None if roots is None else False  # None: FSDP2's default (reshard all but the root)
     blocks = list(model.layers.values()) + list(model.mtp)
     for block in blocks:
         for module in block.modules():
             if isinstance(module, MoE):
-                fully_shard(module.experts, mesh=expert_mesh, mp_policy=mp_policy)
-        fully_shard(block, mesh=dense_mesh, mp_policy=mp_policy)
+                fully_shard(module.experts, mesh=expert_mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
+        fully_shard(block, mesh=dense_mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
     for root in roots or [model]:
         fully_shard(root, mesh=dense_mesh, mp_policy=mp_policy)
     for module in [m for r in roots or [model] for m in r.modules()]:

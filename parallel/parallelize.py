@@ -38,7 +38,7 @@ def parallelize(
         apply_expert_parallel(model, ctx.ep_rank, ctx.ep_size, ctx.ep_group)
     if ctx.tp_size > 1:
         apply_tensor_parallel(model, ctx.mesh["tp"])
-    if data_parallel == "fsdp" and not (pipeline is not None and ctx.dp_size == 1):  # pp-only: nothing to shard
+    if data_parallel == "fsdp" and not (pipeline is not None and ctx.dp_size == 1 and ctx.tp_size == 1):  # pp only
         apply_fsdp(model, ctx.mesh, mp_policy, roots=pipeline.modules if pipeline is not None else None)
     replicas = grad_norm_replicas(model, data_parallel, ctx)
     if pipeline is not None:  # tied embedding copies on the first and last stage count once

@@ -42,6 +42,16 @@ Aux losses and load counts
   saved intermediates, so the aux gradient is included (checked by the parity tests).
   MoE token counts accumulate on the stage that owns the layer; the trainer's bias update
   reduces them over data parallelism only.
+
+Data parallelism
+  ZeRO-1 works with every schedule. With FSDP2 each stage module is an FSDP root (blocks and
+  experts nested units), so the schedule defers gradient reduce-scatter to the end of the step,
+  and parameters stay unsharded between forward and backward (reshard_after_forward=False):
+  the split-backward schedules find weights through the stage module and must see the
+  unsharded parameters autograd used (with resharding, weight gradients were silently lost).
+  V schedules with MTP put the first and last stage, which both use embed_tokens, on one rank:
+  one module under two FSDP roots, refused (use zero1). A pp-only layout (one data-parallel
+  rank, no tp) has nothing to shard and skips FSDP.
 """
 
 from __future__ import annotations
@@ -196,6 +206,12 @@ def validate_microbatches(parallel, n_micro: int) -> None:
             )
 
 
+def fsdp_applies(parallel) -> bool:
+    """Whether the stages get FSDP2-wrapped: data_parallel=fsdp with more than one data-parallel
+    rank or with tensor parallelism (a pp-only layout has nothing to shard and skips it)."""
+    return parallel.data_parallel == "fsdp" and (parallel.dp_replicate * parallel.dp_shard > 1 or parallel.tp > 1)
+
+
 def validate_pipeline(parallel, model) -> None:
     """Layout checks for pp > 1 (called by parallel.mesh.validate_layout)."""
     name = schedule_name(parallel)
@@ -203,16 +219,13 @@ def validate_pipeline(parallel, model) -> None:
     split_layers(parallel, model)
     if parallel.pipeline_microbatches is not None:
         validate_microbatches(parallel, parallel.pipeline_microbatches)
-    if name in SPLIT_BACKWARD and parallel.data_parallel == "fsdp" and parallel.dp_replicate * parallel.dp_shard > 1:
+    last_needs_embedding = model.num_nextn_predict_layers > 0 or model.tie_word_embeddings
+    if SCHEDULES[name][1] == "v" and fsdp_applies(parallel) and last_needs_embedding:
         raise _layout_error(
-            f"parallel.pipeline_schedule: {name} splits the backward into input and weight passes, which "
-            "FSDP2-sharded parameters do not support here (weight gradients would be lost); "
-            "use parallel.data_parallel=zero1 or a non-split schedule (1F1B, GPipe, Interleaved1F1B)"
-        )
-    if SCHEDULES[name][1] == "v" and parallel.data_parallel == "fsdp" and parallel.dp_replicate * parallel.dp_shard > 1:
-        raise _layout_error(
-            f"parallel.pipeline_schedule: {name} puts the first and last stage on one rank, which shares the "
-            "embedding between two FSDP roots; use parallel.data_parallel=zero1"
+            f"parallel.pipeline_schedule: {name} puts the first and the last stage (MTP: it embeds the shifted "
+            "tokens) on one rank, where both stages would share embed_tokens across two FSDP2 roots; "
+            "use parallel.data_parallel=zero1 with this schedule, or a loop schedule (Interleaved1F1B, "
+            "InterleavedZeroBubble) with fsdp"
         )
 
 
