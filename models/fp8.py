@@ -402,7 +402,8 @@ class Fp8Linear(nn.Linear):
     Same parameters and state-dict keys as nn.Linear; `from_linear` reuses the module's Parameters.
     Under tensor parallelism (DTensor weight) the GEMMs run on the local shard -- scales are computed
     per shard -- and the output is re-wrapped with the placement the plan implies:
-    weight Shard(0) (colwise) -> output Shard(-1); weight Shard(1) (rowwise) -> output Partial.
+    weight Shard(0) (colwise) -> output Shard(-1), and dx is a partial sum over ranks (the input's
+    gradient placement says so, DTensor reduces it); weight Shard(1) (rowwise) -> output Partial.
     """
 
     recipe: Fp8Recipe
@@ -427,9 +428,15 @@ class Fp8Linear(nn.Linear):
 
         w = self.weight
         (placement,) = w.placements
-        x_local = x.to_local() if _is_dtensor(x) else x
         bias = self.bias
-        if isinstance(placement, Shard) and placement.dim == 0:
+        colwise = isinstance(placement, Shard) and placement.dim == 0
+        if _is_dtensor(x):
+            # colwise: every rank's dx covers only its output features -> a partial sum over ranks
+            replicated = all(isinstance(p, Replicate) for p in x.placements)
+            x_local = x.to_local(grad_placements=[Partial()] if colwise and replicated else None)
+        else:
+            x_local = x
+        if colwise:
             out_placement = Shard(x_local.dim() - 1)
             b_local = bias.to_local() if bias is not None else None
         elif isinstance(placement, Shard) and placement.dim == 1:
@@ -441,7 +448,7 @@ class Fp8Linear(nn.Linear):
         y = fp8_linear(x_local, w.to_local(), b_local, self.recipe)
         y = DTensor.from_local(y, w.device_mesh, [out_placement], run_check=False)
         if bias is not None and b_local is None:
-            y = y + bias
+            y = y.redistribute(placements=[Replicate()]) + bias  # reduce first: bias once, not per rank
         return y
 
     def extra_repr(self) -> str:
