@@ -1,6 +1,6 @@
 """Pipeline bubble per schedule on CPU: measured idle fraction next to the theoretical one.
 
-    python bench/pipeline_bubble.py [--pp 2] [--microbatches 4 8] [--steps 4] [--layers 8]
+    python bench/pipeline_bubble.py [--pp 2] [--microbatches 4 8] [--steps 4] [--layers 8] [--hidden 128] [--seq 128]
 
 Each schedule trains a small DeepSeek-V3-shaped model (MoE layers, MTP) for a few steps with
 pp gloo processes, one thread each. On every rank the compute of each stage (the stage's
@@ -53,14 +53,14 @@ def theory(name: str, p: int, m: int, v: int) -> float:
 
 def overrides(args, name: str, m: int, run_dir: str) -> list[str]:
     return [
-        "model.vocab_size=512", "model.hidden_size=128", "model.intermediate_size=256",
-        "model.moe_intermediate_size=64", f"model.num_hidden_layers={args.layers}", "model.first_k_dense_replace=0",
+        "model.vocab_size=512", f"model.hidden_size={args.hidden}", f"model.intermediate_size={2 * args.hidden}",
+        f"model.moe_intermediate_size={args.hidden // 2}", f"model.num_hidden_layers={args.layers}", "model.first_k_dense_replace=0",
         "model.num_attention_heads=4", "model.q_lora_rank=64", "model.kv_lora_rank=32",
         "model.qk_nope_head_dim=32", "model.qk_rope_head_dim=16", "model.v_head_dim=32",
         "model.n_routed_experts=8", "model.num_experts_per_tok=2", "model.n_group=4", "model.topk_group=2",
         "model.max_position_embeddings=256", "data.tokenizer_vocab_size=512", "data.max_files=20",
         f"data.cache_dir={args.cache}", f"run.dir={run_dir}", f"train.steps={args.steps}",
-        "train.seq_len=128", "train.micro_batch_size=2", f"train.grad_accum_steps={m}", "train.threads=1",
+        f"train.seq_len={args.seq}", "train.micro_batch_size=2", f"train.grad_accum_steps={m}", "train.threads=1",
         "train.log_interval=1000", "train.sample_prompt=''", "checkpoint.interval=0", "checkpoint.at_end=false",
         "log.progress=false", "log.console=false", f"parallel.pp={args.pp}", "parallel.data_parallel=zero1",
         f"parallel.pipeline_schedule={name}",
@@ -115,6 +115,8 @@ def main() -> None:
     ap.add_argument("--microbatches", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--schedules", nargs="+", default=SCHEDULES)
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "moeforge_bench_cache"))
     args = ap.parse_args()
@@ -124,8 +126,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         mp.spawn(worker, args=(args.pp, free_port(), args, jobs, out), nprocs=args.pp, join=True)
         per_rank = [torch.load(Path(out) / f"rank{r}.pt") for r in range(args.pp)]
-    print(f"pipeline bubble on CPU/gloo: pp={args.pp}, {args.layers} layers, {args.steps - 1} timed steps, "
-          f"{torch.get_num_threads()} threads per rank requested=1")
+    print(f"pipeline bubble on CPU/gloo: pp={args.pp} ranks x 1 thread, {args.layers} layers (8 experts, MTP 1), "
+          f"hidden {args.hidden}, 2 x {args.seq} tokens per micro-batch, mean of {args.steps - 1} steps after the first")
     print(f"{'schedule':<22} {'m':>3} {'v':>2} {'idle measured':>14} {'idle theory':>12} {'step s':>8}")
     for i, (name, m, v, _, _) in enumerate(per_rank[0]):
         measured = statistics.mean(r[i][3] for r in per_rank)

@@ -152,3 +152,19 @@ def test_checkpoint_saved_under_pp2_resumes_under_pp1(reference, tmp_path, cache
     resumed = run_ranks(1, train_and_report, pp_overrides(run_dir, cache_dir, dp=1))[0]
     tail = {k: v[3:] for k, v in reference["metrics"].items()}
     assert_parity({"metrics": tail, "state": reference["state"]}, resumed, "pp2 -> pp1 resume")
+
+
+# DeepSeek-V2 routing: softmax scores, group-limited greedy, expert + device + communication balance
+# losses (all reaching the router through attach_aux_loss), token dropping, no bias updates.
+V2_ROUTING = {"model.scoring_func": "softmax", "model.topk_method": "group_limited_greedy",
+              "model.bias_update_speed": 0.0, "model.device_aux_loss_alpha": 0.01,
+              "model.comm_aux_loss_alpha": 0.01, "model.capacity_factor": 1.5}
+
+
+@pytest.mark.slow
+def test_v2_aux_losses_under_split_backward_schedule(tmp_path, cache_dir):
+    """V2 aux losses reach the gradients under DualPipeV (V placement, split input/weight backward)."""
+    ref = run_ranks(1, train_and_report, pp_overrides(tmp_path / "ref", cache_dir, dp=1, **V2_ROUTING))[0]
+    extra = {**V2_ROUTING, "parallel.pp": 2, "parallel.pipeline_schedule": "DualPipeV"}
+    for rank, got in enumerate(run_ranks(2, train_and_report, pp_overrides(tmp_path / "pp", cache_dir, dp=1, **extra))):
+        assert_parity(ref, got, f"v2 routing dualpipev rank {rank}")
