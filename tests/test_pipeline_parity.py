@@ -154,6 +154,17 @@ def test_checkpoint_saved_under_pp2_resumes_under_pp1(reference, tmp_path, cache
     assert_parity({"metrics": tail, "state": reference["state"]}, resumed, "pp2 -> pp1 resume")
 
 
+@pytest.mark.slow
+def test_checkpoint_saved_under_pp1_resumes_under_pp2_dualpipev(reference, tmp_path, cache_dir):
+    """The other direction, into a V-placed pipeline (rank 0 holds layers 0 and 3, and the head)."""
+    run_dir = tmp_path / "run"
+    run_ranks(1, train_and_report, pp_overrides(run_dir, cache_dir, dp=1, **{"checkpoint.interval": 3}))
+    extra = {"parallel.pp": 2, "parallel.pipeline_schedule": "DualPipeV"}
+    tail = {k: v[3:] for k, v in reference["metrics"].items()}
+    for rank, got in enumerate(run_ranks(2, train_and_report, pp_overrides(run_dir, cache_dir, dp=1, **extra))):
+        assert_parity({"metrics": tail, "state": reference["state"]}, got, f"pp1 -> pp2 resume rank {rank}")
+
+
 # DeepSeek-V2 routing: softmax scores, group-limited greedy, expert + device + communication balance
 # losses (all reaching the router through attach_aux_loss), token dropping, no bias updates.
 V2_ROUTING = {"model.scoring_func": "softmax", "model.topk_method": "group_limited_greedy",
