@@ -21,7 +21,7 @@ from train.precision import AutocastGroupedGemm, apply_precision, mixed_precisio
 
 @pytest.fixture
 def model(repo_root):
-    cfg = load_config(repo_root / "configs" / "tiny.yaml", SMALL_MODEL)
+    cfg = load_config(repo_root / "configs" / "tiny.yaml", SMALL_MODEL + ["data.tokenizer_vocab_size=512"])
     torch.manual_seed(0)
     return Transformer(cfg.model)
 

@@ -138,7 +138,10 @@ class AutocastGroupedGemm:
             return looped_linear(x, weight, counts.tolist())
         # The raw output (not a view): FSDP2 hooks need non-view module outputs. The consumers (chunk,
         # gating in combine) always send dense gradients, which torch._grouped_mm's backward needs.
-        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+        try:
+            return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+        except RuntimeError:  # sizes the kernel cannot take (bf16 needs 16-byte aligned rows)
+            return looped_linear(x, weight, counts.tolist())
 
     def __repr__(self) -> str:
         return "AutocastGroupedGemm()"
