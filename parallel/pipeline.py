@@ -423,8 +423,12 @@ class Pipeline:
         return sorted(i for s in self.stage_ids for i in self.layer_split[s])
 
 
-def build_pipeline(model: nn.Module, parallel, ctx, act_dtype: torch.dtype = torch.float32) -> Pipeline:
-    """Prune `model` to this rank's stages and wrap them (before EP / FSDP are applied)."""
+def build_pipeline(model: nn.Module, parallel, ctx, mp_policy: Any = None) -> Pipeline:
+    """Prune `model` to this rank's stages and wrap them (before EP / FSDP are applied).
+
+    Activations cross stages in the residual stream's dtype: FSDP2's bf16 param dtype when
+    FSDP wraps the stages with that policy, else fp32 (autocast keeps the residual in fp32)."""
+    act_dtype = (getattr(mp_policy, "param_dtype", None) if fsdp_applies(parallel) else None) or torch.float32
     name = schedule_name(parallel)
     style = SCHEDULES[name][1]
     v = stages_per_rank(parallel)

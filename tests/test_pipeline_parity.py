@@ -179,3 +179,14 @@ def test_v2_aux_losses_under_split_backward_schedule(tmp_path, cache_dir):
     extra = {**V2_ROUTING, "parallel.pp": 2, "parallel.pipeline_schedule": "DualPipeV"}
     for rank, got in enumerate(run_ranks(2, train_and_report, pp_overrides(tmp_path / "pp", cache_dir, dp=1, **extra))):
         assert_parity(ref, got, f"v2 routing dualpipev rank {rank}")
+
+
+@pytest.mark.slow
+def test_pp2_bf16_close_to_single_process(tmp_path, cache_dir):
+    """bf16 (autocast, fp32 residual stream between stages): same losses within bf16 noise."""
+    bf16 = {"train.precision": "bf16"}
+    ref = run_ranks(1, train_and_report, pp_overrides(tmp_path / "ref", cache_dir, dp=1, **bf16))[0]
+    got = run_ranks(2, train_and_report, pp_overrides(tmp_path / "pp", cache_dir, dp=1, **bf16, **{"parallel.pp": 2}))
+    for key, rtol in (("loss", 1e-3), ("mtp_loss", 1e-3), ("aux_loss", 1e-2), ("grad_norm", 2e-2)):
+        torch.testing.assert_close(torch.tensor(got[0]["metrics"][key]), torch.tensor(ref["metrics"][key]),
+                                   rtol=rtol, atol=0, msg=lambda m: f"bf16 pp2 {key}: {m}")

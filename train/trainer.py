@@ -80,9 +80,7 @@ class Trainer:
         if self.ctx.pp_size > 1:  # cut this rank's pipeline stages out of the model first (parallel/pipeline.py)
             from parallel.pipeline import build_pipeline
 
-            policy = self.precision.fsdp_policy() if cfg.parallel.data_parallel == "fsdp" else None
-            act_dtype = getattr(policy, "param_dtype", None) or torch.float32
-            self.pipeline = build_pipeline(self.model, cfg.parallel, self.ctx, act_dtype)
+            self.pipeline = build_pipeline(self.model, cfg.parallel, self.ctx, self.precision.fsdp_policy())
         self.plan = parallelize(self.model, self.ctx, cfg.parallel.data_parallel, self.precision.fsdp_policy(),
                                 pipeline=self.pipeline)
         if self.pipeline is not None:
