@@ -26,11 +26,14 @@ MIN_TRAINED_VOCAB = 256 + 2
 
 @dataclass
 class SourceConfig:
-    """One corpus. `path`: a file, a glob, a directory (searched recursively) or
-    ``@python-stdlib``. The format comes from the extension (.txt, .py, .jsonl,
-    .jsonl.gz). `weight`: this source's share of the training tokens in a
-    blend (relative; normalised over all sources). `text_field`: the JSON field
-    holding the document text in .jsonl files."""
+    """One corpus. `path`: a file, a glob, a directory (searched recursively), a
+    remote URL (``https://``, ``hf://``, ``s3://`` ... through fsspec, where a
+    network exists), a Megatron ``.bin/.idx`` prefix, or ``@python-stdlib``.
+    The format comes from the extension: .jsonl / .jsonl.gz (one JSON object per
+    line), .parquet, .txt / .py (one document per file), .bin + .idx (Megatron
+    pre-tokenized). `weight`: this source's share of the training tokens in a
+    blend (relative; normalised over all sources). `text_field`: the field
+    holding the document text in .jsonl and .parquet files."""
 
     path: str
     weight: float = 1.0
@@ -47,8 +50,15 @@ class DataConfig:
     # Where the trained tokenizer is cached. None: $MOEFORGE_CACHE, else ~/.cache/moeforge.
     cache_dir: Optional[str] = None
     on_bad_record: str = "error"  # error | skip
-    seed: int = 1234  # file-order shuffles
+    seed: int = 1234  # file-order shuffles and the sequence shuffle buffer
     max_files: Optional[int] = None  # per source: keep this many files (evenly spread), for quick runs
+    # Seeded shuffle over packed sequences (before the data-parallel split): this many
+    # sequences are held and one is drawn at random per step. 0: off (file order only).
+    # Its contents are part of the data state (~1.5 bytes per token held after compression).
+    shuffle_buffer: int = 0
+    # DataLoader worker processes that parse and tokenize text; 0 = in the training process.
+    # Changing it never changes the stream (and a resumed run may use another value).
+    num_workers: int = 0
 
     def validate(self) -> None:
         """Value checks; raise ValueError naming the offending key."""
@@ -76,6 +86,10 @@ class DataConfig:
             )
         if self.max_files is not None and self.max_files < 1:
             raise ValueError(f"data.max_files: must be >= 1 or null, got {self.max_files}")
+        for key in ("shuffle_buffer", "num_workers"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"data.{key}: must be an integer >= 0, got {v!r}")
         if self.cache_dir is not None and not str(self.cache_dir).strip():
             raise ValueError("data.cache_dir: must be a directory path or null")
 

@@ -1,82 +1,249 @@
-"""The trainer's batch stream: sources -> documents -> tokens -> blend -> pack -> shard -> batch.
+"""The trainer's batch stream: sources -> documents -> tokens -> blend -> pack -> shuffle -> shard -> batch.
 
-One *global* packed stream is defined independently of the data-parallel
-layout, and rank ``r`` of ``W`` takes its sequences ``r, r+W, r+2W, ...``.
-Micro-batch ``k`` of every rank therefore holds global sequences
+One *global* stream of packed sequences is defined independently of the
+data-parallel layout, and rank ``r`` of ``W`` takes its sequences ``r, r+W,
+r+2W, ...``. Micro-batch ``k`` of every rank therefore holds global sequences
 ``[k*m*W, (k+1)*m*W)`` between them (m = micro_batch_size): a W-rank run sees
 the same global batches as a 1-rank run with W times the micro-batch (or W
 accumulation steps), which is what the data-parallel parity tests compare.
 
 Global stream, fully determined by the config and the tokenizer:
 
-* Each source is an endless sequence of epochs; in epoch ``e`` its files are
-  read in an order shuffled with ``Random("moeforge-data:{seed}:{source}:{e}")``
-  and each file yields its documents in file order.
-* Several sources are interleaved document by document so that each source's
-  share of the stream's tokens tracks its normalised weight: the next document
-  comes from the source furthest below its share (``w_i * total - tokens_i``,
-  ties to the lower index; the weighted round-robin of Megatron's blended
-  dataset, by tokens rather than samples). This needs no RNG and holds the
-  proportions exactly at every prefix, not only in expectation.
-* Documents are tokenized on the fly in this process, followed by EOS and
-  packed (see `data.packing`).
+* **Sources.** Each source is an endless sequence of epochs; in epoch ``e`` its
+  files are read in an order shuffled with
+  ``Random("moeforge-data:{seed}:{source}:{e}")`` and each file yields its
+  records in file order (`data.sources.SourceReader`, HF ``datasets``
+  streaming for text formats, megatron-core for ``.bin/.idx``).
+* **Blend.** Sources are interleaved document by document so that each
+  source's share of the stream's tokens tracks its normalised weight: the next
+  document comes from the source furthest below its share
+  (``w_i * total - tokens_i``, ties to the lower index; the weighted
+  round-robin of Megatron's blended dataset, by tokens rather than samples).
+  Deterministic and RNG-free; the share is exact to within one document at
+  every prefix, not only in expectation.
+* **Packing.** Documents are tokenized (in this process, or in DataLoader
+  workers with ``data.num_workers``), followed by EOS and packed into windows
+  of seq_len + 1 tokens (see `data.packing`); per-token document ids come along.
+* **Shuffle.** With ``data.shuffle_buffer = B > 0``, packed sequences pass a
+  shuffle buffer of B sequences: the k-th output is slot ``h(seed, k) mod B``
+  (a counter-based hash, so the RNG state is just k), whose place is taken by
+  the next packed sequence. Every sequence comes out exactly once.
 
-Resume: `state_dict()` records how many sequences this rank has consumed;
-`load_state_dict()` rebuilds the stream and replays (re-reads, re-tokenizes
-and skips) up to that point, so the following batches are exactly those of an
-uninterrupted run. Replay costs time linear in the position; the streaming
-pipeline issue replaces it with true positions (file offsets, packing buffer).
-A state saved under W ranks loads under W' ranks when the global position
-(consumed * W) divides by W'.
+**Exact resume, by position, not by replay.** `state_dict()` holds, for every
+source, the position ``(epoch, file, record)`` after the last record that
+entered the stream, the tokens drawn from it and the documents of its current
+epoch; the packer's pending tokens and their document boundaries; the shuffle
+buffer's sequences and draw counter; the bad-record counts; and the global
+sequence count. After each of its sequences, a rank advances its stream to the
+end of the current round of W global sequences, so all ranks hold the *same*
+state after every batch, and a state loads under any world size (rank r' of W'
+continues with global sequences G + r', G + r' + W', ...).
+`load_state_dict()` restores all of that and reopens each source exactly at
+its position (skipping rows of one file; nothing is re-tokenized). Reading
+ahead (chunks of rows, worker prefetch) never leaks into the state: positions
+are those of records *consumed*, and read-ahead is simply discarded.
+
+**Workers.** The stateful part (reading order, blend, packing, shuffle, rank
+split) stays in the training process; ``data.num_workers`` DataLoader worker
+processes only parse and tokenize chunks of rows, which come back in the order
+they were scheduled. A scheduler feeds each source's chunks to the workers in
+proportion to the blend's demand, so read-ahead stays bounded. The stream is
+identical with any number of workers, and a state saved with one number loads
+with another. Pre-tokenized (.bin/.idx) sources never go through workers.
+
+**Cost of the layout-free stream.** Every rank reads and tokenizes the whole
+global stream and keeps 1/W of it, so on-the-fly tokenization costs each rank
+W times its share; use workers, or pre-tokenize (``python -m data.preprocess``,
+where a rank's cost is a memory-mapped read) for large W.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import random
-from typing import Dict, Iterator, List
+import os
+from collections import deque
+from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
 
-from .config import DataConfig, SourceConfig
-from .packing import Packer
-from .sources import BadRecordCounter, expand_source, read_documents
+from .config import DataConfig
+from .packing import Packer, PackedSequence
+from .sources import (
+    R_DOC,
+    BadRecordCounter,
+    SourceReader,
+    chunks,
+    expand_source,
+    handle_bad,
+    is_remote,
+    next_position,
+    process_rows,
+)
+from .state import decode_array, encode_array
 
 logger = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+# Start method of the tokenizer workers: None = the platform's default (fork on Linux).
+# Everything they receive pickles, so "spawn" / "forkserver" work too.
+WORKER_START_METHOD: Optional[str] = None
+_MASK64 = (1 << 64) - 1
 
 
-class _SourceStream:
-    """Endless document texts of one source, epoch after epoch."""
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
 
-    def __init__(self, index: int, src: SourceConfig, files: List[str], cfg: DataConfig, counter: BadRecordCounter):
-        self.index, self.src, self.files, self.cfg, self.counter = index, src, files, cfg, counter
-        self.epoch = 0
-        self._it = self._documents()
 
-    def file_order(self, epoch: int) -> List[str]:
-        order = list(self.files)
-        random.Random(f"moeforge-data:{self.cfg.seed}:{self.index}:{epoch}").shuffle(order)
-        return order
+def _stable_hash(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
-    def _documents(self) -> Iterator[str]:
+
+def _files_digest(files: List[str]) -> str:
+    """Names and sizes of a source's files: a changed file list changes the stream."""
+    h = hashlib.sha256()
+    for f in files:
+        size = -1
+        if not is_remote(f):
+            try:
+                size = os.path.getsize(f)
+            except OSError:
+                pass
+        h.update(f"{os.path.basename(f)}\t{size}\n".encode())
+    return h.hexdigest()[:16]
+
+
+class _Lane:
+    """One source inside the stream: its reader, consumed position and read-ahead buffer."""
+
+    def __init__(self, source: int, slot: int, reader: SourceReader, weight: float):
+        self.source = source  # index in cfg.sources
+        self.slot = slot  # index among the stream's lanes
+        self.reader = reader
+        self.weight = weight
+        self.pos = (0, 0, 0)  # (epoch, file, record) after the last consumed row
+        self.epoch_docs = 0  # documents consumed in the current epoch
+        self.tokens = 0  # tokens (EOS included) put into the stream
+        self.buf: deque = deque()  # processed rows, read ahead
+        self.buffered_tokens = 0
+        self.inflight = deque()  # chars of chunks at the workers, in order
+        self.inflight_chars = 0
+        self._chunks: Optional[Iterator] = None
+
+    def next_chunk(self):
+        if self._chunks is None:
+            self._chunks = chunks(self.reader.rows(*self.pos))
+        return next(self._chunks)
+
+    def push(self, results) -> None:
+        self.buf.extend(results)
+        self.buffered_tokens += sum(r[4].size for r in results if r[3] == R_DOC)
+
+    def reset_reading(self) -> None:
+        """Forget read-ahead; the next read starts at `pos`."""
+        self.buf.clear()
+        self.buffered_tokens = 0
+        self.inflight.clear()
+        self.inflight_chars = 0
+        self._chunks = None
+
+
+def _chunk_chars(rows) -> int:
+    return sum(len(r.value) if isinstance(r.value, str) else 0 for r in rows)
+
+
+def _identity(x):
+    return x
+
+
+class _ChunkWork(torch.utils.data.Dataset):
+    """What a worker does with a scheduled chunk: parse, check and tokenize its rows."""
+
+    def __init__(self, tokenizer, text_fields: List[str], vocab_size: int, eos_id: int):
+        self.tokenizer = tokenizer
+        self.text_fields = text_fields
+        self.vocab_size = vocab_size
+        self.eos_id = eos_id
+
+    def __getitem__(self, item):
+        slot, rows = item
+        return slot, process_rows(rows, self.text_fields[slot], self.tokenizer, self.vocab_size, self.eos_id)
+
+
+class _Scheduler:
+    """The DataLoader's 'sampler': yields chunks of rows, choosing the source by demand."""
+
+    def __init__(self, workers: "_Workers"):
+        self.workers = workers
+
+    def __iter__(self):
+        w = self.workers
         while True:
-            n_docs = 0
-            for f in self.file_order(self.epoch):
-                for text in read_documents(f, self.src.text_field, self.cfg.on_bad_record, self.counter):
-                    n_docs += 1
-                    yield text
-            if n_docs == 0:
-                raise ValueError(
-                    f"data.sources[{self.index}]: no usable documents in {len(self.files)} file(s) of "
-                    f"{self.src.path!r} (bad records skipped so far: {self.counter.as_dict()})"
-                )
-            self.epoch += 1
+            lanes = w.lanes
+            wanted = w.wanted
+            if wanted is not None and not wanted.buf and not wanted.inflight:
+                lane = wanted
+            else:  # the lane with the least read-ahead relative to its share of the stream
+                lane = min(lanes, key=lambda l: (l.buffered_tokens + l.inflight_chars / w.chars_per_token) / l.weight)
+            rows = lane.next_chunk()
+            chars = _chunk_chars(rows)
+            lane.inflight.append(chars)
+            lane.inflight_chars += chars
+            yield lane.slot, rows
 
-    def next_document(self) -> str:
-        return next(self._it)
+
+class _Workers:
+    """Tokenization in DataLoader worker processes, results in scheduling order."""
+
+    def __init__(self, stream: "TextBatchStream", num_workers: int):
+        self.stream = stream
+        self.num_workers = num_workers
+        self.lanes = [l for l in stream._lanes if not l.reader.pretokenized]
+        self.wanted: Optional[_Lane] = None
+        self.chars_per_token = 4.0
+        self._seen = [0, 0]  # chars, tokens of returned chunks
+        self._it = None
+
+    def _iterator(self):
+        if self._it is None:
+            s = self.stream
+            work = _ChunkWork(s.tokenizer, [l.reader.text_field for l in s._lanes],
+                              int(s.tokenizer.vocab_size), int(s.tokenizer.eos_id))
+            loader = torch.utils.data.DataLoader(
+                work, batch_size=None, sampler=_Scheduler(self), num_workers=self.num_workers,
+                collate_fn=_identity, prefetch_factor=2, persistent_workers=False,
+                multiprocessing_context=WORKER_START_METHOD,
+            )
+            self._it = iter(loader)
+        return self._it
+
+    def fill(self, lane: _Lane) -> None:
+        self.wanted = lane
+        try:
+            while not lane.buf:
+                slot, results = next(self._iterator())
+                got = self.stream._lanes[slot]
+                chars = got.inflight.popleft()
+                got.inflight_chars -= chars
+                got.push(results)
+                tokens = sum(r[4].size for r in results if r[3] == R_DOC)
+                self._seen[0] += chars
+                self._seen[1] += tokens
+                if self._seen[1]:
+                    self.chars_per_token = max(self._seen[0] / self._seen[1], 0.1)
+        finally:
+            self.wanted = None
+
+    def close(self) -> None:
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        for lane in self.lanes:
+            lane.reset_reading()
 
 
 class TextBatchStream:
@@ -84,7 +251,8 @@ class TextBatchStream:
 
     Each batch is a dict of int64 tensors of shape [micro_batch_size, seq_len]:
     ``input_ids``, ``labels`` (next tokens) and ``doc_ids`` (document index
-    within each sequence; see `data.packing`)."""
+    within each sequence; see `data.packing`). See the module doc for the
+    stream, its state and the workers."""
 
     def __init__(
         self,
@@ -94,6 +262,7 @@ class TextBatchStream:
         micro_batch_size: int = 1,
         dp_rank: int = 0,
         dp_world: int = 1,
+        num_workers: Optional[int] = None,
     ):
         cfg.validate()
         if seq_len < 1:
@@ -112,48 +281,125 @@ class TextBatchStream:
         self.micro_batch_size = micro_batch_size
         self.dp_rank = dp_rank
         self.dp_world = dp_world
+        self.num_workers = cfg.num_workers if num_workers is None else int(num_workers)
+        self._counter = BadRecordCounter(log=dp_rank == 0)
         self.files: List[List[str]] = [
-            expand_source(src, i, cfg.max_files) for i, src in enumerate(cfg.sources)
+            expand_source(src, i, cfg.max_files, cfg.on_bad_record, self._counter) for i, src in enumerate(cfg.sources)
         ]
-        w = np.array([float(s.weight) for s in cfg.sources])
-        self.weights: List[float] = list(w / w.sum())
+        self._expand_counts = self._counter.as_dict()
+        kept = [i for i, f in enumerate(self.files) if f]
+        if not kept:
+            raise ValueError(f"data.sources: nothing to read (bad paths skipped: {self._expand_counts})")
+        for i, f in enumerate(self.files):
+            if not f:
+                logger.warning("data.sources[%d] (%r) has no readable files and is left out of the blend",
+                               i, cfg.sources[i].path)
+        w = np.array([float(cfg.sources[i].weight) for i in kept])
+        w = w / w.sum()
+        self.weights: List[float] = [0.0] * len(cfg.sources)
+        for i, wi in zip(kept, w):
+            self.weights[i] = float(wi)
+        self._kept = kept
+        self._digests = [_files_digest(f) for f in self.files]
+        self._shuffle_key = _stable_hash(f"moeforge-shuffle:{cfg.seed}")
+        self._workers: Optional[_Workers] = None
         self._reset()
 
     # -- pipeline --------------------------------------------------------------------
 
     def _reset(self) -> None:
-        self._counter = BadRecordCounter()
-        self._sources = [
-            _SourceStream(i, src, files, self.cfg, self._counter)
-            for i, (src, files) in enumerate(zip(self.cfg.sources, self.files))
+        self.close()
+        self._counter.load(self._expand_counts)
+        self._lanes = [
+            _Lane(i, slot, SourceReader(i, self.files[i], self.cfg.sources[i].text_field, self.cfg.seed),
+                  self.weights[i])
+            for slot, i in enumerate(self._kept)
         ]
-        self._source_tokens = [0] * len(self._sources)
         self._packer = Packer(self.seq_len, self.tokenizer.eos_id)
-        self._global_index = 0  # next global sequence to come out of the packer
+        self._shuffle: List[PackedSequence] = []
+        self._draws = 0
+        self._global_index = 0  # global sequences out of the shuffle (all ranks)
         self.sequences_consumed = 0  # by this rank
+        self._workers = _Workers(self, self.num_workers) if self.num_workers > 0 else None
 
-    def _next_token_document(self) -> List[int]:
-        if len(self._sources) == 1:
-            i = 0
+    def close(self) -> None:
+        """Stop the worker processes (they restart on the next batch)."""
+        if getattr(self, "_workers", None) is not None:
+            self._workers.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def _fill(self, lane: _Lane) -> None:
+        if self._workers is not None and not lane.reader.pretokenized:
+            self._workers.fill(lane)
         else:
-            total = sum(self._source_tokens)
-            deficits = [w * total - t for w, t in zip(self.weights, self._source_tokens)]
-            i = max(range(len(deficits)), key=lambda j: (deficits[j], -j))
-        ids = self.tokenizer.encode(self._sources[i].next_document())
-        self._source_tokens[i] += len(ids) + 1  # + EOS
-        return ids
+            rows = lane.next_chunk()
+            lane.push(process_rows(rows, lane.reader.text_field, self.tokenizer,
+                                   int(self.tokenizer.vocab_size), int(self.tokenizer.eos_id)))
 
-    def _next_global_sequence(self):
+    def _choose(self) -> _Lane:
+        lanes = self._lanes
+        if len(lanes) == 1:
+            return lanes[0]
+        total = sum(l.tokens for l in lanes)
+        return max(lanes, key=lambda l: (l.weight * total - l.tokens, -l.slot))
+
+    def _next_document(self) -> np.ndarray:
+        lane = self._choose()
+        while True:
+            if not lane.buf:
+                self._fill(lane)
+            epoch, file, rec, kind, value = lane.buf.popleft()
+            if kind == R_DOC:
+                lane.buffered_tokens -= value.size
+            if epoch != lane.pos[0]:  # the first record of a new epoch
+                self._end_epoch(lane)
+            lane.pos = next_position(epoch, file, rec, kind)
+            if kind == R_DOC:
+                lane.epoch_docs += 1
+                lane.tokens += value.size + 1  # + EOS
+                return value
+            reason, loc, detail = value
+            handle_bad(reason, f"{lane.reader.path(epoch, file)}{loc}", detail, self.cfg.on_bad_record, self._counter)
+
+    def _end_epoch(self, lane: _Lane) -> None:
+        if lane.epoch_docs == 0:
+            raise ValueError(
+                f"data.sources[{lane.source}]: no usable documents in {len(lane.reader.files)} file(s) of "
+                f"{self.cfg.sources[lane.source].path!r} (bad records skipped so far: {self._counter.as_dict()})"
+            )
+        lane.epoch_docs = 0
+
+    def _next_packed(self) -> PackedSequence:
         while not self._packer.ready():
-            self._packer.add(self._next_token_document())
-        self._global_index += 1
+            self._packer.add(self._next_document())
         return self._packer.pop()
 
-    def _next_own_sequence(self):
-        """This rank's next sequence: global index == rank (mod world)."""
-        while self._global_index % self.dp_world != self.dp_rank:
+    def _next_global_sequence(self) -> PackedSequence:
+        size = self.cfg.shuffle_buffer
+        if size == 0:
+            seq = self._next_packed()
+        else:
+            while len(self._shuffle) < size:
+                self._shuffle.append(self._next_packed())
+            j = _splitmix64(self._shuffle_key ^ self._draws) % size
+            self._draws += 1
+            seq = self._shuffle[j]
+            self._shuffle[j] = self._next_packed()
+        self._global_index += 1
+        return seq
+
+    def _next_own_sequence(self) -> PackedSequence:
+        """Rank r's next sequence: global G + r; then advance to the end of the round (G + W)."""
+        for _ in range(self.dp_rank):
             self._next_global_sequence()
         seq = self._next_global_sequence()
+        for _ in range(self.dp_world - 1 - self.dp_rank):
+            self._next_global_sequence()
         self.sequences_consumed += 1
         return seq
 
@@ -184,12 +430,26 @@ class TextBatchStream:
     @property
     def epochs(self) -> List[int]:
         """Completed epochs per source."""
-        return [s.epoch for s in self._sources]
+        out = [0] * len(self.cfg.sources)
+        for lane in self._lanes:
+            out[lane.source] = lane.pos[0]
+        return out
 
     @property
     def source_tokens(self) -> List[int]:
         """Tokens (EOS included) drawn from each source into the global stream so far."""
-        return list(self._source_tokens)
+        out = [0] * len(self.cfg.sources)
+        for lane in self._lanes:
+            out[lane.source] = lane.tokens
+        return out
+
+    @property
+    def global_sequences(self) -> int:
+        """Global sequences consumed by all ranks together (this rank's view)."""
+        return self._global_index
+
+    def reader(self, source: int) -> SourceReader:
+        return next(l.reader for l in self._lanes if l.source == source)
 
     # -- resume ----------------------------------------------------------------------
 
@@ -199,26 +459,44 @@ class TextBatchStream:
             "seed": self.cfg.seed,
             "sources": [[s.path, float(s.weight), s.text_field] for s in self.cfg.sources],
             "max_files": self.cfg.max_files,
-            "n_files": [len(f) for f in self.files],
+            "files": self._digests,
+            "shuffle_buffer": self.cfg.shuffle_buffer,
             "vocab_size": int(self.tokenizer.vocab_size),
             "eos_id": int(self.tokenizer.eos_id),
         }
 
     def state_dict(self) -> dict:
+        """The exact stream position (JSON-serialisable); the same on every rank after a batch."""
+        shuffle = {"draws": self._draws}
+        if self._shuffle:
+            shuffle["tokens"] = encode_array(np.stack([np.append(s.input_ids, s.labels[-1]) for s in self._shuffle]))
+            shuffle["doc_ids"] = encode_array(np.stack([s.doc_ids for s in self._shuffle]))
         return {
             "version": STATE_VERSION,
+            **self._fingerprint(),
+            "global_sequences": self._global_index,
             "sequences_consumed": self.sequences_consumed,
             "dp_rank": self.dp_rank,
             "dp_world": self.dp_world,
             "micro_batch_size": self.micro_batch_size,
-            "global_sequences": self.sequences_consumed * self.dp_world,
-            **self._fingerprint(),
+            "positions": [
+                {"source": l.source, "epoch": l.pos[0], "file": l.pos[1], "record": l.pos[2],
+                 "epoch_docs": l.epoch_docs, "tokens": l.tokens}
+                for l in self._lanes
+            ],
+            "packer": self._packer.state_dict(),
+            "shuffle": shuffle,
+            "bad_records": self._counter.as_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Rebuild the stream and replay it up to `state`'s position (see module doc)."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"data state: version {state.get('version')!r}, expected {STATE_VERSION}")
+        """Continue exactly where `state` was saved (under any data-parallel world size)."""
+        version = state.get("version")
+        if version == 1:
+            self._load_v1(state)
+            return
+        if version != STATE_VERSION:
+            raise ValueError(f"data state: version {version!r}, expected {STATE_VERSION}")
         mine = self._fingerprint()
         for key, value in mine.items():
             if key in state and state[key] != value:
@@ -226,18 +504,41 @@ class TextBatchStream:
                     f"data state: {key} was {state[key]!r} when saved, now {value!r}; "
                     "the data stream would differ, so it cannot be resumed exactly"
                 )
-        if state["dp_world"] == self.dp_world:
-            target = int(state["sequences_consumed"])
+        self._reset()
+        by_source = {l.source: l for l in self._lanes}
+        saved = {int(p["source"]): p for p in state["positions"]}
+        if set(saved) != set(by_source):
+            raise ValueError(f"data state: sources {sorted(saved)} were read when saved, now {sorted(by_source)}")
+        for i, p in saved.items():
+            lane = by_source[i]
+            lane.pos = (int(p["epoch"]), int(p["file"]), int(p["record"]))
+            lane.epoch_docs = int(p["epoch_docs"])
+            lane.tokens = int(p["tokens"])
+        self._packer.load_state_dict(state["packer"])
+        sh = state["shuffle"]
+        self._draws = int(sh["draws"])
+        if "tokens" in sh:
+            tokens, docs = decode_array(sh["tokens"]), decode_array(sh["doc_ids"])
+            self._shuffle = [PackedSequence(t[:-1].copy(), t[1:].copy(), d.copy()) for t, d in zip(tokens, docs)]
+        self._counter.load(state.get("bad_records", {}))
+        self._global_index = int(state["global_sequences"])
+        if int(state["dp_world"]) == self.dp_world:
+            self.sequences_consumed = int(state["sequences_consumed"])
         else:
-            glob = int(state["sequences_consumed"]) * int(state["dp_world"])
-            if glob % self.dp_world:
-                raise ValueError(
-                    f"data state: {glob} global sequences consumed under dp_world={state['dp_world']} "
-                    f"do not divide among dp_world={self.dp_world} ranks"
-                )
-            target = glob // self.dp_world
+            self.sequences_consumed = self._global_index // self.dp_world
+        if self._global_index:
+            logger.info("data: rank %d/%d resumed at global sequence %d", self.dp_rank, self.dp_world,
+                        self._global_index)
+
+    def _load_v1(self, state: dict) -> None:
+        """States of the first demo data path (a sequence count): rebuild and replay."""
+        for key in ("seq_len", "seed", "vocab_size", "eos_id", "sources", "max_files"):
+            mine = self._fingerprint()[key]
+            if key in state and state[key] != mine:
+                raise ValueError(f"data state: {key} was {state[key]!r} when saved, now {mine!r}")
+        target = int(state["sequences_consumed"]) * int(state["dp_world"])
         self._reset()
         for _ in range(target):
-            self._next_own_sequence()
-        if target:
-            logger.info("data: resumed rank %d/%d after %d sequences (replayed)", self.dp_rank, self.dp_world, target)
+            self._next_global_sequence()
+        self.sequences_consumed = target // self.dp_world
+        logger.warning("data: version-1 state: replayed %d global sequences to resume", target)

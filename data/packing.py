@@ -23,6 +23,8 @@ from typing import Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from .state import decode_array, encode_array
+
 IGNORE_INDEX = -100
 
 
@@ -69,6 +71,34 @@ class Packer:
         self._pos += L
         self.windows_emitted += 1
         return PackedSequence(window[:-1], window[1:], docs - docs[0])
+
+    def state_dict(self) -> dict:
+        """The pending tokens and their document boundaries (JSON-serialisable)."""
+        docs = self._docs[self._pos :]
+        if docs.size:
+            cuts = np.flatnonzero(np.diff(docs)) + 1
+            runs = np.diff(np.concatenate([[0], cuts, [docs.size]]))
+        else:
+            runs = np.zeros(0, dtype=np.int64)
+        return {
+            "seq_len": self.seq_len,
+            "tokens": encode_array(self._tokens[self._pos :]),
+            "doc_runs": encode_array(runs),
+            "windows_emitted": self.windows_emitted,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state["seq_len"]) != self.seq_len:
+            raise ValueError(f"packer state: seq_len {state['seq_len']}, expected {self.seq_len}")
+        tokens = decode_array(state["tokens"])
+        runs = decode_array(state["doc_runs"])
+        if int(runs.sum()) != tokens.size:
+            raise ValueError("packer state: document runs do not cover the pending tokens")
+        self._tokens = tokens
+        self._docs = np.repeat(np.arange(runs.size, dtype=np.int64), runs)
+        self._pos = 0
+        self._next_doc = int(runs.size)
+        self.windows_emitted = int(state["windows_emitted"])
 
     @property
     def pending_tokens(self) -> int:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Sequence
 
 from .config import DataConfig
-from .sources import BadRecordCounter, expand_source, read_documents
+from .sources import FMT_MEGATRON, BadRecordCounter, expand_source, file_format, is_remote, iter_documents
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def _special_tokens(tok, directory: Path) -> tuple[str, Optional[str]]:
 
 
 def _training_files(cfg: DataConfig) -> List[str]:
-    return expand_source(cfg.sources[0], 0, cfg.max_files)
+    return expand_source(cfg.sources[0], 0, cfg.max_files, cfg.on_bad_record, BadRecordCounter(log=False))
 
 
 def tokenizer_cache_key(cfg: DataConfig, files: Optional[List[str]] = None) -> str:
@@ -183,6 +183,9 @@ def tokenizer_cache_key(cfg: DataConfig, files: Optional[List[str]] = None) -> s
     }
     h.update(json.dumps(meta, sort_keys=True).encode())
     for f in files:
+        if is_remote(f):
+            h.update(f"\n{f}".encode())
+            continue
         st = os.stat(f)
         h.update(f"\n{os.path.abspath(f)}\t{st.st_size}\t{st.st_mtime_ns}".encode())
     return h.hexdigest()[:20]
@@ -208,19 +211,22 @@ def _training_texts(cfg: DataConfig, files: List[str], stats: dict) -> Iterator[
     random.Random(_TRAIN_FILE_SEED).shuffle(order)
     counter = BadRecordCounter()
     used = 0
-    n_files = 0
+    docs = 0
     src = cfg.sources[0]
-    for f in order:
+    if order and all(file_format(f) == FMT_MEGATRON for f in order):
+        raise ValueError(
+            f"data.tokenizer: data.sources[0] ({src.path!r}) is pre-tokenized (.bin/.idx), so no tokenizer can be "
+            "trained on it; set data.tokenizer to the tokenizer it was made with"
+        )
+    order = [f for f in order if file_format(f) != FMT_MEGATRON]
+    for text in iter_documents(order, src.text_field, cfg.on_bad_record, counter):
+        text = text[: TRAIN_TEXT_CAP_CHARS - used]
+        used += len(text)
+        docs += 1
+        yield text
         if used >= TRAIN_TEXT_CAP_CHARS:
             break
-        n_files += 1
-        for text in read_documents(f, src.text_field, cfg.on_bad_record, counter):
-            text = text[: TRAIN_TEXT_CAP_CHARS - used]
-            used += len(text)
-            yield text
-            if used >= TRAIN_TEXT_CAP_CHARS:
-                break
-    stats.update(chars=used, files=n_files, bad_records=counter.as_dict())
+    stats.update(chars=used, files=len(order), docs=docs, bad_records=counter.as_dict())
 
 
 def _train_into(cfg: DataConfig, files: List[str], final: Path) -> None:
@@ -241,8 +247,8 @@ def _train_into(cfg: DataConfig, files: List[str], final: Path) -> None:
     tok.train_from_iterator(_training_texts(cfg, files, stats), trainer=trainer)
     seconds = time.perf_counter() - t0
     logger.info(
-        "trained byte-level BPE (vocab %d) on %d chars from %d files of %s in %.1fs -> %s",
-        tok.get_vocab_size(), stats.get("chars", 0), stats.get("files", 0), cfg.sources[0].path, seconds, final,
+        "trained byte-level BPE (vocab %d) on %d chars (%d documents) of %s in %.1fs -> %s",
+        tok.get_vocab_size(), stats.get("chars", 0), stats.get("docs", 0), cfg.sources[0].path, seconds, final,
     )
 
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -256,7 +262,7 @@ def _train_into(cfg: DataConfig, files: List[str], final: Path) -> None:
             "requested_vocab_size": cfg.tokenizer_vocab_size,
             "source": cfg.sources[0].path,
             "n_source_files": len(files),
-            "train_files": stats.get("files", 0),
+            "train_documents": stats.get("docs", 0),
             "train_chars": stats.get("chars", 0),
             "bad_records": stats.get("bad_records", {}),
             "train_seconds": round(seconds, 3),

@@ -1,4 +1,4 @@
-"""TextBatchStream: determinism, data-parallel sharding, exact resume, blends, bad records."""
+"""TextBatchStream: determinism, data-parallel sharding, exact resume, blends, shuffle, workers, bad records."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from data import DataConfig, SourceConfig, TextBatchStream, load_tokenizer
 from data.config import PYTHON_STDLIB
-from data.sources import read_documents
+from data.sources import CHUNK_ROWS, read_documents
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
 SEQ = 16
@@ -24,6 +24,9 @@ def _docs(rng, n, lo=1, hi=40):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     root = tmp_path_factory.mktemp("loader")
     rng = random.Random(0)
     a = root / "a"
@@ -34,6 +37,11 @@ def corpus(tmp_path_factory):
     b.mkdir()
     for i in range(4):
         (b / f"doc{i}.txt").write_text("\n".join(_docs(rng, 3, 20, 60)) + "\n")
+    c = root / "c"
+    c.mkdir()
+    for i in range(2):
+        pq.write_table(pa.table({"body": _docs(rng, 15, 5, 30), "n": list(range(15))}), c / f"p{i}.parquet",
+                       row_group_size=4)
     return root
 
 
@@ -49,12 +57,34 @@ def _cfg(corpus, *sources, **kw):
     return DataConfig(sources=srcs, **kw)
 
 
+def _blend(corpus, **kw):
+    return _cfg(corpus, "a", SourceConfig(str(corpus / "b"), weight=0.5),
+                SourceConfig(str(corpus / "c"), weight=0.8, text_field="body"), **kw)
+
+
+# name -> config builder; every resume/sharding test runs on each
+VARIANTS = {
+    "plain": lambda c: _cfg(c),
+    "shuffle": lambda c: _cfg(c, shuffle_buffer=7),
+    "blend": lambda c: _blend(c),
+    "blend+shuffle": lambda c: _blend(c, shuffle_buffer=5, seed=3),
+}
+
+
 def _take(stream, n):
     return [next(stream) for _ in range(n)]
 
 
 def _rows(batches, key="input_ids"):
     return torch.cat([b[key] for b in batches]) if batches else torch.empty(0, SEQ, dtype=torch.long)
+
+
+def _assert_same(xs, ys):
+    assert len(xs) == len(ys)
+    for a, b in zip(xs, ys):
+        assert set(a) == set(b)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
 
 def test_batch_shapes_and_stream_contents(corpus, tok):
@@ -70,7 +100,7 @@ def test_batch_shapes_and_stream_contents(corpus, tok):
     np.testing.assert_array_equal(labels[:, :-1], inputs[:, 1:])
     np.testing.assert_array_equal(labels[:-1, -1], inputs[1:, 0])
     # the stream is epoch 0's documents, files in the seeded order, each + EOS: nothing lost
-    src = s._sources[0]
+    src = s.reader(0)
     expected = []
     for f in src.file_order(0):
         for text in read_documents(f):
@@ -95,11 +125,14 @@ def test_deterministic_across_constructions(corpus, tok):
     assert not torch.equal(a, c)  # the seed changes the file order
 
 
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("world", [2, 3])
-def test_ranks_partition_the_single_rank_stream(corpus, tok, world):
+def test_ranks_partition_the_single_rank_stream(corpus, tok, world, variant):
+    cfg = VARIANTS[variant](corpus)
     m, steps = 2, 8
-    single = TextBatchStream(_cfg(corpus), tok, SEQ, micro_batch_size=m * world)
-    ranks = [TextBatchStream(_cfg(corpus), tok, SEQ, m, dp_rank=r, dp_world=world) for r in range(world)]
+    single = TextBatchStream(cfg, tok, SEQ, micro_batch_size=m * world)
+    ranks = [TextBatchStream(cfg, tok, SEQ, m, dp_rank=r, dp_world=world) for r in range(world)]
+    seen = []
     for _ in range(steps):
         glob = next(single)
         parts = [next(r) for r in ranks]
@@ -107,77 +140,205 @@ def test_ranks_partition_the_single_rank_stream(corpus, tok, world):
             # rank r holds global sequences r, r+W, ...: the union is the global batch, no overlap
             together = torch.stack([p[key] for p in parts], dim=1).reshape(m * world, SEQ)
             torch.testing.assert_close(together, glob[key], rtol=0, atol=0)
+        seen += [tuple(x.tolist()) for p in parts for x in torch.cat([p["input_ids"], p["labels"][:, -1:]], 1)]
+        # after every batch all ranks hold the same state: the end of the same global round
+        states = [r.state_dict() for r in ranks]
+        assert all({k: v for k, v in st.items() if k != "dp_rank"} == {k: v for k, v in states[0].items()
+                   if k != "dp_rank"} for st in states)
+    assert len(seen) == len(set(seen)) == steps * m * world  # no sequence twice (windows of a finite corpus)
 
 
-def test_no_duplicates_between_ranks(corpus, tok):
-    # within the first epoch every sequence is distinct; two ranks share none
-    r0, r1 = (TextBatchStream(_cfg(corpus), tok, SEQ, 4, dp_rank=r, dp_world=2) for r in (0, 1))
-    a = {tuple(x.tolist()) for x in _rows(_take(r0, 5))}
-    b = {tuple(x.tolist()) for x in _rows(_take(r1, 5))}
-    assert len(a) == len(b) == 20 and not a & b
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_exact_resume(corpus, tok, variant):
+    cfg = VARIANTS[variant](corpus)
+    total = 30
+    full = _take(TextBatchStream(cfg, tok, SEQ, 2, dp_rank=1, dp_world=2), total)
+    for stop in (0, 1, 7, 19):  # arbitrary steps, across file and epoch boundaries
+        s = TextBatchStream(cfg, tok, SEQ, 2, dp_rank=1, dp_world=2)
+        _take(s, stop)
+        state = json.loads(json.dumps(s.state_dict()))  # checkpoint-friendly: plain JSON types
+        assert state["global_sequences"] == stop * 2 * 2 and state["sequences_consumed"] == stop * 2
+        resumed = TextBatchStream(cfg, tok, SEQ, 2, dp_rank=1, dp_world=2)
+        resumed.load_state_dict(state)
+        _assert_same(full[stop:], _take(resumed, total - stop))
 
 
-def test_exact_resume(corpus, tok):
-    cfg = _cfg(corpus, "a", SourceConfig(str(corpus / "b"), weight=0.5))
-    full = _take(TextBatchStream(cfg, tok, SEQ, 2, dp_rank=1, dp_world=2), 12)
-    s = TextBatchStream(cfg, tok, SEQ, 2, dp_rank=1, dp_world=2)
-    _take(s, 5)
-    state = s.state_dict()
-    assert state["sequences_consumed"] == 10 and state["global_sequences"] == 20
-    state = json.loads(json.dumps(state))  # checkpoint-friendly: plain JSON types
-    resumed = TextBatchStream(cfg, tok, SEQ, 2, dp_rank=1, dp_world=2)
-    resumed.load_state_dict(state)
-    for a, b in zip(full[5:], _take(resumed, 7)):
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
-    assert resumed.state_dict() == TextBatchStream(cfg, tok, SEQ, 2, dp_rank=1, dp_world=2).state_dict() | {
-        "sequences_consumed": 24, "global_sequences": 48}
+def test_resume_uses_positions_not_replay(corpus, tok):
+    """After load_state_dict, only the documents of the next batch (plus one chunk read ahead) are tokenized."""
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner, self.calls = inner, 0
+            self.vocab_size, self.eos_id = inner.vocab_size, inner.eos_id
+
+        def encode(self, text):
+            self.calls += 1
+            return self.inner.encode(text)
+
+    cfg = _cfg(corpus, shuffle_buffer=4)
+    s = TextBatchStream(cfg, tok, SEQ, 2)
+    _take(s, 150)  # several epochs in: ~190 documents tokenized
+    counting = Counting(tok)
+    resumed = TextBatchStream(cfg, counting, SEQ, 2)
+    resumed.load_state_dict(s.state_dict())
+    _assert_same([next(s)], [next(resumed)])
+    assert counting.calls <= CHUNK_ROWS  # one chunk read ahead at most; a replay would need ~190
 
 
-def test_resume_under_another_world_size(corpus, tok):
-    two = [TextBatchStream(_cfg(corpus), tok, SEQ, 2, dp_rank=r, dp_world=2) for r in range(2)]
-    for r in two:
-        _take(r, 3)  # 12 global sequences consumed
-    one = TextBatchStream(_cfg(corpus), tok, SEQ, 4)
-    one.load_state_dict(two[0].state_dict())
-    ref = TextBatchStream(_cfg(corpus), tok, SEQ, 4)
-    _take(ref, 3)
-    torch.testing.assert_close(next(one)["input_ids"], next(ref)["input_ids"], rtol=0, atol=0)
-    five = TextBatchStream(_cfg(corpus), tok, SEQ, 2, dp_rank=0, dp_world=5)
-    with pytest.raises(ValueError, match="do not divide"):
-        five.load_state_dict(two[0].state_dict())
+@pytest.mark.parametrize("saved_world,new_world", [(2, 1), (2, 5), (3, 2)])
+def test_resume_under_another_world_size(corpus, tok, saved_world, new_world):
+    cfg = _blend(corpus, shuffle_buffer=3)
+    ref = TextBatchStream(cfg, tok, SEQ, 1)
+    _take(ref, 3 * 2 * saved_world)  # the same global sequences a saved_world-rank run consumes in 3 steps
+    old = [TextBatchStream(cfg, tok, SEQ, 2, dp_rank=r, dp_world=saved_world) for r in range(saved_world)]
+    for r in old:
+        _take(r, 3)
+    new = [TextBatchStream(cfg, tok, SEQ, 1, dp_rank=r, dp_world=new_world) for r in range(new_world)]
+    for r in new:
+        r.load_state_dict(json.loads(json.dumps(old[-1].state_dict())))
+    for _ in range(3):
+        expected = next(ref)["input_ids"] if new_world == 1 else torch.cat([next(ref)["input_ids"] for _ in range(new_world)])
+        got = torch.cat([next(r)["input_ids"] for r in new])
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
-def test_resume_refuses_a_different_stream(corpus, tok):
+def test_resume_refuses_a_different_stream(corpus, tok, tmp_path):
     state = TextBatchStream(_cfg(corpus), tok, SEQ, 2).state_dict()
     with pytest.raises(ValueError, match="data state: seq_len"):
         TextBatchStream(_cfg(corpus), tok, SEQ * 2, 2).load_state_dict(state)
     with pytest.raises(ValueError, match="data state: seed"):
         TextBatchStream(_cfg(corpus, seed=9), tok, SEQ, 2).load_state_dict(state)
+    with pytest.raises(ValueError, match="data state: shuffle_buffer"):
+        TextBatchStream(_cfg(corpus, shuffle_buffer=2), tok, SEQ, 2).load_state_dict(state)
+    # the same path with other files behind it
+    d = tmp_path / "a"
+    d.mkdir()
+    for f in sorted((corpus / "a").iterdir())[:4]:
+        (d / f.name).write_bytes(f.read_bytes())
+    moved = TextBatchStream(_cfg(tmp_path), tok, SEQ, 2).state_dict()
+    (d / "extra.jsonl").write_text('{"text": "new"}\n')
+    with pytest.raises(ValueError, match="data state: files"):
+        TextBatchStream(_cfg(tmp_path), tok, SEQ, 2).load_state_dict(moved)
 
 
-def test_blend_follows_token_weights(corpus, tok):
-    cfg = _cfg(corpus, SourceConfig(str(corpus / "a"), weight=3.0), SourceConfig(str(corpus / "b"), weight=1.0))
-    s = TextBatchStream(cfg, tok, SEQ, 4)
-    _take(s, 60)
-    a, b = s.source_tokens
-    assert a > 0 and b > 0
-    longest = 200  # an upper bound on one document's tokens in this corpus
-    assert abs(a - 3 * b) <= 4 * longest  # the share of tokens tracks the weights
-    assert s.epochs[1] >= 1  # the small source is repeated to keep its share
+def test_version1_state_is_replayed(corpus, tok):
+    ref = TextBatchStream(_cfg(corpus), tok, SEQ, 2, dp_rank=1, dp_world=2)
+    _take(ref, 4)
+    v1 = {"version": 1, "sequences_consumed": 8, "dp_rank": 1, "dp_world": 2, "seq_len": SEQ, "seed": 1234}
+    s = TextBatchStream(_cfg(corpus), tok, SEQ, 2, dp_rank=1, dp_world=2)
+    s.load_state_dict(v1)
+    _assert_same(_take(ref, 3), _take(s, 3))
 
 
-def test_bad_records_counted_or_raised(corpus, tok, tmp_path):
-    src = tmp_path / "bad"
+def test_state_size_is_bounded(corpus, tok):
+    cfg = _cfg(corpus, shuffle_buffer=8)
+    s = TextBatchStream(cfg, tok, SEQ, 2)
+    sizes = []
+    for _ in range(4):
+        _take(s, 15)
+        sizes.append(len(json.dumps(s.state_dict())))
+    assert max(sizes) < 4096 and max(sizes) - min(sizes) < 512  # buffers, not history
+
+
+@pytest.mark.parametrize("weights", [(3.0, 1.0), (1.0, 1.0, 6.0)])
+def test_blend_follows_token_weights(corpus, tok, weights):
+    names = [("a", "text"), ("b", "text"), ("c", "body")]
+    cfg = _cfg(corpus, *[SourceConfig(str(corpus / n), weight=w, text_field=f) for (n, f), w in zip(names, weights)])
+    s = TextBatchStream(cfg, tok, SEQ * 4, 8)
+    _take(s, 60)  # ~30k tokens: several epochs of the small sources
+    got = np.array(s.source_tokens[: len(weights)], dtype=float)
+    share = got / got.sum()
+    want = np.array(weights) / sum(weights)
+    # stated tolerance: one document (<= 300 tokens here) of the total, i.e. well under 1%
+    assert np.abs(share - want).max() <= 300 / got.sum() < 0.01, (share, want)
+    assert min(s.epochs[: len(weights)]) >= 1
+
+
+def test_workers_give_the_same_stream_and_resume(corpus, tok):
+    cfg = _blend(corpus, shuffle_buffer=3)
+    ref = _take(TextBatchStream(cfg, tok, SEQ, 2), 24)
+    w = TextBatchStream(cfg, tok, SEQ, 2, num_workers=2)
+    first = _take(w, 9)
+    state = w.state_dict()  # saved with 2 workers and read-ahead in flight
+    _assert_same(ref[:9], first)
+    _assert_same(ref[9:16], _take(w, 7))
+    w.close()
+    inline = TextBatchStream(cfg, tok, SEQ, 2)  # ... loads without workers
+    inline.load_state_dict(state)
+    _assert_same(ref[9:24], _take(inline, 15))
+    again = TextBatchStream(DataConfig(**{**cfg.__dict__, "num_workers": 1}), tok, SEQ, 2)  # and with another count
+    again.load_state_dict(inline.state_dict())
+    assert next(again)["input_ids"].shape == (2, SEQ)
+    again.close()
+
+
+def _bad_corpus(root: Path) -> Path:
+    src = root / "bad"
     src.mkdir()
     (src / "x.jsonl").write_text('{"text": "alpha beta"}\n{oops\n{"txt": "gamma"}\n' + '{"text": "delta"}\n' * 20)
     (src / "y.txt").write_bytes(b"")
+    (src / "z.jsonl").write_bytes(b'{"text": "eta \xff theta"}\n' + b'{"text": "iota"}\n' * 10)
+    return src
+
+
+def test_bad_records_counted_or_raised(corpus, tok, tmp_path):
+    src = _bad_corpus(tmp_path)
     s = TextBatchStream(DataConfig(sources=[SourceConfig(str(src))], on_bad_record="skip"), tok, SEQ, 2)
-    _take(s, 3)
-    assert s.bad_records == {"malformed_json": 1, "missing_field": 1, "empty_file": 1}
+    while s.epochs[0] < 2:  # two whole epochs: every bad record passed twice (a third time at most)
+        next(s)
+    assert set(s.bad_records) == {"malformed_json", "missing_field", "empty_file", "undecodable_bytes"}
+    assert all(n in (2, 3) for n in s.bad_records.values()), s.bad_records
     strict = TextBatchStream(DataConfig(sources=[SourceConfig(str(src))]), tok, SEQ, 2)
-    with pytest.raises(ValueError, match=r"x\.jsonl:2: malformed JSON|y\.txt:1: empty file"):
-        _take(strict, 3)
+    with pytest.raises(ValueError, match=r"x\.jsonl:2: malformed JSON|y\.txt:1: empty file|z\.jsonl:1: undecodable"):
+        _take(strict, 4)
+
+
+def test_bad_record_counts_resume_exactly(tok, tmp_path):
+    src = _bad_corpus(tmp_path)
+    cfg = DataConfig(sources=[SourceConfig(str(src))], on_bad_record="skip", shuffle_buffer=2)
+    full = TextBatchStream(cfg, tok, SEQ, 1)
+    ref = _take(full, 30)
+    for stop in (1, 5, 17):
+        s = TextBatchStream(cfg, tok, SEQ, 1)
+        _take(s, stop)
+        r = TextBatchStream(cfg, tok, SEQ, 1)
+        r.load_state_dict(json.loads(json.dumps(s.state_dict())))
+        assert r.bad_records == s.bad_records
+        _assert_same(ref[stop:], _take(r, 30 - stop))
+        assert r.bad_records == full.bad_records  # counted once per epoch read, not twice
+
+
+def test_missing_source_path_policy(corpus, tok, tmp_path):
+    cfg = _cfg(corpus, "a", SourceConfig(str(tmp_path / "gone"), weight=2.0))
+    with pytest.raises(ValueError, match=r"data\.sources\[1\]\.path: .*gone.* does not exist"):
+        TextBatchStream(cfg, tok, SEQ, 1)
+    cfg.on_bad_record = "skip"
+    s = TextBatchStream(cfg, tok, SEQ, 1)  # left out of the blend, counted, logged
+    assert s.bad_records == {"missing_path": 1}
+    assert s.weights == [1.0, 0.0]
+    _take(s, 3)
+    only = DataConfig(sources=[SourceConfig(str(tmp_path / "gone"))], on_bad_record="skip")
+    with pytest.raises(ValueError, match="nothing to read"):
+        TextBatchStream(only, tok, SEQ, 1)
+
+
+@pytest.mark.parametrize("policy", ["skip", "error"])
+def test_file_vanishing_mid_run(corpus, tok, tmp_path, policy):
+    d = tmp_path / "v"
+    d.mkdir()
+    for f in sorted((corpus / "a").iterdir()):
+        (d / f.name).write_bytes(f.read_bytes())
+    s = TextBatchStream(DataConfig(sources=[SourceConfig(str(d))], on_bad_record=policy), tok, SEQ, 1)
+    next(s)
+    for f in d.iterdir():
+        f.unlink()
+    if policy == "error":
+        with pytest.raises(ValueError, match=r"part\d\.jsonl:1: missing file"):
+            _take(s, 1000)
+    else:  # the files still to come are counted; a whole epoch without documents then stops the run
+        with pytest.raises(ValueError, match=r"no usable documents"):
+            _take(s, 1000)
+        assert s.bad_records["missing_file"] >= 4 + 5
 
 
 def test_all_bad_source_fails_clearly(tok, tmp_path):
@@ -194,6 +355,8 @@ def test_argument_checks(corpus, tok):
         TextBatchStream(_cfg(corpus), tok, SEQ, 0)
     with pytest.raises(ValueError, match=r"data\.on_bad_record"):
         TextBatchStream(_cfg(corpus, on_bad_record="drop"), tok, SEQ, 1)
+    with pytest.raises(ValueError, match=r"data\.shuffle_buffer"):
+        TextBatchStream(_cfg(corpus, shuffle_buffer=-1), tok, SEQ, 1)
 
 
 def test_python_stdlib_default_corpus(tmp_path):
