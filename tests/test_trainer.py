@@ -114,3 +114,17 @@ def test_nonfinite_steps_are_skipped_then_stop(repo_root, tmp_path, cache_dir):
     for n, p in trainer.model.named_parameters():
         if n != "lm_head.weight":
             torch.testing.assert_close(p, before[n], msg=n)  # no update was applied
+
+
+def test_skipped_bad_records_show_in_the_training_log(repo_root, tmp_path, cache_dir):
+    """data.on_bad_record=skip: the skipped records are counted in metrics.jsonl, not lost silently."""
+    corpus = tmp_path / "corpus.jsonl"
+    good = [json.dumps({"text": f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * 20}) for i in range(60)]
+    corpus.write_text("\n".join(good[:1] + ["{not json", json.dumps({"body": "wrong field"})] + good[1:]) + "\n")
+    run = tmp_path / "run"
+    trainer = make_trainer(repo_root, run, cache_dir, **{
+        "train.steps": 2, "data.on_bad_record": "skip", "data.sources": f"[{{path: '{corpus}'}}]",
+        "data.max_files": "null", "checkpoint.at_end": "false"})
+    trainer.fit()
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["bad_records"] == 2, last.get("bad_records_by_reason")

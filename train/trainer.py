@@ -231,6 +231,10 @@ class Trainer:
         metrics["memory_mb"] = memory_mb(self.device)
         if self.skipped_steps:
             metrics["skipped_steps"] = self.skipped_steps
+        bad = dict(getattr(self.data, "bad_records", {}) or {})  # data.on_bad_record=skip counts, this rank
+        if bad:
+            metrics["bad_records"] = sum(bad.values())
+            metrics["bad_records_by_reason"] = bad
         return metrics
 
     # ---------------------------------------------------------------- loop
