@@ -49,14 +49,18 @@ Data parallelism
   and parameters stay unsharded between forward and backward (reshard_after_forward=False):
   the split-backward schedules find weights through the stage module and must see the
   unsharded parameters autograd used (with resharding, weight gradients were silently lost).
-  V schedules with MTP put the first and last stage, which both use embed_tokens, on one rank:
-  one module under two FSDP roots, refused (use zero1). A pp-only layout (one data-parallel
-  rank, no tp) has nothing to shard and skips FSDP.
+  V schedules with MTP put the first and last stage, which both use embed_tokens, on one rank,
+  and one module cannot sit under two FSDP roots: there the last stage gets a private copy
+  (not in the model, not checkpointed) whose gradient is added to the model's after the
+  backward and whose weights are refreshed from the model's before each step (refused with
+  tp > 1, where the copy would need its own tensor-parallel plan). A pp-only layout (one
+  data-parallel rank, no tp) has nothing to shard and skips FSDP.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -220,12 +224,11 @@ def validate_pipeline(parallel, model) -> None:
     if parallel.pipeline_microbatches is not None:
         validate_microbatches(parallel, parallel.pipeline_microbatches)
     last_needs_embedding = model.num_nextn_predict_layers > 0 or model.tie_word_embeddings
-    if SCHEDULES[name][1] == "v" and fsdp_applies(parallel) and last_needs_embedding:
+    if SCHEDULES[name][1] == "v" and fsdp_applies(parallel) and last_needs_embedding and parallel.tp > 1:
         raise _layout_error(
             f"parallel.pipeline_schedule: {name} puts the first and the last stage (MTP: it embeds the shifted "
-            "tokens) on one rank, where both stages would share embed_tokens across two FSDP2 roots; "
-            "use parallel.data_parallel=zero1 with this schedule, or a loop schedule (Interleaved1F1B, "
-            "InterleavedZeroBubble) with fsdp"
+            "tokens) on one rank; with FSDP2 the last stage then uses its own embedding copy, which is not "
+            "tensor-parallel; use parallel.tp=1 or a loop schedule (Interleaved1F1B, InterleavedZeroBubble)"
         )
 
 
@@ -238,7 +241,8 @@ class StageModule(nn.Module):
     [CE sum, MTP CE sum per depth] (fp32). Mirrors Transformer.forward op for op.
     """
 
-    def __init__(self, model: nn.Module, index: int, n_stages: int, layer_ids: list[int], act_dtype: torch.dtype):
+    def __init__(self, model: nn.Module, index: int, n_stages: int, layer_ids: list[int], act_dtype: torch.dtype,
+                 own_embedding: bool = False):
         super().__init__()
         self.index, self.n_stages, self.act_dtype = index, n_stages, act_dtype
         self.is_first, self.is_last = index == 0, index == n_stages - 1
@@ -249,7 +253,8 @@ class StageModule(nn.Module):
         if self.is_last:
             self.norm, self.lm_head, self.mtp = model.norm, model.lm_head, model.mtp
             if len(model.mtp) and not self.is_first:
-                self.embed_tokens = model.embed_tokens
+                # own_embedding: a private copy (see Pipeline.embed_copy) instead of the model's module
+                self.embed_tokens = copy.deepcopy(model.embed_tokens) if own_embedding else model.embed_tokens
         self.moe_layers = [m for m in self.modules() if isinstance(m, MoE)]
         self.aux_sum = torch.zeros((), dtype=torch.float64)  # sum of MoE aux losses over the step's forwards
 
@@ -306,6 +311,10 @@ class Pipeline:
     modules: list[StageModule]
     parallel: Any = None  # the ParallelConfig
     tie_group: Any = None  # {first, last} stage ranks sharing embed_tokens, when on different ranks
+    # V schedules under FSDP2: the last stage's private copy of embed_tokens (same rank as the first stage,
+    # but one module cannot sit under two FSDP roots). Its gradient is added to the model's after each
+    # step's backward, and its weights are refreshed from the model's before each step.
+    embed_copy: Optional[nn.Module] = None
     n_micro: int = 0
     schedule: Any = None
     stages: list[Any] = field(default_factory=list)
@@ -372,6 +381,7 @@ class Pipeline:
         kwargs = {"tokens": cat["input_ids"], "labels": cat["labels"]}
         if "doc_ids" in cat:
             kwargs["doc_ids"] = cat["doc_ids"]
+        self.refresh_embed_copy()
         with autocast():
             self.schedule.step(cat["input_ids"], target=cat["labels"], return_outputs=False, **kwargs)
         self.sum_tied_gradients()
@@ -390,7 +400,20 @@ class Pipeline:
         return emb.weight if (emb is not None and self.tie_group is not None) else None
 
     @torch.no_grad()
+    def refresh_embed_copy(self) -> None:
+        if self.embed_copy is not None:
+            _local(self.embed_copy.weight).copy_(_local(self.model.embed_tokens.weight))
+
+    @torch.no_grad()
     def sum_tied_gradients(self) -> None:
+        if self.embed_copy is not None:
+            main, extra = self.model.embed_tokens.weight, self.embed_copy.weight
+            if extra.grad is not None:
+                if main.grad is None:
+                    main.grad = extra.grad
+                else:
+                    _local(main.grad).add_(_local(extra.grad))
+                extra.grad = None
         w = self.tied_embedding()
         if w is None:
             return
@@ -437,13 +460,22 @@ def build_pipeline(model: nn.Module, parallel, ctx, mp_policy: Any = None) -> Pi
     stage_ids = [s for s in range(n_stages) if stage_to_rank(s, parallel.pp, style) == ctx.pp_rank]
     keep = {i for s in stage_ids for i in split[s]}
     prune_model(model, keep, first=0 in stage_ids, last=n_stages - 1 in stage_ids)
-    modules = [StageModule(model, s, n_stages, split[s], act_dtype) for s in stage_ids]
+    # V placement: first and last stage on rank 0; under FSDP2 the last stage gets a private embedding copy.
+    own = style == "v" and fsdp_applies(parallel) and parallel.tp == 1
+    modules = [StageModule(model, s, n_stages, split[s], act_dtype, own_embedding=own) for s in stage_ids]
     pipe = Pipeline(model, ctx, name, style, n_stages, stage_ids, split, modules, parallel=parallel)
+    last = modules[-1]
+    if own and last.is_last and not last.is_first and hasattr(last, "embed_tokens"):
+        pipe.embed_copy = last.embed_tokens
     last_rank = stage_to_rank(n_stages - 1, parallel.pp, style)
     needs_tie = last_rank != 0 and (model.cfg.num_nextn_predict_layers > 0 or model.cfg.tie_word_embeddings)
     if needs_tie:
         pipe.tie_group = _tie_group(ctx, last_rank)
     return pipe
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _tie_group(ctx, last_rank: int):

@@ -72,8 +72,8 @@ INVALID = {
                                        ["parallel.pipeline_microbatches", "at least 4"]),
     "interleaved_rounds": (dict(pp=4, pipeline_schedule="Interleaved1F1B", pipeline_microbatches=9), 8, 0,
                            ["parallel.pipeline_microbatches", "multiple"]),
-    "v_schedule_with_fsdp_and_mtp": (dict(pp=2, dp_shard=2, pipeline_schedule="ZBVZeroBubble", data_parallel="fsdp"),
-                                     4, 1, ["parallel.pipeline_schedule", "zero1"]),
+    "v_schedule_with_tp_and_mtp": (dict(pp=2, tp=2, pipeline_schedule="ZBVZeroBubble", data_parallel="fsdp"),
+                                   4, 1, ["parallel.pipeline_schedule", "tp=1"]),
 }
 
 
@@ -98,9 +98,10 @@ def test_valid_pipeline_layouts(schedule):
     validate_microbatches(p, 4)
 
 
-@pytest.mark.parametrize("schedule,mtp", [("InterleavedZeroBubble", 1), ("ZBVZeroBubble", 0), ("DualPipeV", 0), ("1F1B", 1)])
+@pytest.mark.parametrize("schedule,mtp", [("InterleavedZeroBubble", 1), ("ZBVZeroBubble", 1), ("DualPipeV", 0),
+                                          ("DualPipeV", 1), ("1F1B", 1)])
 def test_fsdp_with_pipeline_schedules(schedule, mtp):
-    """FSDP2 works with split-backward schedules; V schedules only when the last stage needs no embedding."""
+    """FSDP2 works with split-backward schedules and with V placement (MTP: private embedding copy)."""
     p = ParallelConfig(pp=2, dp_shard=2, pipeline_schedule=schedule, data_parallel="fsdp")
     validate_layout(p, model_cfg(4, mtp), 4)
 

@@ -110,6 +110,9 @@ WORLD4_LAYOUTS = {
                                      "parallel.pipeline_schedule": "Interleaved1F1B"}),
     "pp2_dp2_fsdp_zero_bubble": (2, {"parallel.pp": 2, "parallel.dp_shard": 2, "parallel.data_parallel": "fsdp",
                                      "parallel.pipeline_schedule": "InterleavedZeroBubble"}),
+    # V placement under FSDP2: the last stage's private embedding copy (same rank as the first stage).
+    "pp2_dp2_fsdp_dualpipev": (2, {"parallel.pp": 2, "parallel.dp_shard": 2, "parallel.data_parallel": "fsdp",
+                                   "parallel.pipeline_schedule": "DualPipeV"}),
     "pp2_dp2_zero1_dualpipev": (2, {"parallel.pp": 2, "parallel.dp_shard": 2, "parallel.pipeline_schedule": "DualPipeV"}),
     "pp4_1f1b": (1, {"parallel.pp": 4}),  # tied embedding copies on ranks 0 and 3
     "pp2_tp2": (1, {"parallel.pp": 2, "parallel.tp": 2, "parallel.data_parallel": "fsdp"}),
