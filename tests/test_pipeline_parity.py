@@ -145,12 +145,16 @@ def test_pp2_ep2_dp2_eight_ranks(reference, tmp_path, cache_dir):
 
 
 @pytest.mark.slow
-def test_checkpoint_saved_under_pp2_resumes_under_pp1(reference, tmp_path, cache_dir):
+@pytest.mark.parametrize("world,dp,extra", [
+    (2, 1, {}),  # ZeRO-1 optimizer state by name
+    (4, 2, {"parallel.dp_shard": 2, "parallel.data_parallel": "fsdp"}),  # FSDP2-sharded stages
+], ids=["pp2_zero1", "pp2_dp2_fsdp"])
+def test_checkpoint_saved_under_pp2_resumes_under_pp1(world, dp, extra, reference, tmp_path, cache_dir):
     """A pp=2 checkpoint (each stage saves its own parameters by FQN) resumes in one process."""
     run_dir = tmp_path / "run"
     # The whole 5-step run under pp=2 (same lr schedule), checkpointing only at step 3.
-    first = pp_overrides(run_dir, cache_dir, dp=1, **{"parallel.pp": 2, "checkpoint.interval": 3})
-    assert_parity(reference, run_ranks(2, train_and_report, first)[0], "pp2 run")
+    first = pp_overrides(run_dir, cache_dir, dp=dp, **{"parallel.pp": 2, "checkpoint.interval": 3, **extra})
+    assert_parity(reference, run_ranks(world, train_and_report, first)[0], "pp2 run")
     assert [p.name for p in (Path(run_dir) / "checkpoints").iterdir()] == ["step_00000003"]
     resumed = run_ranks(1, train_and_report, pp_overrides(run_dir, cache_dir, dp=1))[0]
     tail = {k: v[3:] for k, v in reference["metrics"].items()}
