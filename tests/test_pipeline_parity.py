@@ -54,7 +54,8 @@ def train_layouts(rank: int, runs: list[list[str]]) -> list[dict]:
             state = full_state_dict(trainer.model, ctx)
             keys = ("loss", "mtp_loss", "aux_loss", "grad_norm")
             results.append({"metrics": {k: [float(h[k]) for h in history] for k in keys}, "state": state})
-            dist.barrier()
+            if dist.is_initialized():
+                dist.barrier()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -66,15 +67,28 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("pp_cache")
 
 
+CKPT = {"checkpoint.interval": 3}  # runs marked with it leave a step-3 checkpoint for a resume under another layout
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache_dir):
-    return run_ranks(1, train_and_report, pp_overrides(tmp_path_factory.mktemp("single"), cache_dir, dp=1))[0]
+def reference_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("single")
+
+
+@pytest.fixture(scope="module")
+def reference(reference_dir, cache_dir):
+    return run_ranks(1, train_and_report, pp_overrides(reference_dir, cache_dir, dp=1, **CKPT))[0]
+
+
+def tail(ref: dict, start: int = 3) -> dict:
+    """The reference's metrics from step start+1 on (what a run resumed at step `start` logs)."""
+    return {"metrics": {k: v[start:] for k, v in ref["metrics"].items()}, "state": ref["state"]}
 
 
 # name -> (dp, parallel overrides); all of world size 2 (pp=2) run in one spawn.
 SCHEDULE_LAYOUTS = {
     "gpipe": {"parallel.pipeline_schedule": "GPipe"},
-    "1f1b": {"parallel.pipeline_schedule": "1F1B"},
+    "1f1b": {"parallel.pipeline_schedule": "1F1B", **CKPT},
     "interleaved_1f1b": {"parallel.pipeline_schedule": "Interleaved1F1B"},  # 4 stages, 1 layer each
     "interleaved_zero_bubble": {"parallel.pipeline_schedule": "InterleavedZeroBubble"},
     "zbv_zero_bubble": {"parallel.pipeline_schedule": "ZBVZeroBubble"},  # V: stages 0 and 3 on rank 0
@@ -86,13 +100,20 @@ SCHEDULE_LAYOUTS = {
 
 
 @pytest.fixture(scope="module")
-def pp2_results(tmp_path_factory, cache_dir):
+def run_dirs(tmp_path_factory):
+    return {name: tmp_path_factory.mktemp(name) for name in [*SCHEDULE_LAYOUTS, *WORLD4_LAYOUTS]}
+
+
+@pytest.fixture(scope="module")
+def pp2_results(run_dirs, cache_dir, reference, reference_dir):
     runs = [
-        pp_overrides(tmp_path_factory.mktemp(name), cache_dir, dp=1, **{"parallel.pp": 2, **extra})
+        pp_overrides(run_dirs[name], cache_dir, dp=1, **{"parallel.pp": 2, **extra})
         for name, extra in SCHEDULE_LAYOUTS.items()
     ]
+    # Resume the single-process run's step-3 checkpoint under a V-placed pipeline (rank 0: layers 0 and 3 + head).
+    runs.append(pp_overrides(reference_dir, cache_dir, dp=1, **{"parallel.pp": 2, "parallel.pipeline_schedule": "DualPipeV"}))
     per_rank = run_ranks(2, train_layouts, runs)
-    return {name: [r[i] for r in per_rank] for i, name in enumerate(SCHEDULE_LAYOUTS)}
+    return {name: [r[i] for r in per_rank] for i, name in enumerate([*SCHEDULE_LAYOUTS, "resumed_from_pp1"])}
 
 
 @pytest.mark.parametrize("layout", list(SCHEDULE_LAYOUTS))
@@ -105,7 +126,7 @@ def test_pp2_matches_single_process(layout, pp2_results, reference):
 WORLD4_LAYOUTS = {
     "pp2_ep2_zero1": (2, {"parallel.pp": 2, "parallel.dp_shard": 2, "parallel.ep": 2}),
     "pp2_ep2_fsdp": (2, {"parallel.pp": 2, "parallel.dp_shard": 2, "parallel.ep": 2, "parallel.data_parallel": "fsdp"}),
-    "pp2_dp2_fsdp": (2, {"parallel.pp": 2, "parallel.dp_shard": 2, "parallel.data_parallel": "fsdp"}),
+    "pp2_dp2_fsdp": (2, {"parallel.pp": 2, "parallel.dp_shard": 2, "parallel.data_parallel": "fsdp", **CKPT}),
     "pp2_dp2_fsdp_interleaved": (2, {"parallel.pp": 2, "parallel.dp_shard": 2, "parallel.data_parallel": "fsdp",
                                      "parallel.pipeline_schedule": "Interleaved1F1B"}),
     "pp2_dp2_fsdp_zero_bubble": (2, {"parallel.pp": 2, "parallel.dp_shard": 2, "parallel.data_parallel": "fsdp",
@@ -120,11 +141,8 @@ WORLD4_LAYOUTS = {
 
 
 @pytest.fixture(scope="module")
-def world4_results(tmp_path_factory, cache_dir):
-    runs = [
-        pp_overrides(tmp_path_factory.mktemp(name), cache_dir, dp=dp, **extra)
-        for name, (dp, extra) in WORLD4_LAYOUTS.items()
-    ]
+def world4_results(run_dirs, cache_dir):
+    runs = [pp_overrides(run_dirs[name], cache_dir, dp=dp, **extra) for name, (dp, extra) in WORLD4_LAYOUTS.items()]
     per_rank = run_ranks(4, train_layouts, runs)
     return {name: [r[i] for r in per_rank] for i, name in enumerate(WORLD4_LAYOUTS)}
 
@@ -144,32 +162,24 @@ def test_pp2_ep2_dp2_eight_ranks(reference, tmp_path, cache_dir):
         assert_parity(reference, got, f"pp2_ep2_dp2 rank {rank}")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("world,dp,extra", [
-    (2, 1, {}),  # ZeRO-1 optimizer state by name
-    (4, 2, {"parallel.dp_shard": 2, "parallel.data_parallel": "fsdp"}),  # FSDP2-sharded stages
-], ids=["pp2_zero1", "pp2_dp2_fsdp"])
-def test_checkpoint_saved_under_pp2_resumes_under_pp1(world, dp, extra, reference, tmp_path, cache_dir):
-    """A pp=2 checkpoint (each stage saves its own parameters by FQN) resumes in one process."""
-    run_dir = tmp_path / "run"
-    # The whole 5-step run under pp=2 (same lr schedule), checkpointing only at step 3.
-    first = pp_overrides(run_dir, cache_dir, dp=dp, **{"parallel.pp": 2, "checkpoint.interval": 3, **extra})
-    assert_parity(reference, run_ranks(world, train_and_report, first)[0], "pp2 run")
-    assert [p.name for p in (Path(run_dir) / "checkpoints").iterdir()] == ["step_00000003"]
-    resumed = run_ranks(1, train_and_report, pp_overrides(run_dir, cache_dir, dp=1))[0]
-    tail = {k: v[3:] for k, v in reference["metrics"].items()}
-    assert_parity({"metrics": tail, "state": reference["state"]}, resumed, "pp2 -> pp1 resume")
+def test_checkpoint_saved_under_pp1_resumes_under_pp2(pp2_results, reference):
+    """DCP by FQN: the single-process step-3 checkpoint loads into pruned, V-placed stages."""
+    for rank, got in enumerate(pp2_results["resumed_from_pp1"]):
+        assert_parity(tail(reference), got, f"pp1 -> pp2 DualPipeV resume rank {rank}")
 
 
-@pytest.mark.slow
-def test_checkpoint_saved_under_pp1_resumes_under_pp2_dualpipev(reference, tmp_path, cache_dir):
-    """The other direction, into a V-placed pipeline (rank 0 holds layers 0 and 3, and the head)."""
-    run_dir = tmp_path / "run"
-    run_ranks(1, train_and_report, pp_overrides(run_dir, cache_dir, dp=1, **{"checkpoint.interval": 3}))
-    extra = {"parallel.pp": 2, "parallel.pipeline_schedule": "DualPipeV"}
-    tail = {k: v[3:] for k, v in reference["metrics"].items()}
-    for rank, got in enumerate(run_ranks(2, train_and_report, pp_overrides(run_dir, cache_dir, dp=1, **extra))):
-        assert_parity({"metrics": tail, "state": reference["state"]}, got, f"pp1 -> pp2 resume rank {rank}")
+@pytest.fixture(scope="module")
+def resumed_in_one_process(pp2_results, world4_results, run_dirs, cache_dir):
+    """The step-3 checkpoints of pp2 (ZeRO-1) and pp2 x dp2 (FSDP2) runs, resumed with pp=1 in one process."""
+    runs = [pp_overrides(run_dirs[name], cache_dir, dp=1) for name in ("1f1b", "pp2_dp2_fsdp")]
+    return dict(zip(("1f1b", "pp2_dp2_fsdp"), run_ranks(1, train_layouts, runs)[0]))
+
+
+@pytest.mark.parametrize("layout", ["1f1b", "pp2_dp2_fsdp"])
+def test_checkpoint_saved_under_pp2_resumes_under_pp1(layout, resumed_in_one_process, run_dirs, reference):
+    """Each stage saved its own parameters (and optimizer state) by FQN; one process loads them all."""
+    assert [p.name for p in (Path(run_dirs[layout]) / "checkpoints").iterdir()] == ["step_00000003"]
+    assert_parity(tail(reference), resumed_in_one_process[layout], f"{layout} -> pp1 resume")
 
 
 # DeepSeek-V2 routing: softmax scores, group-limited greedy, expert + device + communication balance
