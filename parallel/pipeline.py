@@ -278,7 +278,7 @@ class StageModule(nn.Module):
         return torch.cat(sums)
 
     def _record_aux(self) -> None:
-        if self.training and self.moe_layers:
+        if self.moe_layers and self.moe_layers[0].training:  # MoE layers set last_aux_loss in training only
             self.aux_sum += sum(float(m.last_aux_loss) for m in self.moe_layers)
 
 
