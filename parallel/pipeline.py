@@ -428,22 +428,25 @@ class Pipeline:
         w = self.tied_embedding()
         return [(p, r * 2 if p is w else r) for p, r in replicas]
 
+    def moe_layer_ids(self) -> list[int]:
+        """Global index of this rank's MoE layers in moe_routers() order (MTP depth k: L + k - 1)."""
+        n = self.model.cfg.num_hidden_layers
+        ids = [int(k) for k, layer in self.model.layers.items() if isinstance(layer.mlp, MoE)]
+        return ids + [n + i for i, m in enumerate(self.model.mtp) if isinstance(m.block.mlp, MoE)]
+
     def gather_rows(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """Concatenate per-stage [L_local, ...] statistics of all pipeline ranks, in layer order."""
+        """Per-MoE-layer rows [L_local, ...] of all pipeline ranks, concatenated in global layer order."""
         pieces: list[Any] = [None] * self.ctx.pp_size
-        local = None if t is None else (min(self.stage_layers() or [10**9]), t.detach().cpu())
+        local = [] if t is None else list(zip(self.moe_layer_ids(), t.detach().cpu()))
         dist.all_gather_object(pieces, local, group=self.ctx.pp_group)
-        got = sorted((p for p in pieces if p is not None), key=lambda x: x[0])
-        return torch.cat([p[1] for p in got]) if got else None
+        rows = sorted((row for piece in pieces for row in piece), key=lambda x: x[0])
+        return torch.stack([r for _, r in rows]) if rows else None
 
     def gather_load_stats(self, counts: Optional[torch.Tensor], biases: list[torch.Tensor]):
         """(counts [L, E], router biases) of every pipeline stage's MoE layers, on every rank."""
         counts = self.gather_rows(counts)
         stacked = self.gather_rows(torch.stack(biases) if biases else None)
         return counts, ([] if stacked is None else list(stacked))
-
-    def stage_layers(self) -> list[int]:
-        return sorted(i for s in self.stage_ids for i in self.layer_split[s])
 
 
 def build_pipeline(model: nn.Module, parallel, ctx, mp_policy: Any = None) -> Pipeline:
