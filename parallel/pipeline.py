@@ -230,6 +230,11 @@ def validate_pipeline(parallel, model) -> None:
             "tokens) on one rank; with FSDP2 the last stage then uses its own embedding copy, which is not "
             "tensor-parallel; use parallel.tp=1 or a loop schedule (Interleaved1F1B, InterleavedZeroBubble)"
         )
+    if SCHEDULES[name][1] == "v" and fsdp_applies(parallel) and model.tie_word_embeddings:
+        raise _layout_error(
+            f"parallel.pipeline_schedule: {name} with model.tie_word_embeddings puts the shared embedding/head "
+            "weight under two FSDP2 roots on rank 0; use parallel.data_parallel=zero1 or a loop schedule"
+        )
 
 
 # ------------------------------------------------------------------------------------------ stage modules

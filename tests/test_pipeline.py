@@ -72,6 +72,9 @@ INVALID = {
                                        ["parallel.pipeline_microbatches", "at least 4"]),
     "interleaved_rounds": (dict(pp=4, pipeline_schedule="Interleaved1F1B", pipeline_microbatches=9), 8, 0,
                            ["parallel.pipeline_microbatches", "multiple"]),
+    "v_schedule_fsdp_tied_embeddings": (dict(pp=2, dp_shard=2, pipeline_schedule="DualPipeV", data_parallel="fsdp"),
+                                        4, 1, ["parallel.pipeline_schedule", "tie_word_embeddings"],
+                                        dict(tie_word_embeddings=True)),
     "v_schedule_with_tp_and_mtp": (dict(pp=2, tp=2, pipeline_schedule="ZBVZeroBubble", data_parallel="fsdp"),
                                    4, 1, ["parallel.pipeline_schedule", "tp=1"]),
 }
@@ -79,11 +82,11 @@ INVALID = {
 
 @pytest.mark.parametrize("case", list(INVALID))
 def test_invalid_pipeline_layout(case):
-    parallel, layers, mtp, words = INVALID[case]
+    parallel, layers, mtp, words, *model_extra = INVALID[case]
     p = ParallelConfig(**parallel)
     world = p.pp * p.dp_replicate * p.dp_shard * p.tp
     with pytest.raises(LayoutError) as err:
-        validate_layout(p, model_cfg(layers, mtp), world)
+        validate_layout(p, model_cfg(layers, mtp, **(model_extra[0] if model_extra else {})), world)
         if p.pipeline_microbatches is not None:
             validate_microbatches(p, p.pipeline_microbatches)
     for word in words:
