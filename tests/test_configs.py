@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from models.config import ModelConfig, RopeScalingConfig
 
-CONFIGS = ["tiny", "deepseek_v3_671b", "deepseek_v2_lite"]
+CONFIGS = ["tiny", "deepseek_v3_671b", "deepseek_v2_lite", "deepseek_v3_16b", "deepseek_v3_4b_a1b"]
 
 
 def load_model_config(repo_root, name: str) -> ModelConfig:

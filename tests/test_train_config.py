@@ -6,7 +6,7 @@ import pytest
 
 from train.config import Config, ConfigError, load_config
 
-CONFIG_FILES = ["tiny", "deepseek_v3_671b", "deepseek_v2_lite"]
+CONFIG_FILES = ["tiny", "deepseek_v3_671b", "deepseek_v2_lite", "deepseek_v3_16b", "deepseek_v3_4b_a1b"]
 
 
 @pytest.mark.parametrize("name", CONFIG_FILES)

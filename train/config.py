@@ -194,6 +194,61 @@ class Config:
         _check(self.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0 (0 = only at the end)")
         _check(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
         _check(t.max_nonfinite_steps >= 0, "train.max_nonfinite_steps", "must be >= 0")
+        _validate_layout_and_launch(self)
+
+
+# parallel.pipeline_schedule names (parallel/pipeline.py; matched case-insensitively, "_" ignored there too)
+_PIPELINE_SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble",
+                       "DualPipeV")
+
+
+def _validate_layout_and_launch(cfg: "Config") -> None:
+    """Static checks that need no process group: layouts that cannot divide whatever the world size,
+    and values that would only fail deep inside a run. Each message names the key and the fix."""
+    import math
+
+    m, p, t, o = cfg.model, cfg.parallel, cfg.train, cfg.optim
+    _check(math.isfinite(o.lr), "optim.lr", f"must be a finite number, got {o.lr}")
+    _check(m.first_k_dense_replace >= 0, "model.first_k_dense_replace",
+           f"must be >= 0 (the number of leading dense layers), got {m.first_k_dense_replace}")
+    _check(m.n_shared_experts >= 0, "model.n_shared_experts", f"must be >= 0, got {m.n_shared_experts}")
+    _check(m.routed_scaling_factor > 0, "model.routed_scaling_factor",
+           f"must be > 0 (it scales the routed experts' gates; V3 uses 2.5), got {m.routed_scaling_factor}")
+    if m.rope_scaling is not None:
+        _check(m.rope_scaling.factor >= 1, "model.rope_scaling.factor",
+               f"must be >= 1 (YaRN extends the context), got {m.rope_scaling.factor}; or set model.rope_scaling=null")
+    if cfg.data.tokenizer is None:  # the BPE trained on first use has data.tokenizer_vocab_size tokens
+        _check(cfg.data.tokenizer_vocab_size <= m.vocab_size, "model.vocab_size",
+               f"{m.vocab_size} is smaller than data.tokenizer_vocab_size={cfg.data.tokenizer_vocab_size}; "
+               "raise model.vocab_size or lower data.tokenizer_vocab_size")
+    if p.ep > 1:
+        _check(m.n_routed_experts > 0, "parallel.ep",
+               "the model has no routed experts (model.n_routed_experts=0); set parallel.ep=1")
+        divisors = [d for d in range(1, m.n_routed_experts + 1) if m.n_routed_experts % d == 0]
+        _check(m.n_routed_experts % p.ep == 0, "parallel.ep",
+               f"model.n_routed_experts={m.n_routed_experts} cannot be split evenly over ep={p.ep} ranks; "
+               f"use an ep that divides it ({', '.join(map(str, divisors[:12]))})")
+        _check(p.dp_shard % p.ep == 0, "parallel.ep",
+               f"ep={p.ep} must divide parallel.dp_shard={p.dp_shard} (experts are split over the sharded "
+               "data-parallel ranks); set dp_shard to a multiple of ep")
+    _check(m.num_attention_heads % p.tp == 0, "parallel.tp",
+           f"model.num_attention_heads={m.num_attention_heads} is not divisible by tp={p.tp}; "
+           "use a tp that divides the number of heads")
+    _check(p.pp <= m.num_hidden_layers, "parallel.pp",
+           f"pp={p.pp} pipeline stages for model.num_hidden_layers={m.num_hidden_layers} layers; "
+           "use at most one stage per layer")
+    wanted = str(p.pipeline_schedule).replace("_", "").lower()
+    _check(wanted in {s.lower() for s in _PIPELINE_SCHEDULES}, "parallel.pipeline_schedule",
+           f"unknown schedule {p.pipeline_schedule!r}; choose one of {', '.join(_PIPELINE_SCHEDULES)}")
+    if p.pp > 1 and wanted in ("1f1b", "zbvzerobubble", "dualpipev"):  # as parallel.pipeline.validate_microbatches
+        need = 2 * p.pp if wanted != "1f1b" else p.pp  # V-shaped schedules run 2 stages per rank
+        _check(t.grad_accum_steps >= need, "train.grad_accum_steps",
+               f"{t.grad_accum_steps} micro-batches per step are too few for {p.pipeline_schedule} over pp={p.pp}; "
+               f"raise train.grad_accum_steps to at least {need}")
+    _check(cfg.log.wandb_mode in (None, "online", "offline", "disabled", "shared"), "log.wandb_mode",
+           f"must be online|offline|disabled (or null: WANDB_MODE, else online with an API key), "
+           f"got {cfg.log.wandb_mode!r}")
+    _check(bool(str(cfg.run.dir).strip()), "run.dir", "must be a directory path (the run's outputs and checkpoints)")
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -219,9 +274,36 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
-        raise ConfigError(f"{key}: {_first_line(e)}") from None
+        raise ConfigError(f"{key}: {_first_line(e)}{_schema_hint(e, key)}") from None
     cfg.validate()
     return cfg
+
+
+def _schema_hint(e: Exception, key: str) -> str:
+    """The fix for a schema error: the keys that exist, or the type the key expects."""
+    import dataclasses
+    import typing
+
+    msg = str(e)
+    if " not in '" in msg and "Did you mean" not in msg:
+        obj = getattr(e, "object_type", None)
+        if dataclasses.is_dataclass(obj):
+            return f"; valid keys here: {', '.join(f.name for f in dataclasses.fields(obj))}"
+        return ""
+    node: Any = Config
+    for part in key.split("."):
+        if not (isinstance(node, type) and dataclasses.is_dataclass(node)):
+            return ""
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            return ""
+        node = hints[part]
+    args = [a for a in typing.get_args(node) if a is not type(None)]
+    name = getattr(node, "__name__", None) if not args or typing.get_origin(node) is list else args[0].__name__
+    if typing.get_origin(node) is list:
+        return "; expected a list, e.g. [a, b]"
+    nice = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+    return f"; expected {nice.get(name, name)}" + (" or null" if type(None) in typing.get_args(node) else "")
 
 
 def _first_line(e: Exception) -> str:

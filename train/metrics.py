@@ -1,10 +1,35 @@
 """Run outputs on rank 0: metrics.jsonl, a console line per log step with a progress bar,
-and optional Weights & Biases / TensorBoard sinks."""
+and optional Weights & Biases / TensorBoard sinks.
+
+metrics.jsonl keeps the names the trainer logs (`loss`, `lr`, `grad_norm`, `tokens_per_s`, ...).
+W&B and TensorBoard get the same scalars grouped into sections, so that each service lays out one
+dashboard per run without any set-up:
+
+  train/       loss, total_loss, mtp_loss, mtp_weight, aux_loss
+  optim/       lr, grad_norm, skipped_steps
+  perf/        tokens_per_s, step_time_s, tokens, model_flops_per_s, mfu
+  system/      memory_mb (peak; GPU: max allocated), and on CUDA allocated/reserved now
+  moe/         load_max_mean (mean over layers), load_max_mean_worst, load_min_mean, experts_idle,
+               router_bias_absmax, router_bias_std, bias_update_speed, dropped_tokens (V2 capacity)
+  moe_layers/  per MoE layer: load_max_mean/<layer>, bias_absmax/<layer>, bias_std/<layer>
+  expert_load/<layer>   histogram: each expert's share of the layer's routed tokens (one bar per expert)
+  router_bias/<layer>   histogram of the layer's aux-loss-free bias values
+
+Per-expert histograms come from the step's global token counts, which `expert_load_stats` (called
+by the trainer every step) also keeps for the logger; they are not written to metrics.jsonl.
+W&B runs online when an API key is configured (WANDB_API_KEY or a netrc entry) and offline
+otherwise (`wandb sync RUN_DIR/wandb/offline-run-*` uploads later); log.wandb_mode or WANDB_MODE
+override that. The W&B run id is kept in RUN_DIR/wandb_run_id, so a resumed or requeued run
+continues the same W&B run.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import secrets
+import struct
 import sys
 import time
 from pathlib import Path
@@ -14,23 +39,63 @@ import torch
 
 from train.config import Config, LogConfig, to_yaml
 
+SECTIONS = {
+    "loss": "train", "total_loss": "train", "mtp_loss": "train", "mtp_weight": "train", "aux_loss": "train",
+    "lr": "optim", "grad_norm": "optim", "skipped_steps": "optim",
+    "tokens_per_s": "perf", "step_time_s": "perf", "tokens": "perf", "model_flops_per_s": "perf", "mfu": "perf",
+    "memory_mb": "system", "memory_allocated_mb": "system", "memory_reserved_mb": "system",
+    "load_max_mean": "moe", "load_max_mean_worst": "moe", "load_min_mean": "moe", "experts_idle": "moe",
+    "router_bias_absmax": "moe", "router_bias_std": "moe", "bias_update_speed": "moe", "dropped_tokens": "moe",
+    "bad_records": "data",
+}
+
+
+def chart_name(key: str) -> str:
+    """The W&B / TensorBoard name of a metrics.jsonl key."""
+    return f"{SECTIONS.get(key, 'train')}/{key}"
+
+
+class _ExpertLoad:
+    """The latest step's [L, E] token counts and router biases, for the logger's histograms.
+
+    Kept here rather than in the metrics dict so that per-step histories stay small."""
+
+    counts: Optional[torch.Tensor] = None
+    biases: Optional[torch.Tensor] = None
+
+
+LATEST = _ExpertLoad()
+
 
 def expert_load_stats(counts: Optional[torch.Tensor], biases: list[torch.Tensor]) -> dict[str, Any]:
     """Max/mean expert load per MoE layer from the step's global token counts [L, E]."""
     if counts is None or counts.numel() == 0:
         return {}
-    counts = counts.float()
-    ratio = counts.max(dim=1).values / counts.mean(dim=1).clamp(min=1e-9)
+    counts = counts.detach().float().cpu()
+    mean = counts.mean(dim=1).clamp(min=1e-9)
+    ratio = counts.max(dim=1).values / mean
     stats: dict[str, Any] = {
         "load_max_mean": float(ratio.mean()),
         "load_max_mean_worst": float(ratio.max()),
+        "load_min_mean": float((counts.min(dim=1).values / mean).mean()),
+        "experts_idle": int((counts == 0).sum()),  # (layer, expert) pairs that got no token this step
         "load_max_mean_per_layer": [round(float(r), 4) for r in ratio],
     }
+    LATEST.counts, LATEST.biases = counts, None
     if biases:
-        b = torch.stack([x.float() for x in biases])
+        b = torch.stack([x.detach().float().cpu() for x in biases])
         stats["router_bias_absmax"] = float(b.abs().max())
         stats["router_bias_std"] = float(b.std(dim=1).mean()) if b.shape[1] > 1 else 0.0
+        LATEST.biases = b
     return stats
+
+
+def moe_layer_names(cfg: Config, n_rows: int) -> list[str]:
+    """Chart names of the rows of the [L, E] counts: decoder layer index, then MTP depth."""
+    m = cfg.model
+    names = [f"layer_{i:02d}" for i in range(m.num_hidden_layers) if m.is_moe_layer(i)]
+    names += [f"mtp_{k + 1}" for k in range(m.num_nextn_predict_layers) if m.is_moe_layer(m.num_hidden_layers + k)]
+    return names if len(names) == n_rows else [f"moe_{j:02d}" for j in range(n_rows)]
 
 
 def format_duration(seconds: float) -> str:
@@ -38,6 +103,13 @@ def format_duration(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def cuda_memory() -> dict[str, float]:
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return {}
+    return {"memory_allocated_mb": torch.cuda.memory_allocated() / 2**20,
+            "memory_reserved_mb": torch.cuda.memory_reserved() / 2**20}
 
 
 class MetricsLogger:
@@ -50,6 +122,7 @@ class MetricsLogger:
         self.start_step: Optional[int] = None
         self._wandb = None
         self._tb = None
+        LATEST.counts = LATEST.biases = None  # nothing from an earlier run in this process
         if not is_main:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -62,23 +135,78 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self._tb.add_text("config", "```\n" + to_yaml(cfg) + "\n```", 0)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Record the metrics of optimizer step `step` (1-based)."""
         if not self.is_main:
             return
+        metrics = {**metrics, **cuda_memory()}
         record = {"step": step, **metrics}
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
-        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-        if self._wandb is not None:
-            self._wandb.log(scalars, step=step)
-        if self._tb is not None:
-            for k, v in scalars.items():
-                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None or self._tb is not None:
+            scalars = self._scalars(metrics)
+            if self._wandb is not None:
+                self._wandb.log({**scalars, **self._wandb_histograms()}, step=step)
+            if self._tb is not None:
+                for k, v in scalars.items():
+                    self._tb.add_scalar(k, v, step)
+                self._tb_histograms(step)
+                self._tb.flush()
         if self.log_cfg.console:
             print(self._line(step, metrics), flush=True)
 
+    # ---------------------------------------------------------------- charts
+    def _scalars(self, metrics: dict[str, Any]) -> dict[str, float]:
+        out = {chart_name(k): v for k, v in metrics.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        per_layer = metrics.get("load_max_mean_per_layer")
+        if per_layer:
+            for name, r in zip(moe_layer_names(self.cfg, len(per_layer)), per_layer):
+                out[f"moe_layers/load_max_mean/{name}"] = r
+        b = LATEST.biases
+        if b is not None:
+            for name, row in zip(moe_layer_names(self.cfg, b.shape[0]), b):
+                out[f"moe_layers/bias_absmax/{name}"] = float(row.abs().max())
+                out[f"moe_layers/bias_std/{name}"] = float(row.std()) if row.numel() > 1 else 0.0
+        return out
+
+    def _wandb_histograms(self) -> dict[str, Any]:
+        import numpy as np
+        import wandb
+
+        out: dict[str, Any] = {}
+        c = LATEST.counts
+        if c is not None:
+            edges = np.arange(c.shape[1] + 1) - 0.5  # one bin per expert id
+            for name, row in zip(moe_layer_names(self.cfg, c.shape[0]), c):
+                share = (row / row.sum().clamp(min=1)).numpy()
+                out[f"expert_load/{name}"] = wandb.Histogram(np_histogram=(share, edges))
+        b = LATEST.biases
+        if b is not None:
+            for name, row in zip(moe_layer_names(self.cfg, b.shape[0]), b):
+                out[f"router_bias/{name}"] = wandb.Histogram(row.numpy())
+        return out
+
+    def _tb_histograms(self, step: int) -> None:
+        c = LATEST.counts
+        if c is not None:
+            experts = torch.arange(c.shape[1], dtype=torch.float64)
+            for name, row in zip(moe_layer_names(self.cfg, c.shape[0]), c):
+                row = row.double()
+                # One bucket per expert: (e - 0.5, e + 0.5], height = tokens routed to expert e.
+                self._tb.add_histogram_raw(
+                    f"expert_load/{name}", min=0.0, max=float(c.shape[1] - 1), num=int(row.sum()),
+                    sum=float((experts * row).sum()), sum_squares=float((experts**2 * row).sum()),
+                    bucket_limits=(experts + 0.5).tolist(), bucket_counts=row.tolist(), global_step=step,
+                )
+        b = LATEST.biases
+        if b is not None:
+            for name, row in zip(moe_layer_names(self.cfg, b.shape[0]), b):
+                self._tb.add_histogram(f"router_bias/{name}", row, step)
+
+    # ---------------------------------------------------------------- console
     def progress(self, step: int) -> None:
         """Redraw the progress bar in place (terminals only; logs get the per-step lines)."""
         if self.start_step is None:
@@ -103,10 +231,16 @@ class MetricsLogger:
         if m.get("aux_loss"):
             parts.append(f"aux {m['aux_loss']:.2e}")
         parts += [f"lr {m['lr']:.2e}", f"gnorm {m['grad_norm']:.3f}", f"{m['tokens_per_s']:,.0f} tok/s"]
+        if "mfu" in m:
+            parts.append(f"mfu {100 * m['mfu']:.1f}%")
         if "load_max_mean" in m:
             parts.append(f"load max/mean {m['load_max_mean']:.2f}")
+        if m.get("dropped_tokens"):
+            parts.append(f"dropped {m['dropped_tokens']:,.0f}")
         if m.get("skipped_steps"):
             parts.append(f"skipped {m['skipped_steps']}")
+        if m.get("bad_records"):
+            parts.append(f"bad records {m['bad_records']}")
         prefix = "\r\033[K" if self._tty and self.log_cfg.progress else ""
         suffix = f" | {self._bar(step)}" if self.log_cfg.progress else ""
         return prefix + " | ".join(parts) + suffix
@@ -121,15 +255,94 @@ class MetricsLogger:
             self._tb.close()
 
 
+# ---------------------------------------------------------------- Weights & Biases
+def wandb_api_key_configured() -> bool:
+    """A W&B key in the environment or in a netrc file (where `wandb login` puts it)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+def wandb_mode(log_cfg: LogConfig) -> str:
+    """log.wandb_mode, else WANDB_MODE, else online with a key and offline without one."""
+    mode = log_cfg.wandb_mode or os.environ.get("WANDB_MODE")
+    if mode:
+        return mode
+    if wandb_api_key_configured():
+        return "online"
+    print("wandb: no API key configured; logging offline (upload later with `wandb sync`)", flush=True)
+    return "offline"
+
+
 def _init_wandb(cfg: Config, run_dir: Path, log_cfg: LogConfig):
     import wandb
     from omegaconf import OmegaConf
 
-    return wandb.init(
+    id_file = run_dir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+    id_file.write_text(run_id + "\n")
+    run = wandb.init(
         project=log_cfg.wandb_project,
         name=cfg.run.name,
+        id=run_id,
         dir=str(run_dir),
-        mode=log_cfg.wandb_mode,
+        mode=wandb_mode(log_cfg),
         config=OmegaConf.to_container(OmegaConf.structured(cfg)),
         resume="allow",
     )
+    try:  # the resolved YAML next to the run's other files
+        run.save(str(run_dir / "config.yaml"), base_path=str(run_dir), policy="now")
+    except Exception:  # noqa: BLE001 - a missing copy of the config must not stop training
+        pass
+    return run
+
+
+def read_wandb_run(path: str | os.PathLike) -> dict[str, Any]:
+    """History rows and config of a W&B run file (`wandb/offline-run-*/run-*.wandb`), read locally.
+
+    The file is a LevelDB-style log (32 KiB blocks of CRC-framed chunks, ':W&B' header) of
+    `wandb_internal_pb2.Record` protobufs; this reads it without network or W&B service."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    raw = Path(path).read_bytes()
+    ident, _magic, _version = struct.unpack("<4sHB", raw[:7])
+    if ident != b":W&B":
+        raise ValueError(f"{path}: not a W&B run file")
+    block, pos, chunks, pending = 32768, 7, [], b""
+    while pos + 7 <= len(raw):
+        left = block - pos % block
+        if left < 7:  # block trailer
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        if kind == 0:  # zero padding up to the block end
+            pos += left
+            continue
+        data = raw[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 1:  # full
+            chunks.append(data)
+        elif kind == 2:  # first
+            pending = data
+        elif kind == 3:  # middle
+            pending += data
+        else:  # last
+            chunks.append(pending + data)
+            pending = b""
+    history: list[dict[str, Any]] = []
+    config: dict[str, Any] = {}
+    for data in chunks:
+        record = pb.Record()
+        record.ParseFromString(data)
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            history.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item})
+        elif kind == "run":
+            config.update({i.key: json.loads(i.value_json) for i in record.run.config.update})
+        elif kind == "config":
+            config.update({i.key: json.loads(i.value_json) for i in record.config.update})
+    return {"history": history, "config": config}
