@@ -30,6 +30,12 @@ INVALID = {
     "ep_not_dividing_dp_shard_with_tp": (dict(dp_shard=1, tp=2, ep=2), 2, {}, "parallel.ep", []),
     "ep_with_dense_only_model": (dict(dp_shard=2, ep=2), 2, dict(n_routed_experts=0), "parallel.ep", ["n_routed_experts=0", "ep=1"]),
     "tp_not_dividing_heads": (dict(tp=3), 3, dict(num_attention_heads=128), "parallel.tp", []),
+    "tp_not_dividing_heads_named": (dict(tp=4), 4, dict(num_attention_heads=6), "parallel.tp", ["model.num_attention_heads=6", "tp=4"]),
+    "tp_not_dividing_dense_mlp": (dict(tp=2), 2, dict(intermediate_size=129), "parallel.tp", ["model.intermediate_size=129"]),
+    "tp_not_dividing_vocab": (dict(tp=2), 2, dict(vocab_size=4097), "parallel.tp", ["model.vocab_size=4097"]),
+    "tp_not_dividing_shared_experts": (dict(tp=2), 2, dict(moe_intermediate_size=33, n_shared_experts=1), "parallel.tp",
+                                       ["moe_intermediate_size", "33"]),
+    "tp_with_zero1": (dict(tp=2, data_parallel="zero1"), 2, {}, "parallel.data_parallel", ["zero1", "fsdp"]),
     "pp_more_stages_than_layers": (dict(pp=3), 3, dict(num_hidden_layers=2, num_nextn_predict_layers=0), "parallel.pp", []),
 }
 
@@ -55,6 +61,7 @@ VALID = [
     (dict(dp_replicate=2, dp_shard=2, ep=2), 4, 16),
     (dict(dp_shard=2), 2, 0),  # dense model, plain data parallelism
     (dict(dp_shard=8, ep=8), 8, 8),  # one expert per rank
+    (dict(dp_shard=2, ep=2, tp=2), 4, 16),  # ep folds into dp_shard; tp divides the default model's sizes
 ]
 
 
