@@ -65,7 +65,9 @@ class GroupedExperts(nn.Module):
             # The CUDA grouped GEMM wants bf16 and sm90+; fall back to the loop otherwise.
             major, _ = torch.cuda.get_device_capability(x.device)
             return "grouped_mm" if x.dtype == torch.bfloat16 and major >= 9 else "loop"
-        return "grouped_mm"
+        # The CPU kernel needs 16-byte aligned row strides for both GEMMs' inputs.
+        aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[-1], self.intermediate_size))
+        return "grouped_mm" if aligned else "loop"
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: [N, H] sorted by expert; counts: [E] rows per expert -> [N, H]."""

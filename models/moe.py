@@ -60,7 +60,7 @@ def unpermute_and_combine(
     k = topk_weight.shape[1]
     weighted = y.float() * topk_weight.flatten()[order].unsqueeze(1)
     out = weighted.new_zeros(n_tokens * k, y.shape[1]).index_copy_(0, order, weighted)
-    return out.view(n_tokens, k, -1).sum(dim=1).to(out_dtype)
+    return out.view(n_tokens, k, y.shape[1]).sum(dim=1).to(out_dtype)  # explicit H: n_tokens may be 0
 
 
 class LocalDispatcher(TokenDispatcher):

@@ -78,7 +78,7 @@ class Router(nn.Module):
         """Expert ids [T, K] chosen from fp32 scores [T, E] (no gradient)."""
         choice = scores + self.e_score_correction_bias if self.uses_bias else scores
         if self.n_group > 1 and self.topk_method != "greedy":
-            grouped = choice.view(choice.shape[0], self.n_group, -1)
+            grouped = choice.view(choice.shape[0], self.n_group, self.n_experts // self.n_group)
             if self.uses_bias:
                 group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # V3: sum of top-2
             else:

@@ -235,3 +235,18 @@ def test_router_and_moe_drop_tokens():
     torch.testing.assert_close(y, naive_moe(moe, x), rtol=1e-5, atol=1e-6)
     moe(x)
     assert int(moe.dropped_tokens) == 2 * n_dropped  # accumulates over micro-batches
+
+
+def test_unaligned_hidden_size_falls_back_to_the_loop_and_empty_batches_work():
+    """torch._grouped_mm on CPU needs 16-byte row strides; odd sizes take the loop, same numbers."""
+    from models.config import ModelConfig
+    from models.moe import MoE
+
+    cfg = ModelConfig(hidden_size=6, moe_intermediate_size=5, n_routed_experts=4, num_experts_per_tok=2,
+                      n_group=2, topk_group=1, n_shared_experts=1)
+    moe = MoE(cfg)
+    moe.reset_parameters(0.1)
+    x = torch.randn(2, 3, 6)
+    assert moe.experts.resolved_implementation(x.reshape(-1, 6)) == "loop"
+    moe(x).sum().backward()
+    assert moe(torch.randn(1, 0, 6)).shape == (1, 0, 6)
