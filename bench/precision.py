@@ -4,12 +4,13 @@ Part A  FP8 GEMM paths (Linear forward + backward, three GEMMs): fp32 F.linear, 
         FP8 "emulate" (quantise -> dequantise -> fp32 GEMM) and FP8 "scaled_mm" (torch._scaled_mm
         float8 GEMM, row-wise scales per 128-slice of K); says which FP8 path is faster here.
 Part B  the Trainer on the tiny config and a wider one, each precision in its own subprocess:
-        median step time, peak RSS during the timed steps (VmHWM reset before them), bytes saved
+        median step time, peak RSS of two extra steps (VmHWM reset before them), bytes saved
         for backward by one forward (exact, storage-deduplicated), and the relative loss error of
-        FP8 (and FP32) vs BF16 over the same steps and data (mean of the last 5 steps).
+        FP8 (and FP32) vs BF16 over the same steps and data (mean of the last 5 steps), and the
+        share of the machine's CPU other processes used meanwhile (timings are only as good as that).
         Prints which FP8 path ran.
 
-python bench/precision.py [--threads 2] [--steps 12] [--configs tiny,wide] [--skip-gemm]
+python bench/precision.py [--threads 2] [--steps 12] [--configs tiny,wide] [--skip-gemm] [--wait 60]
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from hf_baseline import CpuMonitor, reset_peak_rss, rss_stats  # noqa: E402
+from hf_baseline import CpuMonitor, reset_peak_rss, rss_stats, wait_for_idle  # noqa: E402
 
 CONFIGS = {
     # configs/tiny.yaml as shipped (hidden 256, 16 experts top-4, MTP 1), shorter batch for CPU time
@@ -111,7 +112,7 @@ def worker(config: str, precision: str, steps: int, threads: int, cache: str, ru
     from train.trainer import Trainer
 
     overrides = CONFIGS[config] + [
-        f"train.precision={precision}", f"train.steps={steps}", f"train.threads={threads}",
+        f"train.precision={precision}", f"train.steps={steps + 2}", f"train.threads={threads}",
         f"run.dir={run_dir}", f"data.cache_dir={cache}", "data.max_files=200", "checkpoint.interval=0",
         "checkpoint.at_end=false", "log.console=false", "log.progress=false", "train.sample_prompt=''",
         "optim.warmup_steps=3", "optim.lr=1e-3",
@@ -120,14 +121,27 @@ def worker(config: str, precision: str, steps: int, threads: int, cache: str, ru
     trainer = Trainer(cfg)
     losses, times = [], []
     warm = 2
-    base = rss_stats()["rss_mb"]
-    peak_reset = reset_peak_rss()
     with CpuMonitor() as mon:
         for i in range(steps):
             m = trainer.train_step()
             losses.append(m["loss"])
             if i >= warm:
                 times.append(m["step_time_s"])
+    # Memory, after the timed steps: from now on glibc mmaps every allocation >= 64 KiB and unmaps it
+    # on free, so peak RSS follows live memory instead of the heap's high-water mark (it still holds
+    # oneDNN's primitive cache, large for bf16 kernels). Two more steps, same for every precision.
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+    except OSError:
+        pass
+    base = rss_stats()["rss_mb"]
+    peak_reset = reset_peak_rss()
+    for _ in range(2):
+        trainer.train_step()
     peak = rss_stats()["hwm_mb"]
     act = saved_activation_bytes(trainer)  # after the timed steps, so training is untouched
     return {
@@ -146,6 +160,7 @@ def main() -> None:
     ap.add_argument("--configs", default="tiny,wide")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--skip-gemm", action="store_true")
+    ap.add_argument("--wait", type=float, default=60.0, help="seconds to wait for other CPU load to drop per run")
     ap.add_argument("--worker", nargs=2, metavar=("CONFIG", "PRECISION"))
     ap.add_argument("--cache", default=os.environ.get("MOEFORGE_CACHE", str(Path.home() / ".cache" / "moeforge")))
     args = ap.parse_args()
@@ -164,6 +179,7 @@ def main() -> None:
         for precision in ("fp32", "bf16", "fp8"):
             cmd = [sys.executable, __file__, "--worker", config, precision, "--steps", str(args.steps),
                    "--threads", str(args.threads), "--cache", args.cache]
+            wait_for_idle(max_busy_frac=0.3, timeout_s=args.wait)  # best effort on a shared machine
             out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
             if not line:
@@ -174,11 +190,11 @@ def main() -> None:
           f"{'step peak +MB':>13} {'saved act MB':>12} {'loss@end':>9} {'rel err vs bf16':>15} {'other CPU':>9}"
     print(hdr)
     for config in args.configs.split(","):
-        ref = results[(config, "bf16")]["losses"][-5:]
+        ref = results[(config, "bf16")]["losses"][-5:]  # same steps and batches in every run
         ref_end = sum(ref) / len(ref)
         for precision in ("fp32", "bf16", "fp8"):
             r = results[(config, precision)]
-            end = sum(r["losses"][-5:]) / 5
+            end = sum(r["losses"][-5:]) / len(r["losses"][-5:])
             err = (end - ref_end) / ref_end
             print(f"{config:>6} {precision:>5} {r['params_m']:6.1f}M {r['step_s']:7.3f} "
                   f"{r['tokens_per_step'] / r['step_s']:7.0f} {r['peak_rss_mb']:11.0f} "
@@ -186,6 +202,8 @@ def main() -> None:
                   f"{err:+15.4%} {r['foreign_cpu']:9.0%}")
     fp8_paths = {r["fp8_path"] for (c, p), r in results.items() if p == "fp8"}
     print("\nFP8 path that ran: " + "; ".join(sorted(fp8_paths)))
+    print("peak RSS: whole process over two steps after the timed ones; step peak: above the RSS before them; saved act: "
+          "tensors autograd keeps for backward in one forward (FP8 Linears keep e4m3 inputs + scales)")
     print("(emulate = E4M3 quantise -> dequantise with 1x128 / 128x128 scales, then fp32 GEMM; the loss error over "
           "this few steps is a smoke check, tests/test_fp8_training.py runs the 200-step comparison)")
 
