@@ -201,7 +201,7 @@ def validate_microbatches(parallel, n_micro: int) -> None:
                 f"parallel.pipeline_microbatches: {name} needs at least {need} micro-batches per step "
                 f"({'stages' if style == 'v' else 'pp'}={need}), got {n_micro}; raise train.grad_accum_steps"
             )
-    if style == "loop":
+    if name in ("Interleaved1F1B", "InterleavedZeroBubble"):
         rounds = max(1, n_micro // pp)
         if n_micro % rounds:
             raise _layout_error(

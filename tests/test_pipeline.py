@@ -139,3 +139,13 @@ def test_pruning_keeps_names_and_ties_the_embedding():
         names |= set(mine)
         StageModule(model, stage, 2, layers, torch.float32)  # wraps without copying
     assert names == set(full)
+
+
+def test_interleaved_microbatch_rounds_checked_at_config_load(repo_root):
+    from train.config import load_config
+
+    with pytest.raises(ConfigError, match="train.grad_accum_steps"):
+        load_config(repo_root / "configs" / "tiny.yaml",
+                    ["parallel.pp=2", "parallel.pipeline_schedule=Interleaved1F1B", "train.grad_accum_steps=5"])
+    load_config(repo_root / "configs" / "tiny.yaml",
+                ["parallel.pp=2", "parallel.pipeline_schedule=LoopedBFS", "train.grad_accum_steps=5"])

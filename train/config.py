@@ -245,6 +245,11 @@ def _validate_layout_and_launch(cfg: "Config") -> None:
         _check(t.grad_accum_steps >= need, "train.grad_accum_steps",
                f"{t.grad_accum_steps} micro-batches per step are too few for {p.pipeline_schedule} over pp={p.pp}; "
                f"raise train.grad_accum_steps to at least {need}")
+    if p.pp > 1 and wanted in ("interleaved1f1b", "interleavedzerobubble"):  # micro-batches in max(1, m // pp) rounds
+        rounds = max(1, t.grad_accum_steps // p.pp)
+        _check(t.grad_accum_steps % rounds == 0, "train.grad_accum_steps",
+               f"{p.pipeline_schedule} runs the {t.grad_accum_steps} micro-batches in max(1, m // pp) = {rounds} "
+               f"equal rounds; use a multiple of pp={p.pp}")
     _check(cfg.log.wandb_mode in (None, "online", "offline", "disabled", "shared"), "log.wandb_mode",
            f"must be online|offline|disabled (or null: WANDB_MODE, else online with an API key), "
            f"got {cfg.log.wandb_mode!r}")
