@@ -83,8 +83,30 @@ def init_distributed(parallel, model: "ModelConfig") -> ParallelContext:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=10))
+        timeout = datetime.timedelta(minutes=10)
+        store = _elastic_attempt_store(timeout)
+        if store is None:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, timeout=timeout, store=store,
+                                    rank=int(os.environ["RANK"]), world_size=world_size)
     return build_context(parallel, device)
+
+
+def _elastic_attempt_store(timeout: datetime.timedelta):
+    """torchrun's shared agent store, with keys scoped to this restart attempt (None outside it).
+
+    Under `torchrun --max-restarts` with the c10d rendezvous (`--standalone`), the agent keeps
+    one TCPStore for every attempt and the default group's keys carry no attempt number, so a
+    restarted worker can read its peer's address from the killed attempt and retry connecting
+    to a dead port until the timeout (gloo), or reuse a stale NCCL id. All workers of one
+    attempt share TORCHELASTIC_RESTART_COUNT, so it makes a per-attempt prefix.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"moeforge/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def build_context(parallel, device: torch.device) -> ParallelContext:

@@ -106,6 +106,7 @@ class Trainer:
         self.flops_per_token = count_model(cfg.model, cfg.train.seq_len).flops_per_token
         self.peak_flops = peak_flops(self.device, cfg.train.precision)
         self._stop_requested = False
+        self._pending_save: Optional[ckpt.AsyncCheckpoint] = None  # checkpoint.async_save still being written
         self.resumed_from: Optional[Path] = None
         self.resume()
         self.logger = MetricsLogger(cfg, self.run_dir, self.ctx.is_main, cfg.train.steps)
@@ -246,13 +247,14 @@ class Trainer:
         try:
             while self.step < cfg.train.steps:
                 metrics = self.train_step()
+                self.finish_save(wait=False)  # publish an async checkpoint whose write has finished
                 history.append({"step": self.step, **metrics})
                 self.logger.progress(self.step)
                 if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.steps or self.step == 1:
                     self.logger.log(self.step, metrics)
                 if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                     self.save()
-                if self._stop_requested:
+                if self._stop_agreed():
                     log.warning("SIGTERM received: saving at step %d and exiting", self.step)
                     if not (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
                         self.save()
@@ -260,6 +262,7 @@ class Trainer:
             else:
                 if cfg.checkpoint.at_end and not (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
                     self.save()
+            self.finish_save()  # the last async checkpoint is published before fit returns
         finally:
             signal.signal(signal.SIGTERM, previous)
             self.logger.close()
@@ -270,6 +273,14 @@ class Trainer:
             self._stop_requested = True
 
         return signal.signal(signal.SIGTERM, handler)
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank got SIGTERM: ranks receive it at different moments, so they agree
+        after every step and all save and stop at the same one."""
+        if not self.ctx.distributed:
+            return self._stop_requested
+        flag = torch.tensor([float(self._stop_requested)], device=self.device)
+        return float(self.ctx.all_reduce_sum(flag)) > 0
 
     # ---------------------------------------------------------------- checkpoints
     def save(self) -> Path:
@@ -286,18 +297,35 @@ class Trainer:
             "data": self.data.state_dict(),
             "rng_cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
         }
-        return ckpt.save_checkpoint(
-            self.ckpt_dir, self.step, self.checkpoint_state, meta, rank_state,
-            self.ctx.rank, self.ctx.is_main, self.ctx.barrier, self.cfg.checkpoint.keep_last,
-        )
+        self.finish_save()  # at most one async save in flight: only here does a step wait for a write
+        args = (self.ckpt_dir, self.step, self.checkpoint_state, meta, rank_state,
+                self.ctx.rank, self.ctx.is_main, self.ctx.barrier, self.cfg.checkpoint.keep_last)
+        if self.cfg.checkpoint.async_save:  # published later, by finish_save()
+            self._pending_save = ckpt.start_async_save(*args)
+            return self._pending_save.final
+        return ckpt.save_checkpoint(*args)
+
+    def finish_save(self, wait: bool = True) -> None:
+        """Publish the in-flight async checkpoint once written (waiting for the write if `wait`)."""
+        pending = self._pending_save
+        if pending is not None and (wait or pending.done()):
+            self._pending_save = None
+            pending.finish()
 
     def resume(self) -> None:
-        """Load the newest complete checkpoint in run.dir, falling back to older ones if corrupt."""
+        """Load the newest complete checkpoint in run.dir, falling back to older ones if corrupt.
+
+        If checkpoints exist but none loads, raise rather than start over on top of them."""
+        agree = None
+        if self.ctx.distributed:  # every rank must pick the same checkpoint
+            agree = lambda ok: float(self.ctx.all_reduce_sum(torch.tensor([float(not ok)], device=self.device))) == 0  # noqa: E731
+        failures = []
         for step, path in reversed(ckpt.complete_checkpoints(self.ckpt_dir)):
             try:
-                meta, rank_state = ckpt.load_checkpoint(path, self.checkpoint_state, self.ctx.rank)
+                meta, rank_state = ckpt.load_checkpoint(path, self.checkpoint_state, self.ctx.rank, agree=agree)
             except ckpt.CheckpointError as e:
                 log.error("cannot resume from %s: %s; trying an older checkpoint", path, e)
+                failures.append(str(e))
                 continue
             self.step, self.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
             self.skipped_steps = int(meta.get("skipped_steps", 0))
@@ -313,6 +341,10 @@ class Trainer:
             if self.ctx.is_main:
                 print(f"resumed from {path} (step {self.step})", flush=True)
             return
+        if failures:
+            raise ckpt.CheckpointError(
+                f"none of the {len(failures)} complete checkpoints in {self.ckpt_dir} can be loaded; "
+                "move them away to start the run over: " + "; ".join(failures))
 
     def sample(self, prompt: str, max_new_tokens: int) -> str:
         from train.generate import generate
