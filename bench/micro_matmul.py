@@ -6,31 +6,30 @@ plus MKL vs oneDNN (mkldnn) where applicable.
 """
 
 import argparse
-import statistics
-import time
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from hf_baseline import clean_bench, malloc_tuned, reexec_with_malloc_tuning  # noqa: E402
 
-def bench(fn, reps=20, warmup=3, min_time=0.3):
-    for _ in range(warmup):
-        fn()
-    ts = []
-    t_end = time.perf_counter() + min_time
-    while len(ts) < reps or time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-        if len(ts) > 2000:
-            break
-    return statistics.median(ts)
+
+def bench(fn, reps=10, warmup=2):
+    """median seconds over `reps` calls taken while no other process used the CPU (nan if the box
+    never went idle long enough: clean_bench timed out)."""
+    r = clean_bench(fn, reps=reps, warmup=warmup, batch_min_s=0.1)
+    return r["median"] if r["clean"] else float("nan")
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--system-malloc", action="store_true", help="don't re-exec with MALLOC_ENV (page-fault noise)")
     a = p.parse_args()
+    reexec_with_malloc_tuning(not a.system_malloc)
+    print(f"malloc_tuned={malloc_tuned()}")
     torch.set_num_threads(a.threads)
     print(f"threads={torch.get_num_threads()} cpu_capability={torch.backends.cpu.get_cpu_capability()} "
           f"mkldnn={torch.backends.mkldnn.is_available()}")
@@ -75,6 +74,24 @@ def main():
         B = torch.randn(b, k, n)
         t = bench(lambda: torch.bmm(A, B))
         print(f"  {label:40s} {t*1e3:7.3f} ms {2*b*m*k*n/t/1e9:7.1f} GF/s")
+
+    # LM head forward in row chunks (output chunk stays in L2/L3 instead of a 32 MiB write)
+    A = torch.randn(2048, 256)
+    W = torch.randn(4096, 256)
+    fl = 2 * 2048 * 256 * 4096
+    for rows in (2048, 512, 256, 128):
+        out = torch.empty(rows, 4096)
+        def chunked():
+            for i in range(0, 2048, rows):
+                torch.mm(A[i : i + rows], W.t(), out=out)
+        t = bench(chunked)
+        print(f"LM head fwd in {rows:4d}-row chunks (reused out buffer): {t*1e3:7.3f} ms {fl/t/1e9:6.1f} GF/s")
+
+    # bf16 (CPU reports avx512_bf16; only informative -- the benchmark is fp32)
+    for M, K, N in [(2048, 2048, 2048), (2048, 256, 4096)]:
+        Ab, Bb = torch.randn(M, K).bfloat16(), torch.randn(K, N).bfloat16()
+        t = bench(lambda: torch.mm(Ab, Bb))
+        print(f"bf16 mm [{M},{K}]x[{K},{N}]: {t*1e3:7.3f} ms {2*M*K*N/t/1e9:6.1f} GF/s")
 
     # oneDNN path check (torch.mm on CPU fp32 uses MKL sgemm by default)
     try:

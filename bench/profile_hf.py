@@ -14,7 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hf_baseline import TINY_V3, build_hf_model, make_batch, make_optimizer  # noqa: E402
+from hf_baseline import TINY_V3, CpuMonitor, build_hf_model, make_batch, make_optimizer, wait_for_idle  # noqa: E402
 
 
 def main():
@@ -42,19 +42,24 @@ def main():
     for _ in range(3):
         step()
     # un-profiled phase timings
-    ph = {"fwd": [], "bwd": [], "opt": []}
-    for _ in range(5):
-        t0 = time.perf_counter()
-        out = model(input_ids=ids, labels=labels, use_cache=False)
-        t1 = time.perf_counter()
-        out.loss.backward()
-        t2 = time.perf_counter()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        t3 = time.perf_counter()
-        ph["fwd"].append(t1 - t0)
-        ph["bwd"].append(t2 - t1)
-        ph["opt"].append(t3 - t2)
+    for attempt in range(10):
+        ph = {"fwd": [], "bwd": [], "opt": []}
+        wait_for_idle()
+        with CpuMonitor() as mon:
+            for _ in range(5):
+                t0 = time.perf_counter()
+                out = model(input_ids=ids, labels=labels, use_cache=False)
+                t1 = time.perf_counter()
+                out.loss.backward()
+                t2 = time.perf_counter()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                t3 = time.perf_counter()
+                ph["fwd"].append(t1 - t0)
+                ph["bwd"].append(t2 - t1)
+                ph["opt"].append(t3 - t2)
+        if mon.foreign_frac < 0.05:
+            break
     med = {k: sorted(v)[len(v) // 2] * 1e3 for k, v in ph.items()}
     print(
         f"attn={model.config._attn_implementation} experts={model.config._experts_implementation} "
@@ -62,9 +67,15 @@ def main():
         f"total {sum(med.values()):.1f}"
     )
 
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        for _ in range(a.steps):
-            step()
+    for attempt in range(10):  # shared box: re-profile until no other process used the CPU meanwhile
+        wait_for_idle()
+        with CpuMonitor() as mon:
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                for _ in range(a.steps):
+                    step()
+        if mon.foreign_frac < 0.05:
+            break
+        print(f"profile attempt {attempt}: {100 * mon.foreign_frac:.0f}% foreign CPU, retrying")
     ka = prof.key_averages()
     total_self = sum(e.self_cpu_time_total for e in ka)
     print(f"\nprofiled total self CPU per step: {total_self / a.steps / 1e3:.1f} ms (profiler overhead included)")
@@ -79,6 +90,31 @@ def main():
     ks = prof.key_averages(group_by_input_shape=True)
     for e in sorted(ks, key=lambda e: -e.self_cpu_time_total)[:25]:
         print(f"  {e.key[:34]:34s} {e.self_cpu_time_total / a.steps / 1e3:8.2f} ms  x{e.count // a.steps:<4d} {str(e.input_shapes)[:110]}")
+    # rough categories (tiny-v3 specific heuristics on op name / input shapes)
+    cats = {}
+    V = TINY_V3["vocab_size"]
+    for e in ks:
+        name, shp = e.key, str(e.input_shapes)
+        if name.startswith(("PHASE_", "Optimizer", "autograd::", "ProfilerStep")):
+            c = "python/autograd overhead"
+        elif name in ("aten::mm", "aten::addmm", "aten::linear") and str(V) in shp:
+            c = "LM head GEMMs"
+        elif name in ("aten::mm", "aten::addmm", "aten::_grouped_mm"):
+            c = "other GEMMs (proj/MLP/experts)"
+        elif "log_softmax" in name or "nll_loss" in name or (name == "aten::fill_" and str(V) in shp):
+            c = "CE loss (+32MiB zero-fill)"
+        elif name in ("aten::bmm", "aten::_softmax", "aten::_softmax_backward_data", "aten::isneginf",
+                      "aten::all", "aten::where") or "attention" in name:
+            c = "attention core (sdpa math)"
+        elif name in ("aten::_index_put_impl_", "aten::index", "aten::index_put_", "aten::sort", "aten::histc",
+                      "aten::topk", "aten::scatter_", "aten::gather", "aten::masked_fill"):
+            c = "MoE route/dispatch/combine"
+        else:
+            c = "elementwise/other (incl. AdamW math)"
+        cats[c] = cats.get(c, 0) + e.self_cpu_time_total
+    print("\ncategories (self CPU ms/step):")
+    for c, v in sorted(cats.items(), key=lambda kv: -kv[1]):
+        print(f"  {c:40s} {v / a.steps / 1e3:8.1f}  {100 * v / total_self:5.1f}%")
     if a.trace:
         prof.export_chrome_trace(a.trace)
 
