@@ -42,3 +42,12 @@ if torch is not None:
 def repo_root() -> Path:
     """Absolute path of the repository root (where pyproject.toml lives)."""
     return REPO_ROOT
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread for tests of tiny tensors: avoids OpenMP stalls on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

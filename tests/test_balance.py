@@ -10,47 +10,10 @@ from torch import nn
 from models.balance import balance_group_ids, balance_losses, bias_update, update_router_biases
 from models.config import ModelConfig
 from models.moe import MoE
+from tests.model_helpers import make_moe, moe_cfg
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """These tensors are tiny: one intra-op thread avoids OpenMP stalls on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def moe_cfg(**kw) -> ModelConfig:
-    base = dict(
-        hidden_size=16,
-        moe_intermediate_size=8,
-        n_routed_experts=8,
-        n_shared_experts=1,
-        num_experts_per_tok=2,
-        n_group=1,
-        topk_group=1,
-        routed_scaling_factor=2.5,
-        scoring_func="sigmoid",
-        topk_method="noaux_tc",
-        aux_loss_alpha=0.0,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        rope_scaling=None,
-    )
-    base.update(kw)
-    cfg = ModelConfig(**base)
-    cfg.validate()
-    return cfg
-
-
-def make_moe(cfg: ModelConfig, seed: int = 0) -> MoE:
-    torch.manual_seed(seed)
-    moe = MoE(cfg)
-    moe.reset_parameters(0.1)
-    for p in moe.shared_experts.parameters():
-        nn.init.normal_(p, std=0.1)
-    return moe
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see tests/conftest.py
 
 
 # --------------------------------------------------------------------------- bias update

@@ -11,13 +11,7 @@ from models.config import ModelConfig
 from models.transformer import Transformer
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """These tensors are tiny: one intra-op thread avoids OpenMP stalls on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see tests/conftest.py
 
 
 def tiny_cfg(**kw) -> ModelConfig:

@@ -13,13 +13,7 @@ from models.config import ModelConfig, RopeScalingConfig, yarn_get_mscale
 from models.rope import RotaryEmbedding, apply_rope, rope_frequencies
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """These tensors are tiny: one intra-op thread avoids OpenMP stalls on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see tests/conftest.py
 
 
 def plain_freqs(dim: int, base: float) -> torch.Tensor:
