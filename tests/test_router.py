@@ -14,31 +14,16 @@ import torch
 
 from models.config import ModelConfig
 from models.router import Router
+from tests.model_helpers import moe_cfg
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see tests/conftest.py
 
 
 def router_cfg(**kw) -> ModelConfig:
-    base = dict(
-        hidden_size=16,
-        n_routed_experts=16,
-        num_experts_per_tok=4,
-        n_group=4,
-        topk_group=2,
-        routed_scaling_factor=2.5,
-        norm_topk_prob=True,
-        scoring_func="sigmoid",
-        topk_method="noaux_tc",
-        moe_intermediate_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        rope_scaling=None,
-    )
-    base.update(kw)
-    cfg = ModelConfig(**base)
-    cfg.validate()
-    return cfg
+    """16 experts top-4 in 4 groups (2 kept): the group limit matters."""
+    return moe_cfg(**{"n_routed_experts": 16, "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2,
+                      "norm_topk_prob": True, **kw})
 
 
 def make_router(cfg: ModelConfig, seed: int = 0, bias_scale: float = 0.0) -> Router:
