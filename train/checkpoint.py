@@ -286,8 +286,7 @@ def validate_checkpoint(path: Path, rank: int) -> tuple[dict[str, Any], Optional
     meta = _read_json(path / "meta.json")
     if not isinstance(meta, dict) or "step" not in meta:
         raise CheckpointError(f"{path / 'meta.json'}: not checkpoint metadata (no 'step')")
-    rank_file = path / f"rank{rank}.json"
-    rank_state = _read_json(rank_file) if rank_file.is_file() else None
+    rank_state = read_rank_state(path, rank)
     metadata = SafeFileSystemReader(str(path)).read_metadata()
     storage = getattr(metadata, "storage_data", None)
     if not isinstance(storage, dict):
@@ -339,10 +338,10 @@ def load_checkpoint(
     return meta, rank_state
 
 
-def load_checkpoint_rank_state(path: Path, rank: int) -> tuple[int, Optional[dict[str, Any]]]:
-    """(rank, saved JSON state of that rank) without touching tensors."""
+def read_rank_state(path: Path, rank: int) -> Optional[dict[str, Any]]:
+    """The saved JSON state (data position, RNG) of `rank`, or None if that rank did not exist."""
     rank_file = path / f"rank{rank}.json"
-    return rank, (_read_json(rank_file) if rank_file.is_file() else None)
+    return _read_json(rank_file) if rank_file.is_file() else None
 
 
 def _describe(e: BaseException) -> str:

@@ -331,7 +331,7 @@ class Trainer:
             self.skipped_steps = int(meta.get("skipped_steps", 0))
             same_layout = meta.get("dp_size") == self.ctx.dp_size and rank_state is not None
             if not same_layout:  # data positions are global: any rank's state describes them
-                _, rank_state = ckpt.load_checkpoint_rank_state(path, 0)
+                rank_state = ckpt.read_rank_state(path, 0)
             if rank_state:
                 self.data.load_state_dict(rank_state["data"])
                 if same_layout and "rng_cpu" in rank_state:
