@@ -4,7 +4,11 @@ Each contender runs in its own subprocess (peak RSS is process-wide) on the "tin
 shapes of bench/hf_baseline.py (vocab 4096, hidden 256, 4 layers, 16 routed experts
 top-4 in 4 groups (2 kept), 1 shared, MLA ranks 128/64, seq 256, micro-batch 8), fp32:
   hf                HF model, its default attention/experts kernels, fwd + bwd + AdamW
-  moeforge          our Transformer, same step, MTP off (HF has none), aux-free bias on
+                    (torch's fused AdamW, as HF's Trainer uses by default), glibc malloc defaults
+  hf-retain         the same with the host-allocator setting moeforge applies (train/allocator.py),
+                    so the ratio to it is like for like
+  moeforge          our Transformer, same step, MTP off (HF has none), aux-free bias on, the
+                    optimizer and allocator settings the trainer uses
   moeforge-trainer  the whole Trainer step (streaming data, tokenizer, loss normalisation,
                     grad clipping, bias update, metrics), MTP off
   moeforge-trainer-mtp  the same with the demo's MTP depth 1 (costs one more block + head)
@@ -12,7 +16,11 @@ Prints tokens/s, ratio to HF, peak RSS, achieved model FLOP/s next to the machin
 measured fp32 matmul FLOP/s. The machine load during each measurement is printed too:
 numbers taken while other jobs run are not comparable across runs, only within one.
 
-    python bench/model_step.py [--steps 8] [--warmup 3] [--threads 2] [--only hf,moeforge]
+    python bench/model_step.py [--steps 8] [--warmup 3] [--threads 2] [--rounds 2] [--only hf,moeforge]
+
+Contenders run one after another, `--rounds` times over (interleaved, so a slow spell of the
+machine hits all of them); each contender's result is the median over rounds of its
+per-round median step time.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-CONTENDERS = ["hf", "moeforge", "moeforge-trainer", "moeforge-trainer-mtp"]
+CONTENDERS = ["hf", "hf-retain", "moeforge", "moeforge-trainer", "moeforge-trainer-mtp"]
 
 
 def _load() -> float:
@@ -71,10 +79,14 @@ def worker(name: str, steps: int, warmup: int, threads: int) -> dict:
 
     tokens = TINY_V3["seq_len"] * TINY_V3["micro_batch"]
     load0 = _load()
-    if name == "hf":
+    if name.startswith("hf"):
+        if name == "hf-retain":
+            from train.allocator import retain_freed_memory
+
+            retain_freed_memory()
         model = build_hf_model(TINY_V3)
         ids, labels = make_batch(TINY_V3)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
 
         def step():
             model(input_ids=ids, labels=labels, use_cache=False).loss.backward()
@@ -85,12 +97,16 @@ def worker(name: str, steps: int, warmup: int, threads: int) -> dict:
     elif name == "moeforge":
         from models import Transformer
         from models.balance import update_router_biases
+        from train.allocator import retain_freed_memory
+        from train.config import OptimConfig
+        from train.optim import make_adamw, parameter_groups
 
+        retain_freed_memory()  # as the Trainer does on CPU (train.retain_host_memory)
         torch.manual_seed(0)
         model = Transformer(_our_config(mtp=0))
         ids, _ = make_batch(TINY_V3)
         labels = torch.cat([ids[:, 1:], torch.full((ids.shape[0], 1), -100)], dim=1)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+        opt = make_adamw(parameter_groups(model, 0.1), OptimConfig(lr=3e-4, betas=[0.9, 0.95]))
 
         def step():
             model(ids, labels).loss(0.0).backward()
@@ -136,6 +152,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--only", default=",".join(CONTENDERS))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -146,24 +163,34 @@ def main() -> None:
 
     flops_per_token = count_model(_our_config(mtp=0), 256).flops_per_token
     peak = matmul_flops(args.threads)
+    names = args.only.split(",")
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for _ in range(args.rounds):
+        for name in names:
+            out = subprocess.run([sys.executable, __file__, "--worker", name, "--steps", str(args.steps),
+                                  "--warmup", str(args.warmup), "--threads", str(args.threads)],
+                                 capture_output=True, text=True, cwd=REPO)
+            if out.returncode != 0:
+                print(f"{name}: failed\n{out.stderr[-2000:]}")
+                continue
+            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     results = {}
-    for name in args.only.split(","):
-        out = subprocess.run([sys.executable, __file__, "--worker", name, "--steps", str(args.steps),
-                              "--warmup", str(args.warmup), "--threads", str(args.threads)],
-                             capture_output=True, text=True, cwd=REPO)
-        if out.returncode != 0:
-            print(f"{name}: failed\n{out.stderr[-2000:]}")
-            continue
-        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    for name, rs in runs.items():
+        if rs:
+            rs = sorted(rs, key=lambda r: r["step_s"])
+            results[name] = dict(rs[(len(rs) - 1) // 2], peak_rss_mb=max(r["peak_rss_mb"] for r in rs),
+                                 per_round=[round(r["tokens_per_s"]) for r in runs[name]])
     hf = results.get("hf", {}).get("tokens_per_s")
+    hf_retain = results.get("hf-retain", {}).get("tokens_per_s")
     print(f"fp32 matmul peak (1024^3, {args.threads} threads): {peak / 1e9:.1f} GFLOP/s; "
           f"model FLOPs/token (no MTP, seq 256): {flops_per_token / 1e6:.1f} M")
-    print(f"{'contender':24s} {'tokens/s':>10s} {'vs HF':>7s} {'GFLOP/s':>8s} {'of peak':>8s} {'peak RSS':>9s} {'load':>5s}")
+    print(f"{'contender':24s} {'tokens/s':>10s} {'vs HF':>7s} {'vs HF-r':>7s} {'GFLOP/s':>8s} {'of peak':>8s} {'peak RSS':>9s} {'load':>5s}")
     for name, r in results.items():
         achieved = flops_per_token * r["tokens_per_s"]
         ratio = f"{r['tokens_per_s'] / hf:.2f}x" if hf else "-"
-        print(f"{name:24s} {r['tokens_per_s']:10.0f} {ratio:>7s} {achieved / 1e9:8.1f} {achieved / peak:8.0%} "
-              f"{r['peak_rss_mb']:8.0f}M {r['load_avg']:5.1f}")
+        ratio_r = f"{r['tokens_per_s'] / hf_retain:.2f}x" if hf_retain else "-"
+        print(f"{name:24s} {r['tokens_per_s']:10.0f} {ratio:>7s} {ratio_r:>7s} {achieved / 1e9:8.1f} {achieved / peak:8.0%} "
+              f"{r['peak_rss_mb']:8.0f}M {r['load_avg']:5.1f}  rounds: {r['per_round']}")
 
 
 if __name__ == "__main__":

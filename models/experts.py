@@ -29,6 +29,35 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+class _SwiGLUFused(torch.autograd.Function):
+    """silu(gate) * up from one [N, 2I] projection output (gate | up), without splitting it.
+
+    Autograd through `.chunk(2)` concatenates the two half gradients into a fresh [N, 2I]
+    tensor; this backward writes both halves of one buffer directly.
+    """
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        gate, up = gate_up.chunk(2, dim=-1)
+        ctx.save_for_backward(gate_up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (gate_up,) = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        grad_gate_up = torch.empty_like(gate_up)
+        grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
+        torch.mul(grad, F.silu(gate), out=grad_up)
+        grad_gate.copy_(torch.ops.aten.silu_backward(grad * up, gate))
+        return grad_gate_up
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU activation of a fused (gate | up) projection: silu(gate) * up."""
+    return _SwiGLUFused.apply(gate_up)
+
+
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Rows x[offsets[e-1]:offsets[e]] @ weight[e].T for every expert e, in one kernel."""
     return _ContiguousGrad.apply(torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets))
@@ -73,14 +102,12 @@ class GroupedExperts(nn.Module):
         """x: [N, H] sorted by expert; counts: [E] rows per expert -> [N, H]."""
         if self.gemm is not None:
             offsets = counts.cumsum(0).to(torch.int32)
-            gate, up = self.gemm(x, self.gate_up_proj, counts, offsets).chunk(2, dim=-1)
-            return self.gemm(F.silu(gate) * up, self.down_proj, counts, offsets)
+            return self.gemm(swiglu(self.gemm(x, self.gate_up_proj, counts, offsets)), self.down_proj, counts, offsets)
         if self.resolved_implementation(x) == "grouped_mm":
             offsets = counts.cumsum(0).to(torch.int32)
-            gate, up = grouped_linear(x, self.gate_up_proj, offsets).chunk(2, dim=-1)
+            act = swiglu(grouped_linear(x, self.gate_up_proj, offsets))
             # The output is returned unwrapped (not a view): its consumer (gating in combine)
             # always sends a dense gradient, and FSDP2 hooks need a non-view module output.
-            return torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offsets)
+            return torch._grouped_mm(act, self.down_proj.transpose(-2, -1), offs=offsets)
         sizes = counts.tolist()
-        gate, up = looped_linear(x, self.gate_up_proj, sizes).chunk(2, dim=-1)
-        return looped_linear(F.silu(gate) * up, self.down_proj, sizes)
+        return looped_linear(swiglu(looped_linear(x, self.gate_up_proj, sizes)), self.down_proj, sizes)

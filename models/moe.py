@@ -53,14 +53,39 @@ def permute_by_expert(
     return order, counts
 
 
+class _GatedScatterSum(torch.autograd.Function):
+    """out[t] = sum over rows j of token t of w_j * y_j (V3 eq. 12's sum_i g_i FFN_i), gating in fp32.
+
+    Hand-written backward: one gather of the output gradient serves both the row gradients
+    (g_t * w_j) and the gate gradients (<g_t, y_j>), with no [T*K, H] zero-fill or copies.
+    """
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, w_rows: torch.Tensor, token_of: torch.Tensor,  # type: ignore[override]
+                n_tokens: int) -> torch.Tensor:
+        out = torch.zeros(n_tokens, y.shape[1], dtype=torch.float32, device=y.device)
+        out.index_add_(0, token_of, y.float() * w_rows.unsqueeze(1))
+        ctx.save_for_backward(y, w_rows, token_of)
+        return out.to(y.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        y, w_rows, token_of = ctx.saved_tensors
+        grad_rows = grad.float().index_select(0, token_of)
+        grad_w = None
+        if ctx.needs_input_grad[1]:  # row-wise dot products as one batched GEMM (vecdot materialises g*y)
+            grad_w = torch.bmm(grad_rows.unsqueeze(1), y.float().unsqueeze(2)).view(-1)
+        grad_y = grad_rows.mul_(w_rows.unsqueeze(1)).to(y.dtype) if ctx.needs_input_grad[0] else None
+        return grad_y, grad_w, None, None
+
+
 def unpermute_and_combine(
     y: torch.Tensor, order: torch.Tensor, topk_weight: torch.Tensor, n_tokens: int, out_dtype: torch.dtype
 ) -> torch.Tensor:
     """sum_k g_{t,k} y_{t,k} for every token t, from rows y in `order`. Gating in fp32."""
     k = topk_weight.shape[1]
-    weighted = y.float() * topk_weight.flatten()[order].unsqueeze(1)
-    out = weighted.new_zeros(n_tokens * k, y.shape[1]).index_copy_(0, order, weighted)
-    return out.view(n_tokens, k, y.shape[1]).sum(dim=1).to(out_dtype)  # explicit H: n_tokens may be 0
+    w_rows = topk_weight.float().flatten()[order]
+    return _GatedScatterSum.apply(y, w_rows, order // k, n_tokens).to(out_dtype)
 
 
 class LocalDispatcher(TokenDispatcher):

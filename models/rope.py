@@ -75,9 +75,14 @@ class RotaryEmbedding(torch.nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x [B, S, H, D] by cos/sin [S, D/2] or [B, S, D/2]."""
+    """Rotate interleaved pairs of x [B, S, H, D] by cos/sin [S, D/2] or [B, S, D/2].
+
+    Pair (x_2i, x_2i+1) read as the complex number x_2i + j x_2i+1 is multiplied by
+    cos + j sin (RoFormer eq. 13): one complex kernel forward and backward, no stack/cat.
+    """
     pairs = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(st % 2 for st in pairs.stride()[:-1]):
+        pairs = pairs.contiguous()  # view_as_complex needs (real, imag) adjacent and 8-byte aligned
+    rotation = torch.complex(cos.float(), sin.float()).unsqueeze(-2)  # broadcast over heads
+    out = torch.view_as_real(torch.view_as_complex(pairs) * rotation)
     return out.flatten(-2).to(x.dtype)

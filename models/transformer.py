@@ -11,17 +11,17 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.attention import MultiHeadLatentAttention
 from models.config import ModelConfig
+from models.head_loss import IGNORE_INDEX, cross_entropy_sum, head_cross_entropy_sum
 from models.mlp import SwiGLU
 from models.moe import MoE
 from models.norm import RMSNorm
 from models.rope import RotaryEmbedding
 
-IGNORE_INDEX = -100
+__all__ = ["Block", "MTPModule", "ModelOutput", "Transformer", "IGNORE_INDEX", "cross_entropy_sum", "combine_losses"]
 
 
 class Block(nn.Module):
@@ -187,24 +187,17 @@ class Transformer(nn.Module):
             h = layer(h, rope, doc_ids, mask)
         if labels is None:
             return ModelOutput(logits=self.head(h, self.norm))
-        logits = self.head(h, self.norm)
-        lm_sum, lm_tokens = cross_entropy_sum(logits, labels)
-        out = ModelOutput(logits=logits if return_logits else None, lm_loss_sum=lm_sum, lm_tokens=lm_tokens)
+        h_normed = self.norm(h)
+        lm_sum, lm_tokens = head_cross_entropy_sum(self.lm_head, h_normed, labels)
+        logits = self.lm_head(h_normed) if return_logits else None
+        out = ModelOutput(logits=logits, lm_loss_sum=lm_sum, lm_tokens=lm_tokens)
         if len(self.mtp):
             sums, counts = [], []
             for k, module in enumerate(self.mtp, start=1):
                 emb = self.embed_tokens(shift_left(input_ids, k, 0))
                 h, h_normed = module(h, emb, rope, doc_ids, mask)
-                s, c = cross_entropy_sum(self.lm_head(h_normed), mtp_labels(labels, k, doc_ids))
+                s, c = head_cross_entropy_sum(self.lm_head, h_normed, mtp_labels(labels, k, doc_ids))
                 sums.append(s)
                 counts.append(c)
             out.mtp_loss_sums, out.mtp_tokens = torch.stack(sums), torch.stack(counts)
         return out
-
-
-def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of fp32 token CE over labels != -100, and the number of such tokens."""
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    if hasattr(loss, "full_tensor"):  # vocab-parallel CE (tensor parallelism) returns a replicated DTensor
-        loss = loss.full_tensor()
-    return loss, (labels != IGNORE_INDEX).sum()

@@ -70,7 +70,8 @@ import torch.distributed as dist
 from torch import nn
 
 from models.moe import MoE
-from models.transformer import ModelOutput, combine_losses, cross_entropy_sum, mtp_labels, shift_left
+from models.head_loss import head_cross_entropy_sum
+from models.transformer import ModelOutput, combine_losses, mtp_labels, shift_left
 
 # name (case-insensitive in config) -> (class name in torch.distributed.pipelining, stage placement style)
 SCHEDULES: dict[str, tuple[str, str]] = {
@@ -272,12 +273,12 @@ class StageModule(nn.Module):
         if not self.is_last:
             self._record_aux()
             return h.to(self.act_dtype)
-        lm_sum, _ = cross_entropy_sum(self.lm_head(self.norm(h)), labels)
+        lm_sum, _ = head_cross_entropy_sum(self.lm_head, self.norm(h), labels)
         sums = [lm_sum.reshape(1).float()]
         for k, module in enumerate(self.mtp, start=1):
             emb = self.embed_tokens(shift_left(tokens, k, 0))
             h, h_normed = module(h, emb, rope, doc_ids, None)
-            s, _ = cross_entropy_sum(self.lm_head(h_normed), mtp_labels(labels, k, doc_ids))
+            s, _ = head_cross_entropy_sum(self.lm_head, h_normed, mtp_labels(labels, k, doc_ids))
             sums.append(s.reshape(1).float())
         self._record_aux()
         return torch.cat(sums)

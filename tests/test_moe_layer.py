@@ -221,3 +221,16 @@ def test_unaligned_hidden_size_falls_back_to_the_loop_and_empty_batches_work():
     assert moe.experts.resolved_implementation(x.reshape(-1, 6)) == "loop"
     moe(x).sum().backward()
     assert moe(torch.randn(1, 0, 6)).shape == (1, 0, 6)
+
+
+def test_fused_swiglu_matches_autograd_through_chunk():
+    from models.experts import swiglu
+
+    torch.manual_seed(0)
+    gu = torch.randn(7, 10, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(swiglu, (gu,))
+    gate, up = gu.chunk(2, dim=-1)
+    ref = torch.nn.functional.silu(gate) * up
+    grad = torch.randn(7, 5, dtype=torch.float64)
+    torch.testing.assert_close(swiglu(gu), ref)
+    torch.testing.assert_close(torch.autograd.grad(swiglu(gu), gu, grad)[0], torch.autograd.grad(ref, gu, grad)[0])

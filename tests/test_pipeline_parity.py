@@ -204,6 +204,8 @@ def test_pp2_bf16_close_to_single_process(tmp_path, cache_dir):
     bf16 = {"train.precision": "bf16"}
     ref = run_ranks(1, train_and_report, pp_overrides(tmp_path / "ref", cache_dir, dp=1, **bf16))[0]
     got = run_ranks(2, train_and_report, pp_overrides(tmp_path / "pp", cache_dir, dp=1, **bf16, **{"parallel.pp": 2}))
-    for key, rtol in (("loss", 1e-3), ("mtp_loss", 1e-3), ("aux_loss", 1e-2), ("grad_norm", 2e-2)):
+    # grad_norm: step 5 is a spike (1.2 -> 2.1) where bf16 rounding alone moves the norm by a few %:
+    # the single-process run gives 2.09 with the fused head and 2.20 with the plain one.
+    for key, rtol in (("loss", 1e-3), ("mtp_loss", 1e-3), ("aux_loss", 1e-2), ("grad_norm", 5e-2)):
         torch.testing.assert_close(torch.tensor(got[0]["metrics"][key]), torch.tensor(ref["metrics"][key]),
                                    rtol=rtol, atol=0, msg=lambda m: f"bf16 pp2 {key}: {m}")

@@ -15,7 +15,7 @@ from models.router import Router
 from models.transformer import Transformer
 from tests.trainer_helpers import SMALL_MODEL
 from train.config import ConfigError, OptimConfig, load_config
-from train.optim import AdamWBF16Moments, make_adamw, parameter_groups
+from train.optim import AdamWBF16Moments, fused_adamw_applies, make_adamw, parameter_groups
 from train.precision import AutocastGroupedGemm, apply_precision, mixed_precision_policy
 
 
@@ -176,3 +176,29 @@ def test_fp8_config_fields(repo_root):
     assert cfg.train.fp8.exclude == ["lm_head", "mtp.*"] and cfg.train.fp8.backend == "auto"
     with pytest.raises(ConfigError, match="train.fp8.backend"):
         load_config(repo_root / "configs" / "tiny.yaml", ["train.fp8.backend=cuda_magic"])
+
+
+def test_make_adamw_fused_for_plain_params_matches_foreach():
+    """Plain tensors get torch's fused AdamW kernel; its steps equal the foreach implementation's."""
+    torch.manual_seed(0)
+    mods = [nn.Sequential(nn.Linear(12, 20), nn.RMSNorm(20), nn.Linear(20, 3)) for _ in range(2)]
+    mods[1].load_state_dict(mods[0].state_dict())
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1)
+    groups = parameter_groups(mods[0], cfg.weight_decay)
+    assert fused_adamw_applies(groups)
+    fused = make_adamw(groups, cfg)
+    assert fused.defaults["fused"] and not fused.defaults["foreach"]
+    foreach = torch.optim.AdamW(parameter_groups(mods[1], cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+                                eps=cfg.eps, foreach=True)
+    for _ in range(5):
+        x = torch.randn(8, 12)
+        for m, o in zip(mods, (fused, foreach)):
+            o.zero_grad()
+            (m(x) ** 2).mean().backward()
+            o.step()
+    for p, q in zip(mods[0].parameters(), mods[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    # a non-float parameter (or a DTensor, as under FSDP/TP) falls back to foreach
+    odd = [{"params": [nn.Parameter(torch.zeros(2, dtype=torch.float64))], "weight_decay": 0.0}]
+    assert not fused_adamw_applies(odd)
+    assert make_adamw(odd, cfg).defaults["foreach"]

@@ -23,11 +23,23 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def fused_adamw_applies(groups: list[dict]) -> bool:
+    """torch's fused AdamW kernel: plain (non-DTensor) float parameters on CPU or CUDA."""
+    params = [p for g in groups for p in g["params"]]
+    return bool(params) and all(
+        type(p) in (torch.Tensor, nn.Parameter) and p.device.type in ("cpu", "cuda")
+        and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        for p in params
+    )
+
+
 def make_adamw(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW: the fused kernel where it applies (one pass per tensor: ~3x faster than foreach on CPU,
+    bench/micro_optim.py), else foreach (multi-tensor, works with FSDP2/TP DTensors)."""
     if cfg.bf16_moments:
         return AdamWBF16Moments(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
-    # foreach=True is the fast multi-tensor path on CPU and CUDA and works with DTensor.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=True)
+    kernel = {"fused": True} if fused_adamw_applies(groups) else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kernel)
 
 
 class AdamWBF16Moments(torch.optim.Optimizer):

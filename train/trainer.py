@@ -32,6 +32,7 @@ from train import checkpoint as ckpt
 from train.config import Config, ConfigError
 from train.metrics import MetricsLogger, expert_load_stats
 from train.precision import policy_from_config
+from train.allocator import retain_freed_memory
 from train.optim import make_adamw, parameter_groups, set_lr
 from train.schedules import Schedules
 from models.accounting import count_model
@@ -49,6 +50,8 @@ class Trainer:
         self.ctx = ctx or ParallelContext.single()
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        if cfg.train.retain_host_memory and self.ctx.device.type == "cpu":
+            retain_freed_memory()
         torch.manual_seed(cfg.run.seed)
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
