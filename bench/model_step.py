@@ -12,6 +12,9 @@ top-4 in 4 groups (2 kept), 1 shared, MLA ranks 128/64, seq 256, micro-batch 8),
   moeforge-trainer  the whole Trainer step (streaming data, tokenizer, loss normalisation,
                     grad clipping, bias update, metrics), MTP off
   moeforge-trainer-mtp  the same with the demo's MTP depth 1 (costs one more block + head)
+  moeforge-trainer-bf16 the trainer step with train.precision=bf16 (autocast, fp32 master weights);
+                    not a like-for-like peer of fp32 HF: it shows what bf16 hardware (AVX512-BF16,
+                    AMX, GPUs) gives; on AVX2-only CPUs bf16 is several times slower than fp32
 Prints tokens/s, ratio to HF, peak RSS, achieved model FLOP/s next to the machine's
 measured fp32 matmul FLOP/s. The machine load during each measurement is printed too:
 numbers taken while other jobs run are not comparable across runs, only within one.
@@ -37,7 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-CONTENDERS = ["hf", "hf-retain", "moeforge", "moeforge-trainer", "moeforge-trainer-mtp"]
+CONTENDERS = ["hf", "hf-retain", "moeforge", "moeforge-trainer", "moeforge-trainer-mtp", "moeforge-trainer-bf16"]
 
 
 def _load() -> float:
@@ -120,11 +123,12 @@ def worker(name: str, steps: int, warmup: int, threads: int) -> dict:
         from train.trainer import Trainer
 
         mtp = 1 if name.endswith("mtp") else 0
+        precision = "bf16" if name.endswith("bf16") else "fp32"
         run_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"moeforge-bench-{os.getpid()}"
         cfg = load_config(REPO / "configs" / "tiny.yaml", [
             f"run.dir={run_dir}", f"model.num_nextn_predict_layers={mtp}", f"train.threads={threads}",
             "checkpoint.at_end=false", "checkpoint.interval=0", "log.console=false", "log.progress=false",
-            f"train.steps={steps + warmup}",
+            f"train.steps={steps + warmup}", f"train.precision={precision}",
         ])
         trainer = Trainer(cfg)
         times = _time_steps(trainer.train_step, steps, warmup)
