@@ -175,23 +175,27 @@ def clean_bench(
 
 
 # glibc malloc returns big blocks (> dynamic mmap threshold, max 32 MiB) to the OS on free, so
-# every step re-faults the pages of large temporaries (logits [2048,4096] fp32 = 32 MiB, attention
-# scores 16 MiB, ...).  These env vars keep freed memory in the heap.  Worth ~7% on the HF step.
-MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
+# every step re-faults the pages of large temporaries (logits, attention scores, ...). The trainer
+# keeps freed memory in the heap (train/allocator.py); benchmarks apply the same setting in-process.
+_MALLOC_TUNED = False
 
 
-def reexec_with_malloc_tuning(enable: bool = True) -> None:
-    """Re-exec this python process with MALLOC_ENV set (no-op if already set or enable=False).
+def tune_malloc(enable: bool = True) -> None:
+    """Apply the trainer's host-allocator setting (`train.allocator.retain_freed_memory`) to this process.
     Micro-benchmarks use it so kernel timings don't depend on allocator page-fault luck."""
-    if not enable or all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()):
+    global _MALLOC_TUNED
+    if not enable:
         return
-    env = dict(os.environ, **MALLOC_ENV)
-    sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable] + sys.argv, env)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if repo not in sys.path:  # micro-benchmarks import this file from bench/ directly
+        sys.path.insert(0, repo)
+    from train.allocator import retain_freed_memory
+
+    _MALLOC_TUNED = retain_freed_memory()
 
 
 def malloc_tuned() -> bool:
-    return all(os.environ.get(k) == v for k, v in MALLOC_ENV.items())
+    return _MALLOC_TUNED
 
 
 # --------------------------------------------------------------------------- model
@@ -327,9 +331,9 @@ def main(argv=None):
     p.add_argument("--experts", default=None, help="None = HF default (grouped_mm); or eager / batched_mm")
     p.add_argument("--json", action="store_true", help="print one JSON line (for subprocess use)")
     p.add_argument("--no-wait-idle", action="store_true", help="don't wait for other jobs to stop using the CPU")
-    p.add_argument("--malloc-tuned", action="store_true", help="re-exec with MALLOC_ENV (default: system malloc)")
+    p.add_argument("--malloc-tuned", action="store_true", help="apply the trainer's malloc setting, train/allocator.py (default: glibc defaults)")
     a = p.parse_args(argv)
-    reexec_with_malloc_tuning(a.malloc_tuned)
+    tune_malloc(a.malloc_tuned)
 
     torch.set_num_threads(a.threads)
     hwm_after_import = rss_stats()["hwm_mb"]

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hf_baseline import clean_bench, malloc_tuned, reexec_with_malloc_tuning  # noqa: E402
+from hf_baseline import clean_bench, malloc_tuned, tune_malloc  # noqa: E402
 
 B, NH, S, DQK, DV = 8, 8, 256, 48, 32
 SCALE = 1.0 / math.sqrt(DQK)
@@ -160,9 +160,9 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--system-malloc", action="store_true", help="don't re-exec with MALLOC_ENV (page-fault noise)")
+    p.add_argument("--system-malloc", action="store_true", help="keep glibc's default malloc settings (page-fault noise)")
     a = p.parse_args()
-    reexec_with_malloc_tuning(not a.system_malloc)
+    tune_malloc(not a.system_malloc)
     print(f"malloc_tuned={malloc_tuned()}")
     torch.set_num_threads(a.threads)
     flops_fwd = 4 * B * NH * S * S * (DQK + DV) / 2 / 2  # causal half; 2*(qk)+2*(pv) MACs

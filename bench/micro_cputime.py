@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hf_baseline import TINY_V3, build_hf_model, malloc_tuned, reexec_with_malloc_tuning  # noqa: E402
+from hf_baseline import TINY_V3, build_hf_model, malloc_tuned, tune_malloc  # noqa: E402
 from micro_experts import (  # noqa: E402
     E, H, K, T, ExpertMLPFn, PermGather, experts_gmm_fused, experts_gmm_hf, experts_loop_fused, make_routing,
     route_sort, route_sort_hf,
@@ -47,7 +47,7 @@ def main():
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--system-malloc", action="store_true")
     a = p.parse_args()
-    reexec_with_malloc_tuning(not a.system_malloc)
+    tune_malloc(not a.system_malloc)
     REPS = a.reps
     torch.set_num_threads(1)
     print(f"1-thread CPU-time medians (ms); malloc_tuned={malloc_tuned()}")

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hf_baseline import CpuMonitor, clean_bench, malloc_tuned, reexec_with_malloc_tuning, wait_for_idle  # noqa: E402
+from hf_baseline import CpuMonitor, clean_bench, malloc_tuned, tune_malloc, wait_for_idle  # noqa: E402
 
 T, K, E, H, I = 2048, 4, 16, 256, 128
 N = T * K
@@ -197,9 +197,9 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dist", default="both")
     p.add_argument("--no-wait-idle", action="store_true")
-    p.add_argument("--system-malloc", action="store_true", help="don't re-exec with MALLOC_ENV (page-fault noise)")
+    p.add_argument("--system-malloc", action="store_true", help="keep glibc's default malloc settings (page-fault noise)")
     a = p.parse_args()
-    reexec_with_malloc_tuning(not a.system_malloc)
+    tune_malloc(not a.system_malloc)
     print(f"malloc_tuned={malloc_tuned()}")
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)

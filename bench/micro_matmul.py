@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hf_baseline import clean_bench, malloc_tuned, reexec_with_malloc_tuning  # noqa: E402
+from hf_baseline import clean_bench, malloc_tuned, tune_malloc  # noqa: E402
 
 
 def bench(fn, reps=10, warmup=2):
@@ -26,9 +26,9 @@ def bench(fn, reps=10, warmup=2):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--system-malloc", action="store_true", help="don't re-exec with MALLOC_ENV (page-fault noise)")
+    p.add_argument("--system-malloc", action="store_true", help="keep glibc's default malloc settings (page-fault noise)")
     a = p.parse_args()
-    reexec_with_malloc_tuning(not a.system_malloc)
+    tune_malloc(not a.system_malloc)
     print(f"malloc_tuned={malloc_tuned()}")
     torch.set_num_threads(a.threads)
     print(f"threads={torch.get_num_threads()} cpu_capability={torch.backends.cpu.get_cpu_capability()} "

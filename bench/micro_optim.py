@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hf_baseline import TINY_V3, build_hf_model, malloc_tuned, reexec_with_malloc_tuning  # noqa: E402
+from hf_baseline import TINY_V3, build_hf_model, malloc_tuned, tune_malloc  # noqa: E402
 from hf_baseline import clean_bench as _clean_bench  # noqa: E402
 
 
@@ -61,7 +61,7 @@ def main():
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--system-malloc", action="store_true")
     a = p.parse_args()
-    reexec_with_malloc_tuning(not a.system_malloc)
+    tune_malloc(not a.system_malloc)
     torch.set_num_threads(2)
     print(f"malloc_tuned={malloc_tuned()}")
     model = build_hf_model(TINY_V3)
