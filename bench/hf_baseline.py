@@ -3,6 +3,7 @@
 Reusable pieces for a combined bench script:
 
 * ``TINY_V3``                       -- the "tiny-v3" shape dict (model + batch shapes).
+* ``model_shapes(shapes)``          -- its model-config keys only.
 * ``build_hf_model(shapes, ...)``   -- DeepseekV3ForCausalLM with those shapes (fp32, train mode).
 * ``make_batch(shapes, seed)``      -- (input_ids, labels) [B, S] int64; labels == input_ids (HF shifts inside).
 * ``make_hf_step_fn(model, ids, labels, optimizer)`` -- closure doing fwd + bwd + AdamW step.
@@ -55,6 +56,11 @@ TINY_V3: dict = dict(
 )
 
 _BATCH_KEYS = ("seq_len", "micro_batch")
+
+
+def model_shapes(shapes: dict = TINY_V3) -> dict:
+    """The model-config keys of a shape dict (batch shapes dropped)."""
+    return {k: v for k, v in shapes.items() if k not in _BATCH_KEYS}
 
 
 # --------------------------------------------------------------------------- memory
@@ -212,7 +218,7 @@ def build_hf_model(
     """
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    cfg_kwargs = {k: v for k, v in shapes.items() if k not in _BATCH_KEYS}
+    cfg_kwargs = model_shapes(shapes)
     cfg_kwargs.setdefault("num_key_value_heads", cfg_kwargs.get("num_attention_heads"))
     cfg_kwargs.setdefault("max_position_embeddings", max(4096, shapes.get("seq_len", 0)))
     cfg_kwargs.setdefault("tie_word_embeddings", False)

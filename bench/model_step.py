@@ -66,11 +66,10 @@ def _time_steps(step_fn, steps: int, warmup: int) -> list[float]:
 
 
 def _our_config(mtp: int):
-    from bench.hf_baseline import TINY_V3
+    from bench.hf_baseline import model_shapes
     from models import ModelConfig
 
-    shapes = {k: v for k, v in TINY_V3.items() if k not in ("seq_len", "micro_batch")}
-    return ModelConfig(**shapes, num_nextn_predict_layers=mtp, max_position_embeddings=1024, rope_scaling=None,
+    return ModelConfig(**model_shapes(), num_nextn_predict_layers=mtp, max_position_embeddings=1024, rope_scaling=None,
                        routed_scaling_factor=2.5, initializer_range=0.02)
 
 

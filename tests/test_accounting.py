@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 import torch
 
+from bench.hf_baseline import model_shapes
 from models.accounting import count_model
 from models.config import ModelConfig
 
@@ -41,28 +42,7 @@ V2_LITE = dict(
     num_nextn_predict_layers=0,
 )
 
-TINY_V3 = dict(
-    vocab_size=4096,
-    hidden_size=256,
-    num_hidden_layers=4,
-    first_k_dense_replace=1,
-    intermediate_size=512,
-    n_routed_experts=16,
-    num_experts_per_tok=4,
-    n_group=4,
-    topk_group=2,
-    n_shared_experts=1,
-    moe_intermediate_size=128,
-    q_lora_rank=128,
-    kv_lora_rank=64,
-    qk_nope_head_dim=32,
-    qk_rope_head_dim=16,
-    v_head_dim=32,
-    num_attention_heads=8,
-    num_nextn_predict_layers=0,
-    max_position_embeddings=1024,
-    rope_scaling=None,
-)
+TINY_V3 = dict(model_shapes(), num_nextn_predict_layers=0)  # bench/model_step.py's shapes
 
 
 def v3_configs(repo_root):
