@@ -60,8 +60,7 @@ class LinearCrossEntropySum(torch.autograd.Function):
                 xc, yc = x[start:start + chunk], labels[start:start + chunk]
                 n = xc.shape[0]
                 torch.mm(xc, w_t, out=logits[:n])
-                lp = torch._log_softmax(logits[:n].float(), -1, False) if dtype != torch.float32 \
-                    else torch.ops.aten._log_softmax.out(logits[:n], -1, False, out=logp[:n])
+                lp = torch.ops.aten._log_softmax.out(logits[:n].float(), -1, False, out=logp[:n])
                 valid = (yc != IGNORE_INDEX).unsqueeze(1)
                 target = torch.where(valid, yc.unsqueeze(1), 0)
                 total -= lp.gather(1, target).masked_fill_(~valid, 0.0).sum()
