@@ -156,6 +156,17 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _fresh_tmp_dir(root: Path, step: int, is_main: bool, barrier: Callable[[], None]) -> tuple[Path, Path]:
+    """The step's final directory and an empty `.tmp` beside it (made by the main rank, seen by all)."""
+    final = step_dir(root, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    return final, tmp
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -171,12 +182,7 @@ def save_checkpoint(
 
     `rank_state` (this rank's data position and RNG, JSON) goes to rank{r}.json.
     """
-    final = step_dir(root, step)
-    tmp = final.with_name(final.name + ".tmp")
-    if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
+    final, tmp = _fresh_tmp_dir(root, step, is_main, barrier)
     dcp.save(state.state_dict(), checkpoint_id=str(tmp))
     _write_json(tmp / f"rank{rank}.json", rank_state)
     barrier()
@@ -228,12 +234,7 @@ def start_async_save(
 
     Blocks only for the copy (and a barrier so the directory exists on every rank).
     """
-    final = step_dir(root, step)
-    tmp = final.with_name(final.name + ".tmp")
-    if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
+    final, tmp = _fresh_tmp_dir(root, step, is_main, barrier)
     _write_json(tmp / f"rank{rank}.json", rank_state)
     if is_main:
         _write_json(tmp / "meta.json", meta)
