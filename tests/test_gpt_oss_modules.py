@@ -9,9 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from models import gqa_attention
+from models.clamped_experts import ClampedSwiGLUExperts, clamped_swiglu
 from models.config import RopeScalingConfig
+from models.experts import looped_linear
 from models.gqa_attention import GroupedQueryAttention, band_mask, resolve_sink_attention, sink_attention
+from models.moe import LocalDispatcher
 from models.rope import RotaryEmbedding, rope_frequencies
+from models.topk_softmax_router import TopKSoftmaxRouter, switch_load_balancing_loss
 
 hf_gpt_oss = pytest.importorskip("transformers.models.gpt_oss.modeling_gpt_oss")
 from transformers import GptOssConfig  # noqa: E402
@@ -183,3 +187,117 @@ def test_attention_rejects_bad_shapes_and_names():
     assert resolve_sink_attention("auto", q) == "cpu_flash"
     with pytest.raises(ValueError, match="kv heads"):
         sink_attention(q, k, v, torch.zeros(4), 0.3)
+
+
+def halves_to_interleaved(t: torch.Tensor) -> torch.Tensor:
+    """[..., 2I] as (gate | up) halves -> HF's interleaved columns (gate even, up odd)."""
+    gate, up = t.chunk(2, dim=-1)
+    return torch.stack([gate, up], dim=-1).flatten(-2)
+
+
+def hf_experts_to_ours(ref, ours: ClampedSwiGLUExperts) -> None:
+    """HF [E, H, 2I] interleaved (gate even, up odd columns) -> ours [E, 2I, H] (gate | up halves)."""
+    with torch.no_grad():
+        w, b = ref.gate_up_proj, ref.gate_up_proj_bias
+        ours.gate_up_proj.copy_(torch.cat([w[..., ::2], w[..., 1::2]], dim=-1).transpose(1, 2))
+        ours.gate_up_proj_bias.copy_(torch.cat([b[:, ::2], b[:, 1::2]], dim=-1))
+        ours.down_proj.copy_(ref.down_proj.transpose(1, 2))
+        ours.down_proj_bias.copy_(ref.down_proj_bias)
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "loop"])
+@pytest.mark.parametrize("hidden,inter", [(16, 8), (12, 12)])  # non-square and square experts
+def test_router_and_experts_match_hf(hidden, inter, implementation):
+    torch.manual_seed(0)
+    config = hf_config(hidden_size=hidden, intermediate_size=inter)
+    ref_router, ref_experts = hf_gpt_oss.GptOssTopKRouter(config), hf_gpt_oss.GptOssExperts(config)
+    for p in list(ref_router.parameters()) + list(ref_experts.parameters()):
+        torch.nn.init.normal_(p, std=1.5)  # large enough that both clamps are active
+    router = TopKSoftmaxRouter(5, hidden, 2)
+    router.load_state_dict(ref_router.state_dict())
+    experts = ClampedSwiGLUExperts(5, hidden, inter, implementation)
+    hf_experts_to_ours(ref_experts, experts)
+    x = torch.randn(30, hidden, requires_grad=True)
+
+    logits, ref_weights, ref_idx = ref_router(x)
+    routing = router(x)
+    assert torch.equal(routing.topk_idx, ref_idx) and routing.keep is None
+    torch.testing.assert_close(routing.topk_weight, ref_weights, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(routing.scores, logits.softmax(-1), rtol=1e-6, atol=1e-6)
+
+    want = ref_experts(x, ref_idx, ref_weights)
+    dispatcher = LocalDispatcher(5)
+    rows, counts, ctx = dispatcher.dispatch(x, routing.topk_idx, routing.keep)
+    assert ((x @ ref_experts.gate_up_proj + ref_experts.gate_up_proj_bias[:, None]).abs() > 7).any()  # clamps hit
+    got = dispatcher.combine(experts(rows, counts), routing.topk_weight, ctx)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    grad = torch.randn_like(want)
+    ref_params = [x, *ref_router.parameters(), *ref_experts.parameters()]
+    want_grads = torch.autograd.grad(want, ref_params, grad)
+    gate_up, gate_up_bias, down, down_bias, *rest = torch.autograd.grad(
+        got, [experts.gate_up_proj, experts.gate_up_proj_bias, experts.down_proj, experts.down_proj_bias, x,
+              router.weight, router.bias], grad
+    )
+    got_grads = [*rest, halves_to_interleaved(gate_up.transpose(1, 2)), halves_to_interleaved(gate_up_bias),
+                 down.transpose(1, 2), down_bias]
+    names = ["x", "router.weight", "router.bias", *(n for n, _ in ref_experts.named_parameters())]
+    assert_grads_close(got_grads, want_grads, names)
+
+
+def test_clamped_swiglu_values_and_gradcheck():
+    gate = torch.tensor([-9.0, -1.0, 0.5, 6.9, 7.5, 20.0], dtype=torch.float64)
+    up = torch.tensor([-8.0, 7.5, -7.0, 0.0, 3.0, -2.0], dtype=torch.float64)
+    g, u = gate.clamp(max=7), up.clamp(-7, 7)
+    torch.testing.assert_close(clamped_swiglu(torch.cat([gate, up])), (u + 1) * g * torch.sigmoid(1.702 * g))
+    x = (torch.randn(7, 10, dtype=torch.float64) * 6).requires_grad_()  # values on both sides of the clamps
+    assert torch.autograd.gradcheck(clamped_swiglu, (x,))
+
+
+def test_experts_backward_gradcheck():
+    torch.manual_seed(3)
+    experts = ClampedSwiGLUExperts(3, 4, 4, "loop").double()
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=2.0)
+    counts = torch.tensor([2, 0, 3])
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    params = tuple(experts.parameters())
+
+    def run(x, *weights):
+        return torch.func.functional_call(experts, dict(zip([n for n, _ in experts.named_parameters()], weights)), (x, counts))
+
+    assert torch.autograd.gradcheck(run, (x, *params))
+
+
+def test_experts_replacement_gemm_hook_gets_the_biases_too():
+    """The GroupedExperts GEMM hook (e.g. FP8, installed by train/precision.py) serves both projections."""
+    torch.manual_seed(4)
+    experts = ClampedSwiGLUExperts(3, 8, 4, "loop")
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=1.0)
+    counts, x = torch.tensor([3, 1, 2]), torch.randn(6, 8)
+    want = experts(x, counts)
+    calls = []
+
+    def hook(rows, weight, counts, offsets):
+        calls.append(weight.shape)
+        return looped_linear(rows, weight, counts.tolist())
+
+    experts.gemm = hook
+    torch.testing.assert_close(experts(x, counts), want)
+    assert calls == [experts.gate_up_proj.shape, experts.down_proj.shape]
+
+
+def test_aux_loss_matches_hf_load_balancing_loss():
+    torch.manual_seed(1)
+    logits = torch.randn(40, 6)
+    coef = 0.01
+    routing_scores = logits.softmax(-1)
+    topk_idx = routing_scores.topk(3, dim=-1).indices
+    want = coef * hf_gpt_oss.load_balancing_loss_func((logits,), num_experts=6, top_k=3)
+    torch.testing.assert_close(switch_load_balancing_loss(routing_scores, topk_idx, coef), want, rtol=1e-6, atol=0)
+
+
+def test_router_rejects_bad_top_k():
+    with pytest.raises(ValueError, match="top_k"):
+        TopKSoftmaxRouter(4, 8, 5)
