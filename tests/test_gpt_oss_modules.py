@@ -14,11 +14,13 @@ from models.config import RopeScalingConfig
 from models.experts import looped_linear
 from models.gqa_attention import GroupedQueryAttention, band_mask, resolve_sink_attention, sink_attention
 from models.moe import LocalDispatcher
+from models.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 from models.rope import RotaryEmbedding, rope_frequencies
 from models.topk_softmax_router import TopKSoftmaxRouter, switch_load_balancing_loss
 
 hf_gpt_oss = pytest.importorskip("transformers.models.gpt_oss.modeling_gpt_oss")
 from transformers import GptOssConfig  # noqa: E402
+from transformers.integrations.mxfp4 import _convert_moe_packed_tensors  # noqa: E402
 from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see tests/conftest.py
@@ -301,3 +303,47 @@ def test_aux_loss_matches_hf_load_balancing_loss():
 def test_router_rejects_bad_top_k():
     with pytest.raises(ValueError, match="top_k"):
         TopKSoftmaxRouter(4, 8, 5)
+
+
+def test_mxfp4_dequantisation_matches_transformers():
+    gen = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 10, 4, 16), dtype=torch.uint8, generator=gen)  # [E, out, G, 16]
+    scales = torch.randint(112, 140, (3, 10, 4), dtype=torch.uint8, generator=gen)
+    for dtype in (torch.float32, torch.bfloat16):
+        want = _convert_moe_packed_tensors(blocks, scales, dtype=dtype).transpose(1, 2)  # HF returns [E, in, out]
+        got = dequantize_mxfp4(blocks, scales, dtype, rows_per_chunk=7)  # chunks that do not divide the rows
+        assert got.shape == (3, 10, 128) and torch.equal(got, want)
+
+
+def test_mxfp4_round_trip_on_representable_values():
+    gen = torch.Generator().manual_seed(1)
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    elements = grid[torch.randint(0, 8, (4, 6, 64), generator=gen)] * (torch.randint(0, 2, (4, 6, 64), generator=gen) * 2 - 1)
+    elements[..., ::32] = 6.0  # every block reaches the top of the E2M1 range: the scale is exact
+    exponents = torch.randint(-20, 20, (4, 6, 2), generator=gen).repeat_interleave(32, dim=-1)
+    values = torch.ldexp(elements, exponents)
+    blocks, scales = quantize_mxfp4(values, rows_per_chunk=5)
+    assert blocks.shape == (4, 6, 2, 16) and scales.shape == (4, 6, 2)
+    assert torch.equal(dequantize_mxfp4(blocks, scales, torch.float32), values)
+    # packed codes survive a dequantise -> quantise cycle (the scale comes from the block max)
+    again = quantize_mxfp4(dequantize_mxfp4(blocks, scales, torch.float32))
+    assert torch.equal(again[0], blocks) and torch.equal(again[1], scales)
+
+
+def test_mxfp4_quantisation_rounds_to_nearest_and_saturates():
+    values = torch.tensor([[0.2, 0.25, 0.75, 2.5, 5.0, 5.5, 7.9, -1.3] + [6.0] + [0.0] * 23])
+    blocks, scales = quantize_mxfp4(values)
+    assert int(scales[0, 0]) == 127  # amax 7.9 -> 2^(2 - 2)
+    got = dequantize_mxfp4(blocks, scales, torch.float32)[0, :9]
+    torch.testing.assert_close(got, torch.tensor([0.0, 0.0, 1.0, 2.0, 4.0, 6.0, 6.0, -1.5, 6.0]))
+
+
+def test_mxfp4_rejects_bad_input():
+    with pytest.raises(ValueError, match="uint8"):
+        dequantize_mxfp4(torch.zeros(2, 16), torch.zeros(2, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="does not match"):
+        dequantize_mxfp4(torch.zeros(2, 16, dtype=torch.uint8), torch.zeros(3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quantize_mxfp4(torch.zeros(4, 48))
+    with pytest.raises(ValueError, match="non-finite"):
+        quantize_mxfp4(torch.full((1, 32), float("nan")))
