@@ -188,7 +188,9 @@ def sink_attention(
     """Causal attention with per-head sinks. q [B, S, H, D], k/v [B, S, H_kv, D] -> [B, S, H, D].
 
     `window` limits each query to the last `window` keys (itself included); `mask`
-    ([B, 1, S, S] bool, True = attend) further restricts it (e.g. document boundaries).
+    ([B, 1, S, S] bool, True = attend) further restricts it (e.g. document boundaries); with
+    a mask the CPU kernel takes it whole, as a [B, 1, S, S] float mask (O(S^2) memory).
+    sinks: [H] logits, one per query head.
     """
     heads, kv_heads = q.shape[2], k.shape[2]
     if heads % kv_heads:
