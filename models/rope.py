@@ -21,15 +21,23 @@ def _correction_dim(num_rotations: float, dim: int, base: float, max_pos: int) -
     return (dim * math.log(max_pos / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
 
 
-def rope_frequencies(dim: int, base: float, scaling: Optional[RopeScalingConfig]) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies [dim/2] and the cos/sin amplitude factor."""
+def rope_frequencies(
+    dim: int, base: float, scaling: Optional[RopeScalingConfig], truncate: bool = True
+) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [dim/2] and the cos/sin amplitude factor.
+
+    `truncate` rounds YaRN's correction range outwards to whole dimensions (DeepSeek, HF's
+    default); gpt-oss uses the fractional range (HF rope_parameters "truncate": false).
+    """
     freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     if scaling is None or scaling.factor <= 1.0:
         return freqs.float(), 1.0
     if scaling.type != "yarn":
         raise ValueError(f"model.rope_scaling.type={scaling.type!r} is not supported (only 'yarn')")
-    low = math.floor(_correction_dim(scaling.beta_fast, dim, base, scaling.original_max_position_embeddings))
-    high = math.ceil(_correction_dim(scaling.beta_slow, dim, base, scaling.original_max_position_embeddings))
+    low = _correction_dim(scaling.beta_fast, dim, base, scaling.original_max_position_embeddings)
+    high = _correction_dim(scaling.beta_slow, dim, base, scaling.original_max_position_embeddings)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
@@ -51,15 +59,18 @@ def rope_frequencies(dim: int, base: float, scaling: Optional[RopeScalingConfig]
 class RotaryEmbedding(torch.nn.Module):
     """Holds cos/sin tables for positions [0, max_positions)."""
 
-    def __init__(self, dim: int, max_positions: int, base: float, scaling: Optional[RopeScalingConfig]) -> None:
+    def __init__(
+        self, dim: int, max_positions: int, base: float, scaling: Optional[RopeScalingConfig], truncate: bool = True
+    ) -> None:
         super().__init__()
         self.dim, self.max_positions, self.base, self.scaling = dim, max_positions, base, scaling
+        self.truncate = truncate
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        freqs, amplitude = rope_frequencies(self.dim, self.base, self.scaling)
+        freqs, amplitude = rope_frequencies(self.dim, self.base, self.scaling, self.truncate)
         angles = torch.outer(torch.arange(self.max_positions, dtype=torch.float32), freqs)
         device = self.cos.device if self.cos.device.type != "meta" else None
         self.cos = (angles.cos() * amplitude).to(device)
@@ -86,3 +97,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     rotation = torch.complex(cos.float(), sin.float()).unsqueeze(-2)  # broadcast over heads
     out = torch.view_as_real(torch.view_as_complex(pairs) * rotation)
     return out.flatten(-2).to(x.dtype)
+
+
+def apply_rope_half_split(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, S, H, D] in the half-split (GPT-NeoX / gpt-oss) layout by cos/sin [S, D/2] or [B, S, D/2].
+
+    Dimension i is paired with i + D/2 (not with its neighbour): the same rotation as
+    `apply_rope` (RoFormer eq. 13) on a different pairing of the dimensions.
+    """
+    first, second = x.float().chunk(2, dim=-1)
+    cos, sin = cos.float().unsqueeze(-2), sin.float().unsqueeze(-2)  # broadcast over heads
+    return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1).to(x.dtype)
