@@ -1,4 +1,4 @@
-"""parallel.mesh.validate_layout: every layout that cannot work is refused with a LayoutError
+"""parallel.layout.check: every layout that cannot work is refused with a LayoutError
 naming the config key, and `python -m train` turns it into a clean `config error:` exit 2."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from models.config import ModelConfig
-from parallel.mesh import LayoutError, validate_layout
+from parallel.layout import LayoutError, check
 from train.config import ParallelConfig
 
 
@@ -44,7 +44,7 @@ INVALID = {
 def test_invalid_layout_raises_naming_the_key(case):
     overrides, world, model, key, words = INVALID[case]
     with pytest.raises(LayoutError) as err:
-        validate_layout(ParallelConfig(**overrides), moe_model(**model), world)
+        check(ParallelConfig(**overrides), moe_model(**model), world)
     message = str(err.value)
     assert key in message, message
     for word in words:
@@ -67,7 +67,7 @@ VALID = [
 
 @pytest.mark.parametrize("overrides,world,experts", VALID)
 def test_valid_layout_accepted(overrides, world, experts):
-    validate_layout(ParallelConfig(**overrides), moe_model(experts), world)
+    check(ParallelConfig(**overrides), moe_model(experts), world)
 
 
 def test_cli_reports_layout_error_as_config_error(repo_root, tmp_path):
@@ -84,3 +84,4 @@ def test_cli_reports_layout_error_as_config_error(repo_root, tmp_path):
     assert "WORLD_SIZE" in proc.stderr and "dp_shard" in proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before training started
+
