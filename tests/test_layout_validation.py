@@ -85,3 +85,29 @@ def test_cli_reports_layout_error_as_config_error(repo_root, tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before training started
 
+
+def test_without_world_size_only_the_process_count_is_skipped():
+    check(ParallelConfig(dp_shard=2, ep=2), moe_model())  # no WORLD_SIZE to compare the product with
+    with pytest.raises(LayoutError, match="parallel.ep"):
+        check(ParallelConfig(dp_shard=3, ep=3), moe_model())
+
+
+@pytest.mark.parametrize("overrides", [
+    {"dp_shard": 3, "ep": 3},
+    {"tp": 3},
+    {"pp": 8},
+    {"pp": 2, "pipeline_schedule": "Interleaved1F1B", "pipeline_layers_per_stage": [2, 0, 1, 1]},
+])
+def test_config_load_and_runtime_refuse_with_the_same_message(repo_root, overrides):
+    """One rule, one message: load_config's refusal is parallel.layout.check's."""
+    import dataclasses
+
+    from train.config import ConfigError, load_config
+
+    cfg = load_config(repo_root / "configs" / "tiny.yaml", ["train.grad_accum_steps=8"])
+    with pytest.raises(LayoutError) as runtime:
+        check(dataclasses.replace(cfg.parallel, **overrides), cfg.model)
+    dotlist = [f"parallel.{k}={str(v).replace(' ', '')}" for k, v in overrides.items()]
+    with pytest.raises(ConfigError) as loaded:
+        load_config(repo_root / "configs" / "tiny.yaml", ["train.grad_accum_steps=8", *dotlist])
+    assert str(loaded.value) == str(runtime.value)
