@@ -38,7 +38,7 @@ import torch.multiprocessing as mp
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SCHEDULES = ["GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"]
+from parallel.layout import SCHEDULES  # noqa: E402
 
 
 def theory(name: str, p: int, m: int, v: int) -> float:
@@ -117,7 +117,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--schedules", nargs="+", default=SCHEDULES)
+    ap.add_argument("--schedules", nargs="+", default=list(SCHEDULES))
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "moeforge_bench_cache"))
     args = ap.parse_args()
     from tests.distributed import free_port

@@ -1,4 +1,4 @@
-"""Process group and DeviceMesh from torchrun's environment, with layout validation.
+"""Process group and DeviceMesh from torchrun's environment, for a layout parallel.layout accepts.
 
 Mesh dimensions, outermost first: pp x dp_replicate x edp x ep x tp, where
 dp_shard = edp * ep: expert parallelism is folded into the sharded data-parallel
@@ -21,61 +21,17 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
+from parallel import layout
 from parallel.context import ParallelContext, default_device
 
 if TYPE_CHECKING:
     from models.config import ModelConfig
 
 
-class LayoutError(ValueError):
-    """A parallel layout that cannot work; the message names the key and the fix."""
-
-
-def validate_layout(parallel, model: "ModelConfig", world_size: int) -> None:
-    """Refuse layouts that do not divide, naming the config key and what would fit."""
-    p = parallel
-    product = p.pp * p.dp_replicate * p.dp_shard * p.tp
-    if product != world_size:
-        raise LayoutError(
-            f"parallel: pp({p.pp}) x dp_replicate({p.dp_replicate}) x dp_shard({p.dp_shard}) x tp({p.tp}) = "
-            f"{product}, but WORLD_SIZE is {world_size}; make the product equal the number of processes"
-        )
-    if p.ep > 1:
-        if model.n_routed_experts == 0:
-            raise LayoutError("parallel.ep: the model has no routed experts (model.n_routed_experts=0); set parallel.ep=1")
-        if model.n_routed_experts % p.ep:
-            raise LayoutError(
-                f"parallel.ep: model.n_routed_experts={model.n_routed_experts} is not divisible by ep={p.ep}; "
-                "pick an ep that divides the number of experts"
-            )
-        if p.dp_shard % p.ep:
-            raise LayoutError(
-                f"parallel.ep: ep={p.ep} must divide dp_shard={p.dp_shard} "
-                "(expert parallelism is folded into the sharded data-parallel ranks)"
-            )
-    if p.tp > 1:
-        sizes = {
-            "model.num_attention_heads": model.num_attention_heads,
-            "model.intermediate_size": model.intermediate_size,
-            "model.vocab_size": model.vocab_size,
-        }
-        if model.n_shared_experts:
-            sizes["model.moe_intermediate_size x n_shared_experts"] = model.moe_intermediate_size * model.n_shared_experts
-        for key, size in sizes.items():
-            if size % p.tp:
-                raise LayoutError(f"parallel.tp: {key}={size} is not divisible by tp={p.tp}; pick a tp that divides it")
-        if p.data_parallel == "zero1":
-            raise LayoutError("parallel.data_parallel: zero1 with tp > 1 is not supported yet; use fsdp")
-    if p.pp > 1:
-        from parallel.pipeline import validate_pipeline  # layers vs stages, schedule, micro-batches
-
-        validate_pipeline(p, model)
-
-
 def init_distributed(parallel, model: "ModelConfig") -> ParallelContext:
     """Initialise the default process group from torchrun's env and build the mesh."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    validate_layout(parallel, model, world_size)
+    layout.check(parallel, model, world_size)
     if world_size == 1 and not dist.is_initialized():
         return ParallelContext.single()
     device = default_device()

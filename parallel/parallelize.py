@@ -16,6 +16,7 @@ from torch import nn
 from parallel.context import ParallelContext
 from parallel.data_parallel import ZeroOneOptimizer, apply_fsdp, clip_grad_norm, grad_norm_replicas
 from parallel.expert_parallel import apply_expert_parallel
+from parallel.layout import fsdp_applies
 from parallel.tensor_parallel import apply_tensor_parallel
 
 
@@ -38,7 +39,7 @@ def parallelize(
         apply_expert_parallel(model, ctx.ep_rank, ctx.ep_size, ctx.ep_group)
     if ctx.tp_size > 1:
         apply_tensor_parallel(model, ctx.mesh["tp"])
-    if data_parallel == "fsdp" and not (pipeline is not None and ctx.dp_size == 1 and ctx.tp_size == 1):  # pp only
+    if data_parallel == "fsdp" and (pipeline is None or fsdp_applies(pipeline.parallel)):  # pp-only layouts skip it
         apply_fsdp(model, ctx.mesh, mp_policy, roots=pipeline.modules if pipeline is not None else None)
     replicas = grad_norm_replicas(model, data_parallel, ctx)
     if pipeline is not None:  # tied embedding copies on the first and last stage count once

@@ -13,7 +13,8 @@ Stages
 
 Which rank holds which stage follows the schedule: one stage per rank (GPipe, 1F1B),
   a loop (stage s on rank s mod pp: Interleaved1F1B, InterleavedZeroBubble, LoopedBFS)
-  or a V (stages r and 2pp-1-r on rank r: ZBVZeroBubble, DualPipeV).
+  or a V (stages r and 2pp-1-r on rank r: ZBVZeroBubble, DualPipeV). The split, the placement
+  and the layout checks are parallel/layout.py's; this module builds and runs the stages.
 
 Tied embedding copies
   When the first and the last stage live on different ranks and the last stage needs the
@@ -72,171 +73,16 @@ from torch import nn
 from models.moe import MoE
 from models.head_loss import head_cross_entropy_sum
 from models.transformer import ModelOutput, combine_losses, mtp_labels, shift_left
-
-# name (case-insensitive in config) -> (class name in torch.distributed.pipelining, stage placement style)
-SCHEDULES: dict[str, tuple[str, str]] = {
-    "GPipe": ("ScheduleGPipe", "single"),
-    "1F1B": ("Schedule1F1B", "single"),
-    "Interleaved1F1B": ("ScheduleInterleaved1F1B", "loop"),
-    "LoopedBFS": ("ScheduleLoopedBFS", "loop"),
-    "InterleavedZeroBubble": ("ScheduleInterleavedZeroBubble", "loop"),
-    "ZBVZeroBubble": ("ScheduleZBVZeroBubble", "v"),
-    "DualPipeV": ("ScheduleDualPipeV", "v"),
-}
-# Schedules that split the backward into input-gradient and weight-gradient passes.
-SPLIT_BACKWARD = {"InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"}
-
-
-def _layout_error(message: str) -> Exception:
-    from parallel.mesh import LayoutError  # mesh imports this module lazily
-
-    return LayoutError(message)
-
-
-def schedule_name(parallel) -> str:
-    """Canonical schedule name for parallel.pipeline_schedule (case-insensitive)."""
-    wanted = str(parallel.pipeline_schedule).replace("_", "").lower()
-    for name in SCHEDULES:
-        if name.lower() == wanted:
-            return name
-    raise _layout_error(
-        f"parallel.pipeline_schedule: unknown schedule {parallel.pipeline_schedule!r}; "
-        f"choose one of {', '.join(SCHEDULES)}"
-    )
-
-
-def schedule_class(name: str):
-    import torch.distributed.pipelining.schedules as schedules
-
-    cls = getattr(schedules, SCHEDULES[name][0], None)
-    if cls is None:
-        raise _layout_error(
-            f"parallel.pipeline_schedule: {name} is not available in this torch ({torch.__version__}); "
-            "pick another schedule"
-        )
-    return cls
-
-
-def stages_per_rank(parallel) -> int:
-    name = schedule_name(parallel)
-    style = SCHEDULES[name][1]
-    v = getattr(parallel, "pipeline_stages_per_rank", None)
-    if style == "single":
-        if v not in (None, 1):
-            raise _layout_error(
-                f"parallel.pipeline_stages_per_rank: {name} runs one stage per rank, got {v}; "
-                "leave it unset or pick Interleaved1F1B / InterleavedZeroBubble for virtual stages"
-            )
-        return 1
-    if style == "v":
-        if v not in (None, 2):
-            raise _layout_error(f"parallel.pipeline_stages_per_rank: {name} needs exactly 2 stages per rank, got {v}")
-        return 2
-    v = 2 if v is None else v
-    if v < 1:
-        raise _layout_error(f"parallel.pipeline_stages_per_rank: must be >= 1, got {v}")
-    return v
-
-
-def stage_to_rank(stage: int, pp: int, style: str) -> int:
-    if style == "v":
-        return stage if stage < pp else 2 * pp - 1 - stage
-    return stage % pp
-
-
-def split_layers(parallel, model) -> list[list[int]]:
-    """Layer indices of every stage (stage order). Raises LayoutError for splits that cannot work."""
-    n_stages = parallel.pp * stages_per_rank(parallel)
-    n_layers = model.num_hidden_layers
-    has_mtp = model.num_nextn_predict_layers > 0
-    counts = getattr(parallel, "pipeline_layers_per_stage", None)
-    mtp_stage = bool(getattr(parallel, "pipeline_mtp_stage", False))
-    if counts:
-        counts = list(counts)
-        if len(counts) != n_stages:
-            raise _layout_error(
-                f"parallel.pipeline_layers_per_stage: {len(counts)} entries for {n_stages} stages "
-                f"(pp={parallel.pp} x {n_stages // parallel.pp} stages per rank); give one count per stage"
-            )
-        if sum(counts) != n_layers or any(c < 0 for c in counts):
-            raise _layout_error(
-                f"parallel.pipeline_layers_per_stage: {counts} must be non-negative and sum to "
-                f"model.num_hidden_layers={n_layers}"
-            )
-    else:
-        body = n_stages - 1 if mtp_stage else n_stages
-        if mtp_stage and not has_mtp:
-            raise _layout_error("parallel.pipeline_mtp_stage: the model has no MTP modules (num_nextn_predict_layers=0)")
-        if body < 1 or n_layers < body:
-            raise _layout_error(
-                f"parallel.pp: {n_stages} pipeline stages (pp={parallel.pp} x {n_stages // parallel.pp} per rank"
-                f"{', one for MTP' if mtp_stage else ''}) cannot split model.num_hidden_layers={n_layers}; "
-                "use fewer stages or more layers"
-            )
-        base, extra = divmod(n_layers, body)
-        counts = [base + (1 if i < extra else 0) for i in range(body)] + ([0] if mtp_stage else [])
-    for i, c in enumerate(counts):
-        if c == 0 and not (i == n_stages - 1 and has_mtp):
-            raise _layout_error(
-                f"parallel.pp: stage {i} of {n_stages} would hold no transformer layers "
-                f"(split {counts}); only the last stage may be empty, and only when it holds MTP; "
-                "use fewer stages or set parallel.pipeline_layers_per_stage"
-            )
-    out, start = [], 0
-    for c in counts:
-        out.append(list(range(start, start + c)))
-        start += c
-    return out
-
-
-def validate_microbatches(parallel, n_micro: int) -> None:
-    """Micro-batches per step vs stages and schedule (the schedule classes' own requirements)."""
-    name = schedule_name(parallel)
-    pp = parallel.pp
-    n_stages = pp * stages_per_rank(parallel)
-    style = SCHEDULES[name][1]
-    if name in ("1F1B", "ZBVZeroBubble", "DualPipeV") or style == "v":
-        need = n_stages if style == "v" else pp
-        if n_micro < need:
-            raise _layout_error(
-                f"parallel.pipeline_microbatches: {name} needs at least {need} micro-batches per step "
-                f"({'stages' if style == 'v' else 'pp'}={need}), got {n_micro}; raise train.grad_accum_steps"
-            )
-    if name in ("Interleaved1F1B", "InterleavedZeroBubble"):
-        rounds = max(1, n_micro // pp)
-        if n_micro % rounds:
-            raise _layout_error(
-                f"parallel.pipeline_microbatches: {name} needs the micro-batch count ({n_micro}) to be a "
-                f"multiple of max(1, m // pp) = {rounds}; use a multiple of pp={pp}"
-            )
-
-
-def fsdp_applies(parallel) -> bool:
-    """Whether the stages get FSDP2-wrapped: data_parallel=fsdp with more than one data-parallel
-    rank or with tensor parallelism (a pp-only layout has nothing to shard and skips it)."""
-    return parallel.data_parallel == "fsdp" and (parallel.dp_replicate * parallel.dp_shard > 1 or parallel.tp > 1)
-
-
-def validate_pipeline(parallel, model) -> None:
-    """Layout checks for pp > 1 (called by parallel.mesh.validate_layout)."""
-    name = schedule_name(parallel)
-    schedule_class(name)
-    split_layers(parallel, model)
-    if parallel.pipeline_microbatches is not None:
-        validate_microbatches(parallel, parallel.pipeline_microbatches)
-    last_needs_embedding = model.num_nextn_predict_layers > 0 or model.tie_word_embeddings
-    if SCHEDULES[name][1] == "v" and fsdp_applies(parallel) and last_needs_embedding and parallel.tp > 1:
-        raise _layout_error(
-            f"parallel.pipeline_schedule: {name} puts the first and the last stage (MTP: it embeds the shifted "
-            "tokens) on one rank; with FSDP2 the last stage then uses its own embedding copy, which is not "
-            "tensor-parallel; use parallel.tp=1 or a loop schedule (Interleaved1F1B, InterleavedZeroBubble)"
-        )
-    if SCHEDULES[name][1] == "v" and fsdp_applies(parallel) and model.tie_word_embeddings:
-        raise _layout_error(
-            f"parallel.pipeline_schedule: {name} with model.tie_word_embeddings puts the shared embedding/head "
-            "weight under two FSDP2 roots on rank 0; use parallel.data_parallel=zero1 or a loop schedule"
-        )
-
+from parallel.layout import (
+    check_microbatches,
+    fsdp_applies,
+    schedule_class,
+    schedule_name,
+    schedule_style,
+    split_layers,
+    stage_to_rank,
+    stages_per_rank,
+)
 
 # ------------------------------------------------------------------------------------------ stage modules
 class StageModule(nn.Module):
@@ -342,7 +188,7 @@ class Pipeline:
     def build_schedule(self, n_micro: int, micro_batch: int, seq_len: int, hidden: int, mtp_depth: int) -> None:
         from torch.distributed.pipelining import PipelineStage
 
-        validate_microbatches(self.parallel, n_micro)
+        check_microbatches(self.parallel, n_micro)
         device = self.ctx.device
         pp_group = self.ctx.pp_group
         self.stages = []
@@ -461,10 +307,8 @@ def build_pipeline(model: nn.Module, parallel, ctx, mp_policy: Any = None) -> Pi
     Activations cross stages in the residual stream's dtype: FSDP2's bf16 param dtype when
     FSDP wraps the stages with that policy, else fp32 (autocast keeps the residual in fp32)."""
     act_dtype = (getattr(mp_policy, "param_dtype", None) if fsdp_applies(parallel) else None) or torch.float32
-    name = schedule_name(parallel)
-    style = SCHEDULES[name][1]
-    v = stages_per_rank(parallel)
-    n_stages = parallel.pp * v
+    name, style = schedule_name(parallel), schedule_style(parallel)
+    n_stages = parallel.pp * stages_per_rank(parallel)
     split = split_layers(parallel, model.cfg)
     stage_ids = [s for s in range(n_stages) if stage_to_rank(s, parallel.pp, style) == ctx.pp_rank]
     keep = {i for s in stage_ids for i in split[s]}

@@ -1,4 +1,4 @@
-"""parallel.mesh.validate_layout: every layout that cannot work is refused with a LayoutError
+"""parallel.layout.check: every layout that cannot work is refused with a LayoutError
 naming the config key, and `python -m train` turns it into a clean `config error:` exit 2."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from models.config import ModelConfig
-from parallel.mesh import LayoutError, validate_layout
+from parallel.layout import LayoutError, check
 from train.config import ParallelConfig
 
 
@@ -44,7 +44,7 @@ INVALID = {
 def test_invalid_layout_raises_naming_the_key(case):
     overrides, world, model, key, words = INVALID[case]
     with pytest.raises(LayoutError) as err:
-        validate_layout(ParallelConfig(**overrides), moe_model(**model), world)
+        check(ParallelConfig(**overrides), moe_model(**model), world)
     message = str(err.value)
     assert key in message, message
     for word in words:
@@ -67,7 +67,7 @@ VALID = [
 
 @pytest.mark.parametrize("overrides,world,experts", VALID)
 def test_valid_layout_accepted(overrides, world, experts):
-    validate_layout(ParallelConfig(**overrides), moe_model(experts), world)
+    check(ParallelConfig(**overrides), moe_model(experts), world)
 
 
 def test_cli_reports_layout_error_as_config_error(repo_root, tmp_path):
@@ -84,3 +84,30 @@ def test_cli_reports_layout_error_as_config_error(repo_root, tmp_path):
     assert "WORLD_SIZE" in proc.stderr and "dp_shard" in proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before training started
+
+
+def test_without_world_size_only_the_process_count_is_skipped():
+    check(ParallelConfig(dp_shard=2, ep=2), moe_model())  # no WORLD_SIZE to compare the product with
+    with pytest.raises(LayoutError, match="parallel.ep"):
+        check(ParallelConfig(dp_shard=3, ep=3), moe_model())
+
+
+@pytest.mark.parametrize("overrides", [
+    {"dp_shard": 3, "ep": 3},
+    {"tp": 3},
+    {"pp": 8},
+    {"pp": 2, "pipeline_schedule": "Interleaved1F1B", "pipeline_layers_per_stage": [2, 0, 1, 1]},
+])
+def test_config_load_and_runtime_refuse_with_the_same_message(repo_root, overrides):
+    """One rule, one message: load_config's refusal is parallel.layout.check's."""
+    import dataclasses
+
+    from train.config import ConfigError, load_config
+
+    cfg = load_config(repo_root / "configs" / "tiny.yaml", ["train.grad_accum_steps=8"])
+    with pytest.raises(LayoutError) as runtime:
+        check(dataclasses.replace(cfg.parallel, **overrides), cfg.model)
+    dotlist = [f"parallel.{k}={str(v).replace(' ', '')}" for k, v in overrides.items()]
+    with pytest.raises(ConfigError) as loaded:
+        load_config(repo_root / "configs" / "tiny.yaml", ["train.grad_accum_steps=8", *dotlist])
+    assert str(loaded.value) == str(runtime.value)

@@ -10,15 +10,8 @@ import torch
 
 from models.config import ModelConfig
 from models.transformer import Transformer
-from parallel.mesh import LayoutError, validate_layout
-from parallel.pipeline import (
-    SCHEDULES,
-    StageModule,
-    prune_model,
-    split_layers,
-    stage_to_rank,
-    validate_microbatches,
-)
+from parallel.layout import SCHEDULES, LayoutError, check, check_microbatches, split_layers, stage_to_rank
+from parallel.pipeline import StageModule, prune_model
 from train.config import ConfigError, ParallelConfig
 
 
@@ -86,9 +79,9 @@ def test_invalid_pipeline_layout(case):
     p = ParallelConfig(**parallel)
     world = p.pp * p.dp_replicate * p.dp_shard * p.tp
     with pytest.raises(LayoutError) as err:
-        validate_layout(p, model_cfg(layers, mtp, **(model_extra[0] if model_extra else {})), world)
+        check(p, model_cfg(layers, mtp, **(model_extra[0] if model_extra else {})), world)
         if p.pipeline_microbatches is not None:
-            validate_microbatches(p, p.pipeline_microbatches)
+            check_microbatches(p, p.pipeline_microbatches)
     for word in words:
         assert word in str(err.value), f"{word!r} not in {err.value}"
 
@@ -97,8 +90,8 @@ def test_invalid_pipeline_layout(case):
 def test_valid_pipeline_layouts(schedule):
     p = ParallelConfig(pp=2, dp_shard=2, ep=2, pipeline_schedule=schedule, pipeline_microbatches=4,
                        data_parallel="zero1")
-    validate_layout(p, model_cfg(4, 1), 4)
-    validate_microbatches(p, 4)
+    check(p, model_cfg(4, 1), 4)
+    check_microbatches(p, 4)
 
 
 @pytest.mark.parametrize("schedule,mtp", [("InterleavedZeroBubble", 1), ("ZBVZeroBubble", 1), ("DualPipeV", 0),
@@ -106,7 +99,7 @@ def test_valid_pipeline_layouts(schedule):
 def test_fsdp_with_pipeline_schedules(schedule, mtp):
     """FSDP2 works with split-backward schedules and with V placement (MTP: private embedding copy)."""
     p = ParallelConfig(pp=2, dp_shard=2, pipeline_schedule=schedule, data_parallel="fsdp")
-    validate_layout(p, model_cfg(4, mtp), 4)
+    check(p, model_cfg(4, mtp), 4)
 
 
 def test_pipeline_microbatches_must_match_grad_accum(repo_root):

@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data.config import DataConfig
 from models.config import ModelConfig
+from parallel import layout
 
 
 class ConfigError(ValueError):
@@ -200,11 +201,6 @@ class Config:
         _validate_layout_and_launch(self)
 
 
-# parallel.pipeline_schedule names (parallel/pipeline.py; matched case-insensitively, "_" ignored there too)
-_PIPELINE_SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble",
-                       "DualPipeV")
-
-
 def _validate_layout_and_launch(cfg: "Config") -> None:
     """Static checks that need no process group: layouts that cannot divide whatever the world size,
     and values that would only fail deep inside a run. Each message names the key and the fix."""
@@ -224,35 +220,15 @@ def _validate_layout_and_launch(cfg: "Config") -> None:
         _check(cfg.data.tokenizer_vocab_size <= m.vocab_size, "model.vocab_size",
                f"{m.vocab_size} is smaller than data.tokenizer_vocab_size={cfg.data.tokenizer_vocab_size}; "
                "raise model.vocab_size or lower data.tokenizer_vocab_size")
-    if p.ep > 1:
-        _check(m.n_routed_experts > 0, "parallel.ep",
-               "the model has no routed experts (model.n_routed_experts=0); set parallel.ep=1")
-        divisors = [d for d in range(1, m.n_routed_experts + 1) if m.n_routed_experts % d == 0]
-        _check(m.n_routed_experts % p.ep == 0, "parallel.ep",
-               f"model.n_routed_experts={m.n_routed_experts} cannot be split evenly over ep={p.ep} ranks; "
-               f"use an ep that divides it ({', '.join(map(str, divisors[:12]))})")
-        _check(p.dp_shard % p.ep == 0, "parallel.ep",
-               f"ep={p.ep} must divide parallel.dp_shard={p.dp_shard} (experts are split over the sharded "
-               "data-parallel ranks); set dp_shard to a multiple of ep")
-    _check(m.num_attention_heads % p.tp == 0, "parallel.tp",
-           f"model.num_attention_heads={m.num_attention_heads} is not divisible by tp={p.tp}; "
-           "use a tp that divides the number of heads")
-    _check(p.pp <= m.num_hidden_layers, "parallel.pp",
-           f"pp={p.pp} pipeline stages for model.num_hidden_layers={m.num_hidden_layers} layers; "
-           "use at most one stage per layer")
-    wanted = str(p.pipeline_schedule).replace("_", "").lower()
-    _check(wanted in {s.lower() for s in _PIPELINE_SCHEDULES}, "parallel.pipeline_schedule",
-           f"unknown schedule {p.pipeline_schedule!r}; choose one of {', '.join(_PIPELINE_SCHEDULES)}")
-    if p.pp > 1 and wanted in ("1f1b", "zbvzerobubble", "dualpipev"):  # as parallel.pipeline.validate_microbatches
-        need = 2 * p.pp if wanted != "1f1b" else p.pp  # V-shaped schedules run 2 stages per rank
-        _check(t.grad_accum_steps >= need, "train.grad_accum_steps",
-               f"{t.grad_accum_steps} micro-batches per step are too few for {p.pipeline_schedule} over pp={p.pp}; "
-               f"raise train.grad_accum_steps to at least {need}")
-    if p.pp > 1 and wanted in ("interleaved1f1b", "interleavedzerobubble"):  # micro-batches in max(1, m // pp) rounds
-        rounds = max(1, t.grad_accum_steps // p.pp)
-        _check(t.grad_accum_steps % rounds == 0, "train.grad_accum_steps",
-               f"{p.pipeline_schedule} runs the {t.grad_accum_steps} micro-batches in max(1, m // pp) = {rounds} "
-               f"equal rounds; use a multiple of pp={p.pp}")
+    try:  # the layout rules that hold whatever the number of processes
+        layout.check_expert_parallel(p, m)
+        layout.check_tensor_parallel(p, m)
+        layout.schedule_name(p)
+        if p.pp > 1:
+            layout.split_layers(p, m)
+            layout.check_microbatches(p, t.grad_accum_steps, key="train.grad_accum_steps")
+    except layout.LayoutError as e:
+        raise ConfigError(str(e)) from None
     _check(cfg.log.wandb_mode in (None, "online", "offline", "disabled", "shared"), "log.wandb_mode",
            f"must be online|offline|disabled (or null: WANDB_MODE, else online with an API key), "
            f"got {cfg.log.wandb_mode!r}")

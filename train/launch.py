@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from parallel.mesh import LayoutError, init_distributed
+from parallel.layout import LayoutError
+from parallel.mesh import init_distributed
 from train.config import Config, ConfigError
 
 

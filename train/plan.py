@@ -7,7 +7,7 @@ plans in seconds on a laptop. Exit status 2 when the config or the layout cannot
 
 Memory model (per rank, bytes; GiB = 2**30 in the output), matching what moeforge runs:
 
-* Stages: parallel/pipeline.py's split and placement (pp x stages-per-rank stages; the embedding on
+* Stages: parallel/layout.py's split and placement (pp x stages-per-rank stages; the embedding on
   the first, final norm + head + MTP on the last, which keeps its own embedding copy for MTP when it
   lives on another rank; V schedules put stages r and 2pp-1-r on rank r, loop schedules stage s on
   rank s % pp). Every figure is for the busiest rank; the text output also lists each rank's total.
@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from models.accounting import build_meta_model, count_model
+from parallel import layout
 from train.config import Config, ConfigError, load_config
 
 GiB = 2**30
@@ -117,33 +118,20 @@ def model_units(cfg: Config) -> tuple[Unit, list[Unit], Unit, list[Unit]]:
 
 # ---------------------------------------------------------------- pipeline stages
 def pipeline_shape(cfg: Config) -> tuple[str, int]:
-    """(placement style: single | loop | v, stages per rank), as parallel/pipeline.py decides."""
+    """(placement style: single | loop | v, stages per rank), as parallel/layout.py decides."""
     p = cfg.parallel
     if p.pp == 1:
         return "single", 1
-    from parallel.pipeline import SCHEDULES, schedule_name, stages_per_rank
-
     try:
-        return SCHEDULES[schedule_name(p)][1], stages_per_rank(p)
-    except ValueError:  # unknown schedule or bad stages_per_rank: reported by check_layout
+        return layout.schedule_style(p), layout.stages_per_rank(p)
+    except layout.LayoutError:  # unknown schedule or bad stages_per_rank: reported by check_layout
         return "single", 1
-
-
-def stage_to_rank(stage: int, pp: int, style: str) -> int:
-    if style == "v":
-        return stage if stage < pp else 2 * pp - 1 - stage
-    return stage % pp
-
-
-def even_split(n_layers: int, n_stages: int) -> list[int]:
-    base, extra = divmod(n_layers, n_stages)
-    return [base + (1 if i < extra else 0) for i in range(n_stages)]
 
 
 def stage_units(cfg: Config) -> tuple[list[list[Unit]], list[int]]:
     """Units per pipeline rank, and the number of transformer layers of each stage.
 
-    The split is parallel.pipeline.split_layers' (even, or parallel.pipeline_layers_per_stage);
+    The split is parallel.layout.split_layers' (even, or parallel.pipeline_layers_per_stage);
     a layout it refuses falls back to an even split so that the plan still prints (check_layout
     reports the error)."""
     p = cfg.parallel
@@ -153,11 +141,9 @@ def stage_units(cfg: Config) -> tuple[list[list[Unit]], list[int]]:
     style, v = pipeline_shape(cfg)
     n_stages = p.pp * v
     try:
-        from parallel.pipeline import split_layers
-
-        sizes = [len(ids) for ids in split_layers(p, cfg.model)]
-    except ValueError:
-        sizes = even_split(len(layers), n_stages)
+        sizes = [len(ids) for ids in layout.split_layers(p, cfg.model)]
+    except layout.LayoutError:
+        sizes = layout.even_split(len(layers), n_stages)
     ranks: list[list[Unit]] = [[] for _ in range(p.pp)]
     start = 0
     for s, size in enumerate(sizes):
@@ -167,10 +153,10 @@ def stage_units(cfg: Config) -> tuple[list[list[Unit]], list[int]]:
             chunk = [embed] + chunk
         if s == n_stages - 1:
             chunk = chunk + [head] + mtps
-            last_rank = stage_to_rank(s, p.pp, style)
+            last_rank = layout.stage_to_rank(s, p.pp, style)
             if last_rank != 0 and (mtps or cfg.model.tie_word_embeddings):  # MTP needs its own embedding copy
                 chunk.append(Unit("embedding copy", dense=embed.dense, fp8_dense=embed.fp8_dense))
-        ranks[stage_to_rank(s, p.pp, style)].extend(chunk)
+        ranks[layout.stage_to_rank(s, p.pp, style)].extend(chunk)
     return ranks, sizes
 
 
@@ -183,9 +169,12 @@ def in_flight(cfg: Config, rank: int) -> float:
     p, m = cfg.parallel, microbatches(cfg)
     if p.pp == 1:
         return 1.0
-    s = str(p.pipeline_schedule).replace("_", "").lower()
+    try:
+        name = layout.schedule_name(p)
+    except layout.LayoutError:  # reported by check_layout
+        name = ""
     style, v = pipeline_shape(cfg)
-    if s in ("gpipe", "loopedbfs"):  # every forward before any backward
+    if name in ("GPipe", "LoopedBFS"):  # every forward before any backward
         return float(m)
     if style == "v":  # DualPipe(V): PP + 1 (DeepSeek-V3 report, Table 2)
         return float(min(m, p.pp + 1))
@@ -268,7 +257,7 @@ def data_parallel_mode(cfg: Config) -> str:
     """What parallel/parallelize.py does: no wrapping on one process or without data parallelism
     under FSDP ("single"), else the configured fsdp | zero1."""
     p = cfg.parallel
-    world = p.pp * p.dp_replicate * p.dp_shard * p.tp
+    world = layout.layout_size(p)
     if world == 1 or (p.data_parallel == "fsdp" and p.dp_replicate * p.dp_shard == 1):
         return "single"
     return p.data_parallel
@@ -375,7 +364,7 @@ def check_layout(cfg: Config, gpus: Optional[int]) -> tuple[list[str], list[str]
     p, mc = cfg.parallel, cfg.model
     errors: list[str] = []
     warnings: list[str] = []
-    world = p.pp * p.dp_replicate * p.dp_shard * p.tp
+    world = layout.layout_size(p)
     if gpus is not None and world != gpus:
         rest = p.pp * p.dp_replicate * p.tp
         fix = (f"; e.g. parallel.dp_shard={gpus // rest}" if gpus % rest == 0 else "")
@@ -383,25 +372,12 @@ def check_layout(cfg: Config, gpus: Optional[int]) -> tuple[list[str], list[str]
             f"parallel: pp({p.pp}) x dp_replicate({p.dp_replicate}) x dp_shard({p.dp_shard}) x tp({p.tp}) = {world}, "
             f"but there are {gpus} GPUs; make the product equal the number of GPUs{fix}"
         )
-    if p.ep > 1:
-        if mc.n_routed_experts == 0:
-            errors.append("parallel.ep: the model has no routed experts; set parallel.ep=1")
-        elif mc.n_routed_experts % p.ep:
-            errors.append(
-                f"parallel.ep: {mc.n_routed_experts} experts over ep={p.ep} ranks leaves them unevenly placed; "
-                f"pick an ep that divides model.n_routed_experts"
-            )
-        if p.dp_shard % p.ep:
-            errors.append(f"parallel.ep: ep={p.ep} must divide dp_shard={p.dp_shard}; "
-                          "set dp_shard to a multiple of ep")
-        if mc.n_group > 1 and mc.topk_group < mc.n_group and p.ep % mc.n_group and mc.n_group % p.ep:
-            warnings.append(
-                f"parallel.ep={p.ep} does not line up with model.n_group={mc.n_group}: expert groups straddle EP "
-                "ranks, so group-limited routing (topk_group) no longer bounds how many ranks a token reaches; "
-                "use an ep that divides or is a multiple of n_group"
-            )
-    if mc.num_attention_heads % p.tp:
-        errors.append(f"parallel.tp: model.num_attention_heads={mc.num_attention_heads} is not divisible by tp={p.tp}")
+    if p.ep > 1 and mc.n_group > 1 and mc.topk_group < mc.n_group and p.ep % mc.n_group and mc.n_group % p.ep:
+        warnings.append(
+            f"parallel.ep={p.ep} does not line up with model.n_group={mc.n_group}: expert groups straddle EP "
+            "ranks, so group-limited routing (topk_group) no longer bounds how many ranks a token reaches; "
+            "use an ep that divides or is a multiple of n_group"
+        )
     if p.pp > 1:
         _, v = pipeline_shape(cfg)
         stages = p.pp * v
@@ -415,23 +391,16 @@ def check_layout(cfg: Config, gpus: Optional[int]) -> tuple[list[str], list[str]
         if m < p.pp:
             warnings.append(f"parallel.pp: {m} micro-batches per step leave {p.pp} stages mostly idle; "
                             f"raise train.grad_accum_steps well above pp={p.pp}")
-        try:  # the runtime's own pipeline rules
-            from parallel.pipeline import validate_microbatches
-
-            validate_microbatches(p, m)
-        except ValueError as e:
-            errors.append(str(e))
-    if not errors:  # the runtime's own rules (parallel/mesh.py), including what this build cannot run yet
-        from parallel.mesh import LayoutError, validate_layout
-
-        try:
-            validate_layout(p, mc, gpus if gpus is not None else world)
-        except (LayoutError, ValueError) as e:
-            msg = str(e)
-            if any(s in msg for s in NOT_YET):
-                warnings.append(f"this build cannot run the layout yet: {msg}")
-            else:
-                errors.append(msg)
+    try:  # the runtime's own rules (parallel/layout.py), including what this build cannot run yet
+        layout.check(p, mc)  # the process count is checked above, in GPUs
+        if p.pp > 1:
+            layout.check_microbatches(p, microbatches(cfg))
+    except layout.LayoutError as e:
+        msg = str(e)
+        if any(s in msg for s in NOT_YET):
+            warnings.append(f"this build cannot run the layout yet: {msg}")
+        else:
+            errors.append(msg)
     if p.data_parallel == "fsdp" and p.dp_shard == 1 and p.dp_replicate > 1:
         warnings.append("parallel.data_parallel=fsdp with dp_shard=1 shards nothing; use zero1 or raise dp_shard")
     return errors, warnings
@@ -449,7 +418,7 @@ def plan(cfg: Config, gpus: Optional[int] = None, gpu_mem_gb: float = 80.0, reco
         flops_per_step=counts.flops_per_token * tokens_per_step,
     )
     p = cfg.parallel
-    world = p.pp * p.dp_replicate * p.dp_shard * p.tp
+    world = layout.layout_size(p)
     out["gpus"] = gpus if gpus is not None else world
     out["layout"] = {
         "pp": p.pp, "dp_replicate": p.dp_replicate, "dp_shard": p.dp_shard, "tp": p.tp, "ep": p.ep,
