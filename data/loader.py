@@ -73,6 +73,7 @@ from .packing import Packer, PackedSequence
 from .sources import (
     R_DOC,
     BadRecordCounter,
+    ProcessedRow,
     SourceReader,
     chunks,
     expand_source,
@@ -101,6 +102,10 @@ def _splitmix64(x: int) -> int:
 
 def _stable_hash(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+
+
+def _document_tokens(results: List[ProcessedRow]) -> int:
+    return sum(r.value.size for r in results if r.kind == R_DOC)
 
 
 def _files_digest(files: List[str]) -> str:
@@ -139,9 +144,9 @@ class _Lane:
             self._chunks = chunks(self.reader.rows(*self.pos))
         return next(self._chunks)
 
-    def push(self, results) -> None:
+    def push(self, results: List[ProcessedRow]) -> None:
         self.buf.extend(results)
-        self.buffered_tokens += sum(r[4].size for r in results if r[3] == R_DOC)
+        self.buffered_tokens += _document_tokens(results)
 
     def reset_reading(self) -> None:
         """Forget read-ahead; the next read starts at `pos`."""
@@ -230,7 +235,7 @@ class _Workers:
                 chars = got.inflight.popleft()
                 got.inflight_chars -= chars
                 got.push(results)
-                tokens = sum(r[4].size for r in results if r[3] == R_DOC)
+                tokens = _document_tokens(results)
                 self._seen[0] += chars
                 self._seen[1] += tokens
                 if self._seen[1]:
