@@ -8,7 +8,9 @@ level, inside functions, under ``if TYPE_CHECKING:``. The rule (README "Import d
 * ``data``     imports nothing of ours but ``data`` (it sits beside the others);
 * ``train``    imports any of the four;
 
-and no cycle among the project's modules.
+and no cycle among the project's modules. An edge goes to the module an import names
+(``from pkg import sub`` names ``pkg.sub`` when that is a module); a package's ``__init__``
+counts only where it is named itself, not as the parent of every submodule imported.
 """
 
 from __future__ import annotations
