@@ -99,6 +99,7 @@ def worker(name: str, steps: int, warmup: int, threads: int) -> dict:
     elif name == "moeforge":
         from models import Transformer
         from models.balance import update_router_biases
+        from models.head_loss import IGNORE_INDEX
         from train.allocator import retain_freed_memory
         from train.config import OptimConfig
         from train.optim import make_adamw, parameter_groups
@@ -107,7 +108,7 @@ def worker(name: str, steps: int, warmup: int, threads: int) -> dict:
         torch.manual_seed(0)
         model = Transformer(_our_config(mtp=0))
         ids, _ = make_batch(TINY_V3)
-        labels = torch.cat([ids[:, 1:], torch.full((ids.shape[0], 1), -100)], dim=1)
+        labels = torch.cat([ids[:, 1:], torch.full((ids.shape[0], 1), IGNORE_INDEX)], dim=1)
         opt = make_adamw(parameter_groups(model, 0.1), OptimConfig(lr=3e-4, betas=[0.9, 0.95]))
 
         def step():

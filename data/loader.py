@@ -73,6 +73,7 @@ from .packing import Packer, PackedSequence
 from .sources import (
     R_DOC,
     BadRecordCounter,
+    ProcessedRow,
     SourceReader,
     chunks,
     expand_source,
@@ -82,13 +83,11 @@ from .sources import (
     process_rows,
 )
 from .state import decode_array, encode_array
+from .tokenize_workers import TokenizedChunks
 
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 2
-# Start method of the tokenizer workers: None = the platform's default (fork on Linux).
-# Everything they receive pickles, so "spawn" / "forkserver" work too.
-WORKER_START_METHOD: Optional[str] = None
 _MASK64 = (1 << 64) - 1
 
 
@@ -101,6 +100,10 @@ def _splitmix64(x: int) -> int:
 
 def _stable_hash(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+
+
+def _document_tokens(results: List[ProcessedRow]) -> int:
+    return sum(r.value.size for r in results if r.kind == R_DOC)
 
 
 def _files_digest(files: List[str]) -> str:
@@ -139,9 +142,9 @@ class _Lane:
             self._chunks = chunks(self.reader.rows(*self.pos))
         return next(self._chunks)
 
-    def push(self, results) -> None:
+    def push(self, results: List[ProcessedRow]) -> None:
         self.buf.extend(results)
-        self.buffered_tokens += sum(r[4].size for r in results if r[3] == R_DOC)
+        self.buffered_tokens += _document_tokens(results)
 
     def reset_reading(self) -> None:
         """Forget read-ahead; the next read starts at `pos`."""
@@ -156,26 +159,8 @@ def _chunk_chars(rows) -> int:
     return sum(len(r.value) if isinstance(r.value, str) else 0 for r in rows)
 
 
-def _identity(x):
-    return x
-
-
-class _ChunkWork(torch.utils.data.Dataset):
-    """What a worker does with a scheduled chunk: parse, check and tokenize its rows."""
-
-    def __init__(self, tokenizer, text_fields: List[str], vocab_size: int, eos_id: int):
-        self.tokenizer = tokenizer
-        self.text_fields = text_fields
-        self.vocab_size = vocab_size
-        self.eos_id = eos_id
-
-    def __getitem__(self, item):
-        slot, rows = item
-        return slot, process_rows(rows, self.text_fields[slot], self.tokenizer, self.vocab_size, self.eos_id)
-
-
 class _Scheduler:
-    """The DataLoader's 'sampler': yields chunks of rows, choosing the source by demand."""
+    """The workers' schedule: yields chunks of rows, choosing the source by demand."""
 
     def __init__(self, workers: "_Workers"):
         self.workers = workers
@@ -197,7 +182,7 @@ class _Scheduler:
 
 
 class _Workers:
-    """Tokenization in DataLoader worker processes, results in scheduling order."""
+    """Tokenization in worker processes (`data.tokenize_workers`), results in scheduling order."""
 
     def __init__(self, stream: "TextBatchStream", num_workers: int):
         self.stream = stream
@@ -206,19 +191,13 @@ class _Workers:
         self.wanted: Optional[_Lane] = None
         self.chars_per_token = 4.0
         self._seen = [0, 0]  # chars, tokens of returned chunks
-        self._it = None
+        self._it: Optional[TokenizedChunks] = None
 
-    def _iterator(self):
+    def _iterator(self) -> TokenizedChunks:
         if self._it is None:
             s = self.stream
-            work = _ChunkWork(s.tokenizer, [l.reader.text_field for l in s._lanes],
-                              int(s.tokenizer.vocab_size), int(s.tokenizer.eos_id))
-            loader = torch.utils.data.DataLoader(
-                work, batch_size=None, sampler=_Scheduler(self), num_workers=self.num_workers,
-                collate_fn=_identity, prefetch_factor=2, persistent_workers=False,
-                multiprocessing_context=WORKER_START_METHOD,
-            )
-            self._it = iter(loader)
+            self._it = TokenizedChunks(_Scheduler(self), s.tokenizer, [l.reader.text_field for l in s._lanes],
+                                       self.num_workers)
         return self._it
 
     def fill(self, lane: _Lane) -> None:
@@ -230,7 +209,7 @@ class _Workers:
                 chars = got.inflight.popleft()
                 got.inflight_chars -= chars
                 got.push(results)
-                tokens = sum(r[4].size for r in results if r[3] == R_DOC)
+                tokens = _document_tokens(results)
                 self._seen[0] += chars
                 self._seen[1] += tokens
                 if self._seen[1]:
@@ -240,8 +219,8 @@ class _Workers:
 
     def close(self) -> None:
         it, self._it = self._it, None
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
+        if it is not None:
+            it.close()
         for lane in self.lanes:
             lane.reset_reading()
 

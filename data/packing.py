@@ -25,6 +25,8 @@ import numpy as np
 
 from .state import decode_array, encode_array
 
+# Label of positions without a target: the data side's one definition (data imports no model code);
+# it equals models.head_loss.IGNORE_INDEX, which the loss skips (tests/test_data_packing.py checks).
 IGNORE_INDEX = -100
 
 

@@ -26,39 +26,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import multiprocessing as mp
 import os
 import sys
 import time
-from collections import deque
 from typing import List, Optional
 
 import numpy as np
 
 from .config import DataConfig, SourceConfig
 from .megatron import IndexedWriter, optimal_dtype
-from .sources import (
-    R_DOC,
-    BadRecordCounter,
-    SourceReader,
-    chunks,
-    expand_source,
-    handle_bad,
-    process_rows,
-)
+from .sources import R_DOC, BadRecordCounter, SourceReader, chunks, expand_source, handle_bad
+from .tokenize_workers import TokenizedChunks
 
 logger = logging.getLogger("data.preprocess")
-
-_WORKER = {}
-
-
-def _init_worker(tokenizer, text_field, vocab_size, eos_id):
-    _WORKER.update(tokenizer=tokenizer, text_field=text_field, vocab_size=vocab_size, eos_id=eos_id)
-
-
-def _work(rows):
-    w = _WORKER
-    return process_rows(rows, w["text_field"], w["tokenizer"], w["vocab_size"], w["eos_id"])
 
 
 class ShardedWriter:
@@ -139,6 +119,8 @@ def _parse(argv):
     args.inputs = [i for i in args.inputs if i not in args.overrides]
     if args.overrides and not args.config:
         p.error("key=value overrides need --config")
+    if args.workers < 0:
+        p.error(f"--workers must be >= 0, got {args.workers}")
     if not args.inputs:
         p.error("no inputs")
     return args
@@ -168,29 +150,11 @@ def run(args) -> dict:
 
         progress = tqdm(total=len(files), unit="file", desc="preprocess", file=sys.stderr, dynamic_ncols=True)
 
-    pool = None
-    if args.workers > 0:
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        pool = ctx.Pool(args.workers, initializer=_init_worker, initargs=(tokenizer, args.text_field, vocab, eos))
-    _init_worker(tokenizer, args.text_field, vocab, eos)
-
-    def results():
-        source = chunks(reader.rows(epochs=1))
-        if pool is None:
-            for rows in source:
-                yield _work(rows)
-            return
-        pending: deque = deque()
-        for rows in source:  # bounded read-ahead: at most 2 chunks per worker in flight
-            pending.append(pool.apply_async(_work, (rows,)))
-            if len(pending) >= 2 * args.workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-
+    schedule = ((0, rows) for rows in chunks(reader.rows(epochs=1)))
+    results = TokenizedChunks(schedule, tokenizer, [args.text_field], args.workers)
     last_file = 0
     try:
-        for res in results():
+        for _, res in results:
             for epoch, file, rec, kind, value in res:
                 if kind == R_DOC:
                     writer.add(value if args.no_append_eos else np.concatenate([value, eos_arr]))
@@ -208,9 +172,7 @@ def run(args) -> dict:
         writer.abort()
         raise
     finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        results.close()
         if progress is not None:
             progress.update(len(files) - last_file)
             progress.close()

@@ -346,6 +346,16 @@ class Row(NamedTuple):
     value: object
 
 
+class ProcessedRow(NamedTuple):
+    """A row after `process_rows`: where it was read and what came of it."""
+
+    epoch: int
+    file: int  # index in the epoch's file order
+    rec: int  # record (row) index within the file
+    kind: int  # R_DOC, R_BAD or R_FILEBAD
+    value: object  # R_DOC: token array (or text); else (reason, loc, detail)
+
+
 def next_position(epoch: int, file: int, rec: int, result_kind: int) -> Tuple[int, int, int]:
     """The reader position after a processed row."""
     if result_kind == R_FILEBAD:
@@ -399,41 +409,41 @@ def _check_text(kind: int, value, rec: int, text_field: str):
     raise AssertionError(kind)
 
 
+def _process_row(r: Row, text_field: str, tokenizer, vocab_size: Optional[int],
+                 eos_id: Optional[int]) -> Tuple[int, object]:
+    """One row -> (result kind, value), as `process_rows` describes."""
+    if r.kind == K_FILEBAD:
+        return R_FILEBAD, r.value
+    if r.kind == K_TOKENS:
+        a = r.value
+        if eos_id is not None and a.size and int(a[-1]) == eos_id:  # written with EOS (Megatron --append-eod)
+            a = a[:-1]
+        if a.size == 0:
+            return R_BAD, (EMPTY_DOCUMENT, f": document {r.rec}", "no tokens")
+        if vocab_size is not None and (int(a.max()) >= vocab_size or int(a.min()) < 0):
+            bad = int(a.max()) if int(a.max()) >= vocab_size else int(a.min())
+            return R_BAD, (
+                TOKEN_OUT_OF_RANGE, f": document {r.rec}",
+                f"token id {bad} outside the tokenizer's vocabulary of {vocab_size} (tokenized with another tokenizer?)",
+            )
+        return R_DOC, a
+    text, bad = _check_text(r.kind, r.value, r.rec, text_field)
+    if bad is not None:
+        return R_BAD, bad
+    if tokenizer is None:
+        return R_DOC, text
+    return R_DOC, np.asarray(tokenizer.encode(text), dtype=np.int32)
+
+
 def process_rows(rows: Sequence[Row], text_field: str, tokenizer=None, vocab_size: Optional[int] = None,
-                 eos_id: Optional[int] = None) -> List[tuple]:
-    """Rows -> results ``(epoch, file, rec, result_kind, value)``.
+                 eos_id: Optional[int] = None) -> List[ProcessedRow]:
+    """Rows -> `ProcessedRow`s ``(epoch, file, rec, kind, value)``.
 
     R_DOC values are token arrays (int32; no EOS, the packer adds it), or the
     texts when `tokenizer` is None. R_BAD / R_FILEBAD values are
     ``(reason, loc, detail)`` with `loc` the part of FILE:LINE after the file.
     Pure function of its inputs: runs in the training process or in a worker."""
-    out: List[tuple] = []
-    for r in rows:
-        if r.kind == K_FILEBAD:
-            out.append((r.epoch, r.file, r.rec, R_FILEBAD, r.value))
-        elif r.kind == K_TOKENS:
-            a = r.value
-            if eos_id is not None and a.size and int(a[-1]) == eos_id:  # written with EOS (Megatron --append-eod)
-                a = a[:-1]
-            if a.size == 0:
-                out.append((r.epoch, r.file, r.rec, R_BAD, (EMPTY_DOCUMENT, f": document {r.rec}", "no tokens")))
-            elif vocab_size is not None and (int(a.max()) >= vocab_size or int(a.min()) < 0):
-                bad = int(a.max()) if int(a.max()) >= vocab_size else int(a.min())
-                out.append((r.epoch, r.file, r.rec, R_BAD, (
-                    TOKEN_OUT_OF_RANGE, f": document {r.rec}",
-                    f"token id {bad} outside the tokenizer's vocabulary of {vocab_size} (tokenized with another tokenizer?)",
-                )))
-            else:
-                out.append((r.epoch, r.file, r.rec, R_DOC, a))
-        else:
-            text, bad = _check_text(r.kind, r.value, r.rec, text_field)
-            if bad is not None:
-                out.append((r.epoch, r.file, r.rec, R_BAD, bad))
-            elif tokenizer is None:
-                out.append((r.epoch, r.file, r.rec, R_DOC, text))
-            else:
-                out.append((r.epoch, r.file, r.rec, R_DOC, np.asarray(tokenizer.encode(text), dtype=np.int32)))
-    return out
+    return [ProcessedRow(r.epoch, r.file, r.rec, *_process_row(r, text_field, tokenizer, vocab_size, eos_id)) for r in rows]
 
 
 # ---------------------------------------------------------------------------------------

@@ -63,6 +63,24 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
     return _ContiguousGrad.apply(torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets))
 
 
+# Operand dtypes torch._grouped_mm takes off CUDA (CPU: fp32, bf16, fp16; float64 is refused).
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def grouped_mm_applies(x: torch.Tensor, *row_widths: int) -> bool:
+    """Whether torch._grouped_mm runs expert GEMMs on rows like `x` (its device and dtype) whose operands
+    and gradients have rows of `row_widths` elements; where it does not, a per-expert loop of matmuls runs.
+
+    CUDA: bf16 on sm90+. Elsewhere fp32, bf16 or fp16. Everywhere: every row stride a multiple of
+    16 bytes (the kernel's check, in the forward and in autograd's backward GEMMs alike)."""
+    if x.is_cuda:
+        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device)[0] < 9:
+            return False
+    elif x.dtype not in GROUPED_MM_DTYPES:
+        return False
+    return all(n * x.element_size() % 16 == 0 for n in row_widths)
+
+
 def looped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Reference / fallback: one matmul per expert on its contiguous slice of rows."""
     chunks = x.split(counts)
@@ -90,13 +108,8 @@ class GroupedExperts(nn.Module):
     def resolved_implementation(self, x: torch.Tensor) -> str:
         if self.implementation != "auto":
             return self.implementation
-        if x.is_cuda:
-            # The CUDA grouped GEMM wants bf16 and sm90+; fall back to the loop otherwise.
-            major, _ = torch.cuda.get_device_capability(x.device)
-            return "grouped_mm" if x.dtype == torch.bfloat16 and major >= 9 else "loop"
-        # The CPU kernel needs 16-byte aligned row strides for both GEMMs' inputs.
-        aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[-1], self.intermediate_size))
-        return "grouped_mm" if aligned else "loop"
+        # Rows of both GEMMs: hidden (x, the down projection's output) and intermediate (its input).
+        return "grouped_mm" if grouped_mm_applies(x, x.shape[-1], self.intermediate_size) else "loop"
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: [N, H] sorted by expert; counts: [E] rows per expert -> [N, H]."""

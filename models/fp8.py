@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.experts import grouped_mm_applies, looped_linear
+
 log = logging.getLogger("moeforge")
 
 E4M3 = torch.float8_e4m3fn
@@ -467,16 +469,15 @@ class Fp8Linear(nn.Linear):
 
 def _grouped_mm_fp32(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """fp32 grouped GEMM: a [N,K] @ b[e] ([E,K,O]) per group, or a^T-style [K,N]x[N,O] -> [E,K,O] when
-    both are 2-D (offsets along the contraction). torch._grouped_mm on CPU, a loop elsewhere."""
-    if a.device.type == "cpu":
-        try:
-            return torch._grouped_mm(a.contiguous(), b.contiguous() if b.dim() == 2 else b, offs=offsets)
-        except RuntimeError:  # alignment limits (16-byte strides): fall through to the loop
-            pass
+    both are 2-D (offsets along the contraction). torch._grouped_mm where it applies (CPU), else a loop."""
+    if grouped_mm_applies(a):  # device and dtype first: no copies where the loop runs anyway (CUDA)
+        ga, gb = a.contiguous(), (b.contiguous() if b.dim() == 2 else b)
+        # The row stride of each operand as the kernel gets it (no autograd: the backward GEMMs are explicit).
+        if grouped_mm_applies(ga, *(max(t.stride(-2), t.stride(-1)) for t in (ga, gb))):
+            return torch._grouped_mm(ga, gb, offs=offsets)
     sizes = counts.tolist()
     if b.dim() == 3:
-        chunks = a.split(sizes)
-        return torch.cat([c @ w for c, w in zip(chunks, b)] or [a.new_zeros(0, b.shape[-1])])
+        return looped_linear(a, b.transpose(-2, -1), sizes)
     return torch.stack([ac @ bc for ac, bc in zip(a.split(sizes, dim=1), b.split(sizes, dim=0))])
 
 

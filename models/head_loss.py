@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # label of positions without a target (torch cross_entropy's default ignore_index)
 CHUNK_LOGITS = 1 << 20  # logits per chunk: 4 MiB in fp32, fits the L2/L3 of common CPUs
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of fp32 token CE over labels != -100, and the number of such tokens."""
+    """Sum of fp32 token CE over labels != IGNORE_INDEX, and the number of such tokens."""
     loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
     if hasattr(loss, "full_tensor"):  # vocab-parallel CE (tensor parallelism) returns a replicated DTensor
         loss = loss.full_tensor()
@@ -38,7 +38,7 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 class LinearCrossEntropySum(torch.autograd.Function):
-    """sum_t CE(h_t W^T, y_t) over y_t != -100; h [T, H], weight [V, H], labels [T] -> fp32 scalar."""
+    """sum_t CE(h_t W^T, y_t) over y_t != IGNORE_INDEX; h [T, H], weight [V, H], labels [T] -> fp32 scalar."""
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,  # type: ignore[override]

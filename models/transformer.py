@@ -175,7 +175,7 @@ class Transformer(nn.Module):
         mask: Optional[torch.Tensor] = None,
         return_logits: bool = False,
     ) -> ModelOutput:
-        """input_ids, labels, doc_ids: [B, S]. labels[i] is the target of position i (-100 = ignore).
+        """input_ids, labels, doc_ids: [B, S]. labels[i] is the target of position i (IGNORE_INDEX = none).
 
         Without labels, returns logits only. With labels, returns CE sums and token counts
         for the main head and for every MTP depth.

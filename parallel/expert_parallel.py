@@ -101,7 +101,6 @@ def apply_expert_parallel(model: nn.Module, ep_rank: int, ep_size: int, group: A
             full = getattr(experts, name)
             setattr(experts, name, nn.Parameter(full.detach()[lo:hi].clone(), requires_grad=full.requires_grad))
         experts.n_experts = n_local
-        experts.expert_offset = lo
         layer.dispatcher = AllToAllDispatcher(layer.cfg.n_routed_experts, ep_size, group)
 
 

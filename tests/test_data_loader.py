@@ -272,6 +272,38 @@ def test_workers_give_the_same_stream_and_resume(corpus, tok):
     again.close()
 
 
+def test_tokenize_workers_return_schedule_order_and_read_ahead_boundedly(tok):
+    """The one worker mechanism (loader and preprocess): same results as in-process, in order,
+    the schedule drawn lazily, at most PREFETCH_PER_WORKER chunks per worker ahead."""
+    from data.sources import K_LINE, R_BAD, R_DOC, Row
+    from data.tokenize_workers import PREFETCH_PER_WORKER, TokenizedChunks
+
+    lines = [json.dumps({"text": f"alpha beta {i} " * (i % 5 + 1)}) if i % 7 else "{oops" for i in range(40)]
+    chunk_rows = [[Row(0, c, k, K_LINE, lines[4 * c + k]) for k in range(4)] for c in range(10)]
+    drawn = []
+
+    def schedule():
+        for c, rows in enumerate(chunk_rows):
+            drawn.append(c)
+            yield c % 2, rows
+
+    inline = list(TokenizedChunks(schedule(), tok, ["text", "text"], 0))
+    assert [slot for slot, _ in inline] == [c % 2 for c in range(10)]
+    assert [r.kind for _, res in inline for r in res] == [R_BAD if i % 7 == 0 else R_DOC for i in range(40)]
+    drawn.clear()
+    workers = TokenizedChunks(schedule(), tok, ["text", "text"], 2)
+    got = [next(workers)]
+    assert len(drawn) <= 2 * PREFETCH_PER_WORKER + 1  # not the whole schedule
+    got += list(workers)
+    workers.close()
+    assert [(s, [(r.epoch, r.file, r.rec, r.kind) for r in res]) for s, res in got] == \
+        [(s, [(r.epoch, r.file, r.rec, r.kind) for r in res]) for s, res in inline]
+    docs = [(a.value, b.value) for (_, x), (_, y) in zip(got, inline) for a, b in zip(x, y) if a.kind == R_DOC]
+    assert all(np.array_equal(a, b) for a, b in docs) and docs
+    with pytest.raises(ValueError, match=r"num_workers must be >= 0, got -1"):
+        TokenizedChunks(schedule(), tok, ["text"], -1)
+
+
 def _bad_corpus(root: Path) -> Path:
     src = root / "bad"
     src.mkdir()

@@ -147,3 +147,10 @@ def test_packer_state_round_trip(cut):
         np.testing.assert_array_equal(a.doc_ids, b.doc_ids)
     with pytest.raises(ValueError, match="seq_len"):
         Packer(seq_len + 1, EOS).load_state_dict(state)
+
+
+def test_the_data_and_the_loss_agree_on_the_ignored_label():
+    """data/ defines its own IGNORE_INDEX (it imports no model code): it must be the one the loss skips."""
+    from models.head_loss import IGNORE_INDEX as LOSS_IGNORE_INDEX
+
+    assert IGNORE_INDEX == LOSS_IGNORE_INDEX

@@ -149,13 +149,14 @@ def test_reader_positions_resume_inside_a_file(tmp_path):
              for i in range(3)]
     reader = SourceReader(0, files, seed=5)
     rows = [r for c in chunks(reader.rows(epochs=2), max_rows=5) for r in process_rows(c, "text")]
-    texts = [r[4] for r in rows]
+    texts = [r.value for r in rows]
     assert len(texts) == 2 * 3 * 8 and sorted(texts[:24]) == sorted(texts[24:])
     for cut in (0, 3, 7, 8, 20, 30):  # a reader started at the position after row `cut` continues exactly
-        pos = next_position(*rows[cut][:3], rows[cut][3])
-        again = [r[4] for c in chunks(reader.rows(*pos, epochs=2)) for r in process_rows(c, "text")]
+        r = rows[cut]
+        pos = next_position(r.epoch, r.file, r.rec, r.kind)
+        again = [r.value for c in chunks(reader.rows(*pos, epochs=2)) for r in process_rows(c, "text")]
         assert again == texts[cut + 1 :]
-    assert all(r[3] == R_DOC for r in rows)
+    assert all(r.kind == R_DOC for r in rows)
 
 
 GOOD = {"text": "good"}

@@ -223,6 +223,25 @@ def test_unaligned_hidden_size_falls_back_to_the_loop_and_empty_batches_work():
     assert moe(torch.randn(1, 0, 6)).shape == (1, 0, 6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_grouped_mm_applies_exactly_where_the_cpu_kernel_runs_forward_and_backward(dtype):
+    """The one grouped-GEMM-or-loop rule agrees with torch._grouped_mm itself, widths in and out."""
+    from models.experts import grouped_mm_applies
+
+    offsets = torch.tensor([2, 5, 7], dtype=torch.int32)
+    for width_in in (4, 5, 6, 8, 16):
+        for width_out in (4, 5, 6, 8, 12):
+            x = torch.randn(7, width_in, dtype=dtype, requires_grad=True)
+            w = torch.randn(3, width_out, width_in, dtype=dtype, requires_grad=True)
+            try:
+                y = torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
+                y.backward(torch.randn_like(y))  # a dense gradient (.sum()'s zero strides are refused)
+                runs = True
+            except RuntimeError:
+                runs = False
+            assert grouped_mm_applies(x, width_in, width_out) == runs, (dtype, width_in, width_out)
+
+
 def test_fused_swiglu_matches_autograd_through_chunk():
     from models.experts import swiglu
 

@@ -36,7 +36,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from models.experts import GroupedExperts, looped_linear
+from models.experts import GroupedExperts, grouped_mm_applies, looped_linear
 from models.fp8 import Fp8GroupedGemm, Fp8Linear, Fp8Recipe, describe_backend
 from models.norm import RMSNorm
 from models.router import Router
@@ -128,20 +128,17 @@ def keep_fp32(model: nn.Module) -> int:
 class AutocastGroupedGemm:
     """GroupedExperts GEMM hook for bf16: torch._grouped_mm has no autocast rule (it would get bf16 rows
     and fp32 weights), so cast rows and weights to the autocast dtype as F.linear's rule does.
-    On CUDA without sm90 bf16 support, a per-expert loop of matmuls."""
+    Where torch._grouped_mm does not apply (`grouped_mm_applies`), a per-expert loop of matmuls."""
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         x, weight = x.to(dtype), weight.to(dtype)
-        if x.is_cuda and not (dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9):
+        if not grouped_mm_applies(x, weight.shape[-1], weight.shape[-2]):  # rows in and out (the gradient's)
             return looped_linear(x, weight, counts.tolist())
         # The raw output (not a view): FSDP2 hooks need non-view module outputs. The consumers (chunk,
         # gating in combine) always send dense gradients, which torch._grouped_mm's backward needs.
-        try:
-            return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
-        except RuntimeError:  # sizes the kernel cannot take (bf16 needs 16-byte aligned rows)
-            return looped_linear(x, weight, counts.tolist())
+        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
 
     def __repr__(self) -> str:
         return "AutocastGroupedGemm()"
