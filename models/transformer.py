@@ -26,7 +26,7 @@ from models.rope import RotaryEmbedding
 __all__ = [
     "Block", "MTPModule", "ModelOutput", "ModelParts", "Transformer", "IGNORE_INDEX", "combine_losses",
     "cross_entropy_sum", "embed", "losses", "mtp_labels", "output_logits", "run_layers",
-    "shift_left",
+    "shift_left", "target_counts",
 ]
 
 
@@ -99,6 +99,11 @@ def mtp_labels(labels: torch.Tensor, k: int, doc_ids: Optional[torch.Tensor] = N
         crosses = shift_left(doc_ids, k, -1) != doc_ids
         shifted = shifted.masked_fill(crosses, IGNORE_INDEX)
     return shifted
+
+
+def target_counts(labels: torch.Tensor, depth: int, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Target tokens [1 + depth] (int64) of the main head and of MTP depths 1..depth, as the losses count them."""
+    return torch.stack([(mtp_labels(labels, k, doc_ids) != IGNORE_INDEX).sum() for k in range(depth + 1)])
 
 
 @dataclass
