@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -319,8 +318,6 @@ class Pipeline:
     # Per step, set by run():
     _norm: tuple = ()
     _sums: Optional[torch.Tensor] = None
-    # Optional timing hooks (bench): stage index -> seconds of compute in this step
-    busy: Optional[dict] = None
 
     @property
     def has_first(self) -> bool:
@@ -491,30 +488,3 @@ def _tie_group(ctx, last_rank: int):
         if ctx.rank in ranks:
             mine = group
     return mine
-
-
-@contextlib.contextmanager
-def timed_stages(pipe: Pipeline):
-    """Bench helper: accumulate per-stage compute seconds (forward and backward) into pipe.busy."""
-    pipe.busy = {s.stage_index: 0.0 for s in pipe.stages}
-    originals = []
-    for stage in pipe.stages:
-        fwd, bwd = stage.forward_maybe_with_nosync, stage.backward_maybe_with_nosync
-
-        def make(fn, idx):
-            def wrapped(*a, **k):
-                t0 = time.perf_counter()
-                try:
-                    return fn(*a, **k)
-                finally:
-                    pipe.busy[idx] += time.perf_counter() - t0
-            return wrapped
-
-        stage.forward_maybe_with_nosync = make(fwd, stage.stage_index)
-        stage.backward_maybe_with_nosync = make(bwd, stage.stage_index)
-        originals.append((stage, fwd, bwd))
-    try:
-        yield pipe.busy
-    finally:
-        for stage, fwd, bwd in originals:
-            stage.forward_maybe_with_nosync, stage.backward_maybe_with_nosync = fwd, bwd
