@@ -25,6 +25,7 @@ meaningless: keep --pp at or below the number of cores.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -51,6 +52,33 @@ def theory(name: str, p: int, m: int, v: int) -> float:
     return 0.0
 
 
+@contextlib.contextmanager
+def timed_stages(pipe):
+    """Per-stage compute seconds (forward and backward calls) of a parallel.pipeline.Pipeline while inside."""
+    busy = {stage.stage_index: 0.0 for stage in pipe.stages}
+    originals = []
+    for stage in pipe.stages:
+        fwd, bwd = stage.forward_maybe_with_nosync, stage.backward_maybe_with_nosync
+
+        def timed(fn, idx):
+            def wrapped(*a, **k):
+                t0 = time.perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    busy[idx] += time.perf_counter() - t0
+            return wrapped
+
+        stage.forward_maybe_with_nosync = timed(fwd, stage.stage_index)
+        stage.backward_maybe_with_nosync = timed(bwd, stage.stage_index)
+        originals.append((stage, fwd, bwd))
+    try:
+        yield busy
+    finally:
+        for stage, fwd, bwd in originals:
+            stage.forward_maybe_with_nosync, stage.backward_maybe_with_nosync = fwd, bwd
+
+
 def overrides(args, name: str, m: int, run_dir: str) -> list[str]:
     return [
         "model.vocab_size=512", f"model.hidden_size={args.hidden}", f"model.intermediate_size={2 * args.hidden}",
@@ -74,7 +102,6 @@ def worker(rank: int, world: int, port: int, args, jobs: list, out: str) -> None
     import torch.distributed as dist
 
     from parallel.mesh import init_distributed
-    from parallel.pipeline import timed_stages
     from train.config import load_config
     from train.trainer import Trainer
 

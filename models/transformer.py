@@ -2,13 +2,15 @@
 
 Layers live in an nn.ModuleDict keyed by their index so that pipeline stages can
 delete the layers they do not own without renaming the rest (checkpoint keys stay
-stable across layouts). No torch.distributed here.
+stable across layouts). The forward pass is written as parts (embed, run_layers, losses of the
+main head and every MTP depth) that Transformer.forward and the pipeline's stages both compose.
+No torch.distributed here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 from torch import nn
@@ -21,7 +23,11 @@ from models.moe import MoE
 from models.norm import RMSNorm
 from models.rope import RotaryEmbedding
 
-__all__ = ["Block", "MTPModule", "ModelOutput", "Transformer", "IGNORE_INDEX", "cross_entropy_sum", "combine_losses"]
+__all__ = [
+    "Block", "MTPModule", "ModelOutput", "ModelParts", "Transformer", "IGNORE_INDEX", "combine_losses",
+    "cross_entropy_sum", "embed", "losses", "mtp_labels", "output_logits", "run_layers",
+    "shift_left", "target_counts",
+]
 
 
 class Block(nn.Module):
@@ -95,6 +101,11 @@ def mtp_labels(labels: torch.Tensor, k: int, doc_ids: Optional[torch.Tensor] = N
     return shifted
 
 
+def target_counts(labels: torch.Tensor, depth: int, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Target tokens [1 + depth] (int64) of the main head and of MTP depths 1..depth, as the losses count them."""
+    return torch.stack([(mtp_labels(labels, k, doc_ids) != IGNORE_INDEX).sum() for k in range(depth + 1)])
+
+
 @dataclass
 class ModelOutput:
     """Summed losses and their token counts so callers can normalise over a global batch."""
@@ -119,6 +130,16 @@ class ModelOutput:
         if self.mtp_loss_sums is None:
             return None
         return (self.mtp_loss_sums / self.mtp_tokens.clamp(min=1)).mean()
+
+    def loss_sums(self) -> torch.Tensor:
+        """[CE sum, MTP CE sum per depth] as one fp32 vector (what a pipeline's last stage returns)."""
+        parts = [self.lm_loss_sum.reshape(1)] + ([] if self.mtp_loss_sums is None else [self.mtp_loss_sums])
+        return torch.cat(parts).float()
+
+    @classmethod
+    def from_loss_sums(cls, sums: torch.Tensor) -> "ModelOutput":
+        """The inverse of loss_sums (no logits, no token counts)."""
+        return cls(logits=None, lm_loss_sum=sums[0], mtp_loss_sums=sums[1:] if sums.numel() > 1 else None)
 
 
 def combine_losses(
@@ -164,9 +185,6 @@ class Transformer(nn.Module):
             elif isinstance(module, MoE):
                 module.reset_parameters(std)
 
-    def head(self, h: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
-        return self.lm_head(norm(h))
-
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -175,29 +193,80 @@ class Transformer(nn.Module):
         mask: Optional[torch.Tensor] = None,
         return_logits: bool = False,
     ) -> ModelOutput:
-        """input_ids, labels, doc_ids: [B, S]. labels[i] is the target of position i (IGNORE_INDEX = none).
+        """input_ids, labels, doc_ids: [B, S]. labels[i] is the target of position i (IGNORE_INDEX = ignore).
 
         Without labels, returns logits only. With labels, returns CE sums and token counts
         for the main head and for every MTP depth.
         """
-        seq = input_ids.shape[1]
-        rope = self.rope(seq)
-        h = self.embed_tokens(input_ids)
-        for layer in self.layers.values():
-            h = layer(h, rope, doc_ids, mask)
+        rope = self.rope(input_ids.shape[1])
+        h = run_layers(self, embed(self, input_ids), rope, doc_ids, mask)
         if labels is None:
-            return ModelOutput(logits=self.head(h, self.norm))
-        h_normed = self.norm(h)
-        lm_sum, lm_tokens = head_cross_entropy_sum(self.lm_head, h_normed, labels)
-        logits = self.lm_head(h_normed) if return_logits else None
-        out = ModelOutput(logits=logits, lm_loss_sum=lm_sum, lm_tokens=lm_tokens)
-        if len(self.mtp):
-            sums, counts = [], []
-            for k, module in enumerate(self.mtp, start=1):
-                emb = self.embed_tokens(shift_left(input_ids, k, 0))
-                h, h_normed = module(h, emb, rope, doc_ids, mask)
-                s, c = head_cross_entropy_sum(self.lm_head, h_normed, mtp_labels(labels, k, doc_ids))
-                sums.append(s)
-                counts.append(c)
-            out.mtp_loss_sums, out.mtp_tokens = torch.stack(sums), torch.stack(counts)
+            return ModelOutput(logits=output_logits(self, h))
+        out = losses(self, h, input_ids, labels, rope, doc_ids, mask)
+        if return_logits:
+            out.logits = output_logits(self, h)
         return out
+
+
+# ------------------------------------------------------------------------ the forward pass, in parts
+# Transformer.forward and the pipeline's stages (parallel/pipeline.py) compose these, so each step of
+# the forward pass is written once. Each part takes the modules it needs from `parts`: the Transformer, or
+# a pipeline stage holding the model's modules (its last stage may hold its own embed_tokens copy).
+class ModelParts(Protocol):
+    """The modules the parts read (a pipeline stage holds those of its role, under these names)."""
+
+    embed_tokens: nn.Embedding
+    layers: nn.ModuleDict
+    norm: RMSNorm
+    lm_head: nn.Linear
+    mtp: nn.ModuleList
+
+
+def embed(parts: ModelParts, input_ids: torch.Tensor) -> torch.Tensor:
+    """Token embeddings [B, S, H] (the model's input and every MTP depth's shifted input)."""
+    return parts.embed_tokens(input_ids)
+
+
+def run_layers(
+    parts: ModelParts,
+    h: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    doc_ids: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """The transformer blocks that `parts` holds, in order."""
+    for layer in parts.layers.values():
+        h = layer(h, rope, doc_ids, mask)
+    return h
+
+
+def output_logits(parts: ModelParts, h: torch.Tensor) -> torch.Tensor:
+    """Logits of the main head: lm_head(norm(h))."""
+    return parts.lm_head(parts.norm(h))
+
+
+def losses(
+    parts: ModelParts,
+    h: torch.Tensor,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    doc_ids: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+) -> ModelOutput:
+    """CE sums and target counts of the main head and of every MTP depth, from the last layer's output h.
+
+    The MTP depths are chained: depth k reads h^{k-1} (h^0 = h) and the embedding of the input
+    shifted by k (V3 eq. 21). Head and CE are fused (models.head_loss).
+    """
+    lm_sum, lm_tokens = head_cross_entropy_sum(parts.lm_head, parts.norm(h), labels)
+    out = ModelOutput(logits=None, lm_loss_sum=lm_sum, lm_tokens=lm_tokens)
+    if len(parts.mtp):
+        sums, counts = [], []
+        for k, module in enumerate(parts.mtp, start=1):
+            h, h_normed = module(h, embed(parts, shift_left(input_ids, k, 0)), rope, doc_ids, mask)
+            s, c = head_cross_entropy_sum(parts.lm_head, h_normed, mtp_labels(labels, k, doc_ids))
+            sums.append(s)
+            counts.append(c)
+        out.mtp_loss_sums, out.mtp_tokens = torch.stack(sums), torch.stack(counts)
+    return out

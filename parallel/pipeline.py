@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -71,8 +70,7 @@ import torch.distributed as dist
 from torch import nn
 
 from models.moe import MoE
-from models.head_loss import head_cross_entropy_sum
-from models.transformer import ModelOutput, combine_losses, mtp_labels, shift_left
+from models.transformer import ModelOutput, combine_losses, embed, losses, run_layers
 from parallel.layout import (
     check_microbatches,
     fsdp_applies,
@@ -90,7 +88,8 @@ class StageModule(nn.Module):
 
     forward(x, tokens=, labels=, doc_ids=): x is input ids on the first stage, the hidden
     state [B, S, H] elsewhere. Non-last stages return the hidden state; the last returns
-    [CE sum, MTP CE sum per depth] (fp32). Mirrors Transformer.forward op for op.
+    [CE sum, MTP CE sum per depth] (fp32). The stage holds the modules of its role under the
+    model's names, so it composes the model's forward parts (models.transformer.ModelParts).
     """
 
     def __init__(self, model: nn.Module, index: int, n_stages: int, layer_ids: list[int], act_dtype: torch.dtype,
@@ -113,21 +112,13 @@ class StageModule(nn.Module):
     def forward(self, x: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor,
                 doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         rope = self.rope(tokens.shape[1])
-        h = self.embed_tokens(x) if self.is_first else x
-        for layer in self.layers.values():
-            h = layer(h, rope, doc_ids, None)
+        h = run_layers(self, embed(self, x) if self.is_first else x, rope, doc_ids, None)
         if not self.is_last:
             self._record_aux()
             return h.to(self.act_dtype)
-        lm_sum, _ = head_cross_entropy_sum(self.lm_head, self.norm(h), labels)
-        sums = [lm_sum.reshape(1).float()]
-        for k, module in enumerate(self.mtp, start=1):
-            emb = self.embed_tokens(shift_left(tokens, k, 0))
-            h, h_normed = module(h, emb, rope, doc_ids, None)
-            s, _ = head_cross_entropy_sum(self.lm_head, h_normed, mtp_labels(labels, k, doc_ids))
-            sums.append(s.reshape(1).float())
+        sums = losses(self, h, tokens, labels, rope, doc_ids, None).loss_sums()
         self._record_aux()
-        return torch.cat(sums)
+        return sums
 
     def _record_aux(self) -> None:
         if self.moe_layers and self.moe_layers[0].training:  # MoE layers set last_aux_loss in training only
@@ -173,8 +164,6 @@ class Pipeline:
     # Per step, set by run():
     _norm: tuple = ()
     _sums: Optional[torch.Tensor] = None
-    # Optional timing hooks (bench): stage index -> seconds of compute in this step
-    busy: Optional[dict] = None
 
     @property
     def has_first(self) -> bool:
@@ -208,9 +197,7 @@ class Pipeline:
     # -------------------------------------------------------------------- one step
     def _loss_fn(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         lm_tokens, mtp_tokens, mtp_weight = self._norm
-        depth = output.numel() - 1
-        out = ModelOutput(logits=None, lm_loss_sum=output[0], mtp_loss_sums=output[1:] if depth else None)
-        loss = combine_losses(out, lm_tokens, mtp_tokens, mtp_weight)
+        loss = combine_losses(ModelOutput.from_loss_sums(output), lm_tokens, mtp_tokens, mtp_weight)
         row = torch.cat([loss.detach().double().reshape(1), output.detach().double()])
         self._sums[: row.numel()] += row.to(self._sums.device)
         return loss
@@ -345,30 +332,3 @@ def _tie_group(ctx, last_rank: int):
         if ctx.rank in ranks:
             mine = group
     return mine
-
-
-@contextlib.contextmanager
-def timed_stages(pipe: Pipeline):
-    """Bench helper: accumulate per-stage compute seconds (forward and backward) into pipe.busy."""
-    pipe.busy = {s.stage_index: 0.0 for s in pipe.stages}
-    originals = []
-    for stage in pipe.stages:
-        fwd, bwd = stage.forward_maybe_with_nosync, stage.backward_maybe_with_nosync
-
-        def make(fn, idx):
-            def wrapped(*a, **k):
-                t0 = time.perf_counter()
-                try:
-                    return fn(*a, **k)
-                finally:
-                    pipe.busy[idx] += time.perf_counter() - t0
-            return wrapped
-
-        stage.forward_maybe_with_nosync = make(fwd, stage.stage_index)
-        stage.backward_maybe_with_nosync = make(bwd, stage.stage_index)
-        originals.append((stage, fwd, bwd))
-    try:
-        yield pipe.busy
-    finally:
-        for stage, fwd, bwd in originals:
-            stage.forward_maybe_with_nosync, stage.backward_maybe_with_nosync = fwd, bwd

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from models.config import ModelConfig
-from models.transformer import IGNORE_INDEX, Transformer, mtp_labels
+from models.transformer import IGNORE_INDEX, Transformer, mtp_labels, target_counts
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see tests/conftest.py
@@ -58,6 +58,15 @@ def test_mtp_labels_hand_example():
     assert mtp_labels(labels, 2, doc).tolist() == [[12, -100, -100, 15, -100, -100]]
 
 
+def test_target_counts_hand_example():
+    """Targets of the main head and each MTP depth, the counts the trainer normalises by."""
+    labels = torch.tensor([[10, 11, IGNORE_INDEX, 13, 14, 15]])
+    doc = torch.tensor([[0, 0, 0, 1, 1, 1]])
+    assert target_counts(labels, 0).tolist() == [5]
+    assert target_counts(labels, 2).tolist() == [5, 4, 3]
+    assert target_counts(labels, 2, doc).tolist() == [5, 3, 1]
+
+
 def manual_losses(model: Transformer, ids, labels, doc_ids):
     """Re-run the model by hand: main head CE sum/count, then each MTP depth's CE sum/count."""
     B, S = ids.shape
@@ -104,6 +113,7 @@ def test_mtp_losses_match_manual(with_docs):
     assert out.mtp_loss_sums.shape == (2,)
     torch.testing.assert_close(out.mtp_loss_sums, sums, rtol=1e-5, atol=1e-5)
     assert out.mtp_tokens.tolist() == counts
+    assert target_counts(labels, 2, doc_ids).tolist() == [lm_count] + counts
     expected_counts = [B * (S - 1) - 1, B * (S - 2) - 1]  # the ignored label is seen once per depth
     if with_docs:
         expected_counts = [expected_counts[0] - 2, expected_counts[1] - 4]  # 1 resp. 2 crossings per sequence

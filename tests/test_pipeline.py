@@ -134,6 +134,28 @@ def test_pruning_keeps_names_and_ties_the_embedding():
     assert names == set(full)
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_stages_compose_the_models_forward(tie):
+    """Two stages (the last one without layers: the MTP stage) give Transformer.forward's loss sums bit for bit."""
+    cfg = model_cfg(2, 2, vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                    num_attention_heads=2, q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                    v_head_dim=8, n_group=4, topk_group=2, num_experts_per_tok=2, tie_word_embeddings=tie)
+    g = torch.Generator().manual_seed(1)
+    ids, labels = torch.randint(0, 64, (2, 10), generator=g), torch.randint(0, 64, (2, 10), generator=g)
+    doc_ids = torch.tensor([[0] * 4 + [1] * 6, [2] * 10])
+    torch.manual_seed(0)
+    want = Transformer(cfg)(ids, labels, doc_ids).loss_sums()
+    stages = []
+    for stage, layers in enumerate([[0, 1], []]):
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        prune_model(model, set(layers), first=stage == 0, last=stage == 1)
+        stages.append(StageModule(model, stage, 2, layers, torch.float32))
+    h = stages[0](ids, tokens=ids, labels=labels, doc_ids=doc_ids)
+    got = stages[1](h, tokens=ids, labels=labels, doc_ids=doc_ids)
+    assert got.shape == (3,) and torch.equal(got, want)
+
+
 def test_interleaved_microbatch_rounds_checked_at_config_load(repo_root):
     from train.config import load_config
 

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from data import TextBatchStream, load_tokenizer
 from models.balance import moe_routers, update_router_biases
-from models.transformer import Transformer, combine_losses, mtp_labels
+from models.transformer import Transformer, combine_losses, target_counts
 from parallel.context import ParallelContext
 from parallel.checkpointing import CheckpointState
 from parallel.parallelize import build_parallel_optimizer, parallelize
@@ -140,9 +140,7 @@ class Trainer:
         depth = self.cfg.model.num_nextn_predict_layers
         counts = torch.zeros(1 + depth, dtype=torch.float64)
         for b in batches:
-            counts[0] += int((b["labels"] != -100).sum())
-            for k in range(1, depth + 1):
-                counts[k] += int((mtp_labels(b["labels"], k, b.get("doc_ids")) != -100).sum())
+            counts += target_counts(b["labels"], depth, b.get("doc_ids"))
         counts = self.ctx.dp_sum(counts.to(self.device)).cpu()
         return counts[0], counts[1:]
 
