@@ -18,6 +18,10 @@ before the next save, and at the end of training), so an unfinished write is nev
 Before any shard is read, `validate_checkpoint` checks the marker, the JSON files, the
 metadata and that every shard file exists with at least the bytes the metadata expects,
 so a truncated checkpoint fails with the file it concerns, on every rank alike.
+
+Reading without a training process (export, inference): `resolve_checkpoint`, `read_meta`,
+`saved_config` / `saved_model_config`, `SavedModel` (model tensors by name, or dim-0 row
+ranges of them, one at a time) and `describe_error` for DCP's failures.
 """
 
 from __future__ import annotations
@@ -29,10 +33,12 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
+from omegaconf import OmegaConf
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -40,9 +46,13 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from models.config import ModelConfig
 from parallel.checkpointing import CheckpointState
+from train.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +223,7 @@ class AsyncCheckpoint:
         try:
             self.future.result()
         except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
-            raise CheckpointError(f"{self.tmp}: async save failed ({_describe(e)})") from None
+            raise CheckpointError(f"{self.tmp}: async save failed ({describe_error(e)})") from None
         if self.is_main:
             _publish(self.root, self.tmp, self.final, self.step, self.keep_last)
         return self.final
@@ -284,9 +294,7 @@ def validate_checkpoint(path: Path, rank: int) -> tuple[dict[str, Any], Optional
     """
     if not (path / MARKER).is_file():
         raise CheckpointError(f"{path}: incomplete checkpoint (no {MARKER} marker)")
-    meta = _read_json(path / "meta.json")
-    if not isinstance(meta, dict) or "step" not in meta:
-        raise CheckpointError(f"{path / 'meta.json'}: not checkpoint metadata (no 'step')")
+    meta = read_meta(path)
     rank_state = read_rank_state(path, rank)
     metadata = SafeFileSystemReader(str(path)).read_metadata()
     storage = getattr(metadata, "storage_data", None)
@@ -334,7 +342,7 @@ def load_checkpoint(
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as e:  # CheckpointException (a BaseException) wraps every rank's error
-        raise CheckpointError(f"{path}: cannot load shards ({_describe(e)})") from None
+        raise CheckpointError(f"{path}: cannot load shards ({describe_error(e)})") from None
     state.load(to_fill)
     return meta, rank_state
 
@@ -345,13 +353,147 @@ def read_rank_state(path: Path, rank: int) -> Optional[dict[str, Any]]:
     return _read_json(rank_file) if rank_file.is_file() else None
 
 
-def _describe(e: BaseException) -> str:
+# ------------------------------------------------------------------------------------------ reading
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A step_N directory; a run directory or its checkpoints/ gives the newest complete one."""
+    path = Path(path)
+    if (path / MARKER).is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        found = complete_checkpoints(root)
+        if found:
+            return found[-1][1]
+    if (path / ".metadata").is_file():
+        raise CheckpointError(f"{path}: incomplete checkpoint (no {MARKER} marker)")
+    raise CheckpointError(f"{path}: no complete checkpoint found (expected step_N/ with a {MARKER} marker)")
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """The checkpoint's meta.json: step, tokens seen, counters and the resolved config."""
+    meta = _read_json(path / "meta.json")
+    if not isinstance(meta, dict) or "step" not in meta:
+        raise CheckpointError(f"{path / 'meta.json'}: not checkpoint metadata (no 'step')")
+    return meta
+
+
+_Schema = TypeVar("_Schema")
+
+
+def _saved_section(path: Path, schema: type[_Schema], *keys: str) -> _Schema:
+    """The saved config (or its section under `keys`) merged over `schema`'s defaults."""
+    values: Any = read_meta(path).get("config")
+    for key in keys:
+        values = values.get(key) if isinstance(values, dict) else None
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path / 'meta.json'}: no saved {'.'.join(('config',) + keys)}")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))  # type: ignore[return-value]
+
+
+def saved_config(path: Path) -> Config:
+    """The run's resolved config, as saved in meta.json."""
+    return _saved_section(path, Config)
+
+
+def saved_model_config(path: Path) -> ModelConfig:
+    """The model section of the saved config (all that export needs)."""
+    return _saved_section(path, ModelConfig, "model")
+
+
+class _CachedMetadataReader(SafeFileSystemReader):
+    """SafeFileSystemReader that unpickles the (allow-listed) metadata once, not on every load."""
+
+    _cached: Optional[Metadata] = None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if self._cached is None:
+            self._cached = super().read_metadata(*args, **kwargs)
+        return self._cached
+
+
+class _RegionLoadPlanner(DefaultLoadPlanner):
+    """Loads given regions of saved tensors: {fqn: (offsets, destination buffer of the region's size)}.
+
+    DCP's resharding logic (create_read_items_for_chunk_list) finds the saved chunks that
+    overlap each region, so a region can span shards written by several ranks.
+    """
+
+    def __init__(self, regions: dict[str, tuple[tuple[int, ...], torch.Tensor]]) -> None:
+        super().__init__()
+        self.regions = regions
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator=False) -> None:  # type: ignore[override]
+        self.state_dict, self.metadata, self.is_coordinator = state_dict, metadata, is_coordinator
+
+    def create_local_plan(self) -> LoadPlan:
+        items = []
+        for fqn, (offsets, buf) in self.regions.items():
+            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=buf.size())
+            items += create_read_items_for_chunk_list(fqn, self.metadata.state_dict_metadata[fqn], [chunk])
+        self.plan = LoadPlan(items)
+        return self.plan
+
+    def lookup_tensor(self, index) -> torch.Tensor:  # type: ignore[override]
+        return self.regions[index.fqn][1]
+
+
+class SavedModel:
+    """The model tensors of one checkpoint, read on demand by parameter name, in one process.
+
+    Any saving layout reads alike: DCP reassembles FSDP shards, and row ranges are read by
+    their global offsets (a range may span chunks saved by several ranks).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.reader = _CachedMetadataReader(str(path))
+        self.tensors: dict[str, TensorStorageMetadata] = {
+            k[len("model."):]: v
+            for k, v in self.reader.read_metadata().state_dict_metadata.items()
+            if k.startswith("model.") and isinstance(v, TensorStorageMetadata)
+        }
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.size) for k, v in self.tensors.items()}
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.tensors[name].properties.dtype
+
+    def read(self, name: str, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+        """Rows [start, stop) of dim 0 of tensor `name` (the whole tensor by default)."""
+        md = self.tensors[name]
+        size = list(md.size)
+        if size:
+            stop = size[0] if stop is None else stop
+            size[0] = stop - start
+        buf = torch.empty(size, dtype=md.properties.dtype)
+        offsets = (start,) + (0,) * (len(size) - 1) if size else ()
+        try:
+            with warnings.catch_warnings():  # "torch.distributed is disabled ... single process": intended
+                warnings.simplefilter("ignore", UserWarning)
+                dcp.load({}, storage_reader=self.reader, planner=_RegionLoadPlanner({"model." + name: (offsets, buf)}),
+                         no_dist=True)
+        except (Exception, CheckpointException) as e:  # CheckpointException (a BaseException): unreadable shards
+            raise CheckpointError(f"{self.path}: cannot read model.{name} ({describe_error(e)})") from None
+        return buf
+
+    def saved_rows(self, name: str, row: int) -> tuple[int, int]:
+        """The dim-0 range [first, stop) of the saved chunk holding `row` (under EP: one rank's experts)."""
+        for chunk in self.tensors[name].chunks:
+            first = chunk.offsets[0]
+            if first <= row < first + chunk.sizes[0]:
+                return first, first + chunk.sizes[0]
+        raise CheckpointError(f"{self.path}: model.{name} has no saved chunk for row {row}")
+
+
+def describe_error(e: BaseException) -> str:
     """One line per failing rank: the underlying exception, not DCP's wrapper and traceback."""
     if isinstance(e, CheckpointException):
         parts = []
         for r, failure in sorted(e.failures.items()):
             inner = failure[0] if isinstance(failure, tuple) else failure
-            parts.append(f"rank {r}: {_describe(inner)}")
+            parts.append(f"rank {r}: {describe_error(inner)}")
         return "; ".join(parts) or "unknown failure"
     if isinstance(e, CheckpointError):
         return str(e)

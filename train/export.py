@@ -23,19 +23,11 @@ import math
 import os
 import shutil
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.distributed.checkpoint as dcp
-from omegaconf import OmegaConf
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import LoadPlan
-from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from models.config import ModelConfig
 from train import checkpoint as ckpt
 from train.hf_adapter import V2, HFTensor, hf_config_dict, hf_layout, hf_model_type
 
@@ -48,120 +40,26 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # ------------------------------------------------------------------------------------------ reading DCP
 
 
-class _Reader(ckpt.SafeFileSystemReader):
-    """SafeFileSystemReader that unpickles the (allow-listed) metadata once, not on every load."""
+class _ExpertChunks:
+    """The HF tensors of one checkpoint: whole tensors, or one expert out of the cached saved chunk
+    of its stack (one EP rank's [E/ep, ...] slice), so a stack is never read whole."""
 
-    _cached: Optional[Metadata] = None
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        if self._cached is None:
-            self._cached = super().read_metadata(*args, **kwargs)
-        return self._cached
-
-
-class _RegionLoadPlanner(DefaultLoadPlanner):
-    """Loads given regions of saved tensors: {fqn: (offsets, destination buffer of the region's size)}.
-
-    DCP's resharding logic (create_read_items_for_chunk_list) finds the saved chunks that
-    overlap each region, so a region can span shards written by several ranks.
-    """
-
-    def __init__(self, regions: dict[str, tuple[tuple[int, ...], torch.Tensor]]) -> None:
-        super().__init__()
-        self.regions = regions
-
-    def set_up_planner(self, state_dict, metadata=None, is_coordinator=False) -> None:  # type: ignore[override]
-        self.state_dict, self.metadata, self.is_coordinator = state_dict, metadata, is_coordinator
-
-    def create_local_plan(self) -> LoadPlan:
-        items = []
-        for fqn, (offsets, buf) in self.regions.items():
-            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=buf.size())
-            items += create_read_items_for_chunk_list(fqn, self.metadata.state_dict_metadata[fqn], [chunk])
-        self.plan = LoadPlan(items)
-        return self.plan
-
-    def lookup_tensor(self, index) -> torch.Tensor:  # type: ignore[override]
-        return self.regions[index.fqn][1]
-
-
-class CheckpointTensors:
-    """Model tensors of one DCP checkpoint, read on demand by our parameter name."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.reader = _Reader(str(path))
-        self.metadata = self.reader.read_metadata()
-        self.tensors: dict[str, TensorStorageMetadata] = {
-            k[len("model."):]: v
-            for k, v in self.metadata.state_dict_metadata.items()
-            if k.startswith("model.") and isinstance(v, TensorStorageMetadata)
-        }
+    def __init__(self, saved: ckpt.SavedModel) -> None:
+        self.saved = saved
         self._chunk: Optional[tuple[str, int, int, torch.Tensor]] = None  # (name, first, stop, experts)
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: tuple(v.size) for k, v in self.tensors.items()}
-
-    def _load(self, name: str, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
-        """Rows [start, stop) of dim 0 of tensor `name` (the whole tensor by default)."""
-        md = self.tensors[name]
-        size = list(md.size)
-        if size:
-            stop = size[0] if stop is None else stop
-            size[0] = stop - start
-        buf = torch.empty(size, dtype=md.properties.dtype)
-        offsets = (start,) + (0,) * (len(size) - 1) if size else ()
-        try:
-            with warnings.catch_warnings():  # "torch.distributed is disabled ... single process": intended
-                warnings.simplefilter("ignore", UserWarning)
-                dcp.load({}, storage_reader=self.reader, planner=_RegionLoadPlanner({"model." + name: (offsets, buf)}),
-                         no_dist=True)
-        except Exception as e:  # DCP raises CheckpointException for unreadable shards
-            why = f"{type(e).__name__}: {ckpt._short(e)}"
-            raise ckpt.CheckpointError(f"{self.path}: cannot read model.{name} ({why})") from None
-        return buf
-
-    def _expert_chunk(self, name: str, expert: int) -> tuple[int, int]:
-        """The dim-0 range of the saved chunk holding `expert` (one EP rank's experts)."""
-        for chunk in self.tensors[name].chunks:
-            first = chunk.offsets[0]
-            if first <= expert < first + chunk.sizes[0]:
-                return first, first + chunk.sizes[0]
-        raise ckpt.CheckpointError(f"{self.path}: model.{name} has no saved chunk for expert {expert}")
 
     def get(self, entry: HFTensor) -> torch.Tensor:
         if entry.expert is None:
-            return self._load(entry.src)
+            return self.saved.read(entry.src)
         cached = self._chunk
         if cached is None or cached[0] != entry.src or not cached[1] <= entry.expert < cached[2]:
             self._chunk = None  # free the previous chunk before reading the next
-            first, stop = self._expert_chunk(entry.src, entry.expert)
-            cached = self._chunk = (entry.src, first, stop, self._load(entry.src, first, stop))
+            first, stop = self.saved.saved_rows(entry.src, entry.expert)
+            cached = self._chunk = (entry.src, first, stop, self.saved.read(entry.src, first, stop))
         return entry.take(cached[3], cached[1])
 
 
-# ------------------------------------------------------------------------------------------ checkpoint paths
-
-
-def resolve_checkpoint(path: Path) -> Path:
-    """A step_N directory; a run directory or its checkpoints/ gives the newest complete one."""
-    path = Path(path)
-    if (path / ckpt.MARKER).is_file():
-        return path
-    for root in (path / "checkpoints", path):
-        found = ckpt.complete_checkpoints(root)
-        if found:
-            return found[-1][1]
-    if (path / ".metadata").is_file():
-        raise ckpt.CheckpointError(f"{path}: incomplete checkpoint (no {ckpt.MARKER} marker)")
-    raise ckpt.CheckpointError(f"{path}: no complete checkpoint found (expected step_N/ with a {ckpt.MARKER} marker)")
-
-
-def model_config_of(checkpoint: Path) -> ModelConfig:
-    """The model section of the resolved config saved in the checkpoint's meta.json."""
-    meta = ckpt._read_json(checkpoint / "meta.json")
-    model = OmegaConf.merge(OmegaConf.structured(ModelConfig), meta["config"]["model"])
-    return OmegaConf.to_object(model)  # type: ignore[return-value]
+# ------------------------------------------------------------------------------------------ paths and sizes
 
 
 def tokenizer_dir_of(checkpoint: Path) -> Path:
@@ -209,8 +107,8 @@ def export_checkpoint(
     """
     from safetensors.torch import save_file
 
-    path = resolve_checkpoint(Path(checkpoint))
-    cfg = model_config_of(path)
+    path = ckpt.resolve_checkpoint(Path(checkpoint))
+    cfg = ckpt.saved_model_config(path)
     model_type = hf_model_type(cfg)
     if model_type == V2 and cfg.norm_topk_prob and cfg.num_experts_per_tok > 1:
         log.warning("model.norm_topk_prob=true: transformers' DeepseekV2 ignores it (never normalises top-k "
@@ -218,14 +116,14 @@ def export_checkpoint(
     if cfg.capacity_factor is not None:
         log.warning("model.capacity_factor=%s: moeforge drops over-capacity tokens, transformers never does; "
                     "outputs can differ where tokens were dropped", cfg.capacity_factor)
-    source = CheckpointTensors(path)
-    shapes = source.shapes()
+    saved = ckpt.SavedModel(path)
+    shapes = saved.shapes()
     layout = hf_layout(cfg, shapes, model_type)
     missing = sorted({e.src for e in layout} - set(shapes))
     if missing:
         raise ckpt.CheckpointError(f"{path}: checkpoint lacks model tensors {missing[:5]}")
-    saved_dtype = source.tensors["embed_tokens.weight"].properties.dtype
-    dtype = dtype or saved_dtype
+    dtype = dtype or saved.dtype("embed_tokens.weight")
+    source = _ExpertChunks(saved)
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -310,7 +208,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     n = len(json.loads((out / INDEX_FILE).read_text())["weight_map"])
-    print(f"exported {n} tensors from {resolve_checkpoint(Path(args.checkpoint))} to {out}")
+    print(f"exported {n} tensors from {ckpt.resolve_checkpoint(Path(args.checkpoint))} to {out}")
     return 0
 
 

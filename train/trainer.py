@@ -395,15 +395,3 @@ def memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
-
-def load_for_inference(checkpoint: Path):
-    """Model (eval mode, weights from `checkpoint`) and tokenizer of a finished run."""
-    from data.tokenizer import TextTokenizer
-
-    meta = ckpt._read_json(checkpoint / "meta.json")
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), meta["config"]))
-    model = Transformer(cfg.model)
-    ckpt.load_checkpoint(checkpoint, CheckpointState(model, None, ParallelContext.single()), rank=0)
-    model.eval()
-    tokenizer = TextTokenizer.from_dir(checkpoint.parent.parent / "tokenizer")
-    return model, tokenizer
