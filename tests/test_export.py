@@ -21,7 +21,7 @@ from tests.distributed import run_ranks
 from tests.parity_worker import train_and_report
 from tests.test_parallel_parity import overrides as parity_overrides
 from train import checkpoint as ckpt
-from train.config import load_config
+from train.config import CheckpointConfig, load_config
 from train.export import INDEX_FILE, export_checkpoint, main
 from train.inference import load_for_inference
 from train.trainer import Trainer
@@ -75,7 +75,7 @@ def save_synthetic_checkpoint(run_dir: Path, cfg: ModelConfig, seed: int = 0) ->
     state = CheckpointState(model, None, ParallelContext.single())
     with warnings.catch_warnings():  # DCP: "torch.distributed is disabled ... single process"
         warnings.simplefilter("ignore", UserWarning)
-        path = ckpt.save_checkpoint(run_dir / "checkpoints", 1, state, meta, {}, 0, True, lambda: None, 1)
+        path = ckpt.Checkpointer(run_dir / "checkpoints", CheckpointConfig(keep_last=1), state).save(1, meta, {})
     return model.eval(), path
 
 
