@@ -1,4 +1,4 @@
-"""HF export (train/export.py): a trained checkpoint -> a directory that transformers loads with
+"""HF export (train/hf/write.py): a trained checkpoint -> a directory that transformers loads with
 no missing keys and the same logits as moeforge (fp32, <= 1e-5), from single-process and
 expert-parallel checkpoints, for a DeepSeek-V3 and a DeepSeek-V2-style model."""
 
@@ -22,7 +22,7 @@ from tests.parity_worker import train_and_report
 from tests.test_parallel_parity import overrides as parity_overrides
 from train import checkpoint as ckpt
 from train.config import CheckpointConfig, load_config
-from train.export import INDEX_FILE, export_checkpoint, main
+from train.hf.write import INDEX_FILE, export_checkpoint, main
 from train.inference import load_for_inference
 from train.trainer import Trainer
 

@@ -1,4 +1,4 @@
-"""HF import (train/hf_import.py): a transformers-initialised DeepseekV3 saved with save_pretrained
+"""HF import (train/hf/read.py): a transformers-initialised DeepseekV3 saved with save_pretrained
 gives our model the same logits; export -> import is the identity (MTP included); the trainer
 starts from HF weights with `checkpoint.init_from_hf`."""
 
@@ -13,8 +13,8 @@ from models.config import RopeScalingConfig
 from tests.test_export import input_ids, max_logit_diff, save_synthetic_checkpoint, small_v3_config
 from tests.trainer_helpers import small_overrides
 from train.config import ConfigError, load_config
-from train.export import export_checkpoint
-from train.hf_import import HFImportError, hf_model_config, load_hf_model, load_hf_weights
+from train.hf.write import export_checkpoint
+from train.hf.read import HFImportError, hf_model_config, load_hf_model, load_hf_weights
 from train.trainer import Trainer
 
 transformers = pytest.importorskip("transformers")
@@ -155,7 +155,7 @@ def test_trainer_starts_from_hf_weights(repo_root, tmp_path, word_tokenizer):
 
 
 def test_hf_import_cli_prints_model_section(saved_hf, capsys):
-    from train.hf_import import main
+    from train.hf.read import main
 
     _, path = saved_hf
     assert main([str(path)]) == 0

@@ -65,7 +65,7 @@ class Trainer:
             )
         self.model = Transformer(cfg.model).to(self.device)
         if cfg.checkpoint.init_from_hf and not ckpt.complete_checkpoints(self.ckpt_dir):
-            from train.hf_import import HFImportError, init_from_hf  # HF weights start a fresh run
+            from train.hf.read import HFImportError, init_from_hf  # HF weights start a fresh run
 
             try:
                 init_from_hf(self.model, cfg.checkpoint.init_from_hf)

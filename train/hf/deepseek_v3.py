@@ -1,6 +1,6 @@
 """The one mapping between moeforge's Transformer and the Hugging Face DeepSeek-V2/V3 layout.
 
-Both directions (train/export.py writes it, train/hf_import.py reads it) walk the same
+Both directions (train/hf/write.py writes it, train/hf/read.py reads it) walk the same
 list of `HFTensor` entries built by `hf_layout`, so a name can never be mapped one way
 on export and another way on import.
 

@@ -5,7 +5,7 @@
 `--checkpoint` may also be a run directory or its checkpoints/ directory (the newest complete
 checkpoint is taken). DIR receives config.json, model-0000k-of-0000n.safetensors shards with
 model.safetensors.index.json, and the run's tokenizer files; `transformers.AutoModelForCausalLM`
-and `AutoTokenizer.from_pretrained(DIR)` load it. Names follow train/hf_adapter.py.
+and `AutoTokenizer.from_pretrained(DIR)` load it. Names follow train/hf/deepseek_v3.py.
 
 Streaming: tensors are read from the DCP checkpoint one at a time (routed experts one saved
 chunk at a time: under expert parallelism that is one rank's [E/ep, ...] slice) into
@@ -29,7 +29,7 @@ from typing import Any, Optional
 import torch
 
 from train import checkpoint as ckpt
-from train.hf_adapter import V2, HFTensor, hf_config_dict, hf_layout, hf_model_type
+from train.hf.deepseek_v3 import V2, HFTensor, hf_config_dict, hf_layout, hf_model_type
 
 log = logging.getLogger("moeforge.export")
 

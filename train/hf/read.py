@@ -2,13 +2,13 @@
 
     model = load_hf_model(hf_dir)                       # config from config.json, weights loaded
     report = load_hf_weights(model, hf_dir)            # into an existing model of matching shape
-    python -m train.hf_import HF_DIR                    # prints the `model:` YAML section to train from it
+    python -m train.hf.read HF_DIR                    # prints the `model:` YAML section to train from it
 
 Training from HF weights: set `checkpoint.init_from_hf: HF_DIR` (the run's model section
-must describe the same architecture; `python -m train.hf_import HF_DIR` prints it). The
+must describe the same architecture; `python -m train.hf.read HF_DIR` prints it). The
 weights are used when the run directory has no checkpoint yet; a resumed run ignores them.
 
-Names follow train/hf_adapter.py (the same mapping the exporter writes). Per-expert keys
+Names follow train/hf/deepseek_v3.py (the same mapping the exporter writes). Per-expert keys
 (`mlp.experts.{e}.gate_proj/up_proj/down_proj.weight`, DeepSeek's release and transformers'
 save_pretrained) and transformers' fused keys (`mlp.experts.gate_up_proj` / `down_proj`) are
 both read. MTP layers (index num_hidden_layers + k) are loaded when present; when absent,
@@ -32,9 +32,9 @@ import torch
 
 from models.config import ModelConfig
 from models.transformer import Transformer
-from train.hf_adapter import V2, fused_expert_names, hf_layout, hf_model_type, model_config_from_hf
+from train.hf.deepseek_v3 import V2, fused_expert_names, hf_layout, hf_model_type, model_config_from_hf
 
-log = logging.getLogger("moeforge.hf_import")
+log = logging.getLogger("moeforge.hf.read")
 
 
 class HFImportError(ValueError):
@@ -206,7 +206,7 @@ def init_from_hf(model: Transformer, hf_dir: str | os.PathLike) -> ImportReport:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.hf_import",
+    p = argparse.ArgumentParser(prog="python -m train.hf.read",
                                 description="Print the moeforge `model:` config section of an HF DeepSeek-V2/V3 directory.")
     p.add_argument("hf_dir")
     args = p.parse_args(argv)

@@ -1,0 +1,6 @@
+"""Hugging Face interop: one module of names and layouts per model family, one reader, one writer.
+
+  deepseek_v3.py   DeepSeek-V3 / V2: HF tensor names, expert (un)fusing, config.json mapping
+  read.py          an HF directory -> our Transformer (`checkpoint.init_from_hf`)
+  write.py         a moeforge checkpoint -> safetensors + config.json + tokenizer files
+"""
