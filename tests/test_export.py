@@ -22,7 +22,8 @@ from tests.parity_worker import train_and_report
 from tests.test_parallel_parity import overrides as parity_overrides
 from train import checkpoint as ckpt
 from train.config import CheckpointConfig, load_config
-from train.hf.write import INDEX_FILE, export_checkpoint, main
+from train.export import main
+from train.hf.write import INDEX_FILE, export_checkpoint
 from train.inference import load_for_inference
 from train.trainer import Trainer
 

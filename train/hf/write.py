@@ -1,11 +1,10 @@
-"""Export a moeforge checkpoint to a Hugging Face DeepSeek-V3 (or V2) directory.
+"""Write a moeforge checkpoint as a Hugging Face directory (DeepSeek-V3 or V2; CLI: train/export.py).
 
-    python -m train.export --checkpoint RUN_DIR/checkpoints/step_N --out DIR [--dtype bfloat16] [--max-shard-size 5GB]
-
-`--checkpoint` may also be a run directory or its checkpoints/ directory (the newest complete
-checkpoint is taken). DIR receives config.json, model-0000k-of-0000n.safetensors shards with
-model.safetensors.index.json, and the run's tokenizer files; `transformers.AutoModelForCausalLM`
-and `AutoTokenizer.from_pretrained(DIR)` load it. Names follow train/hf/deepseek_v3.py.
+`checkpoint` may also be a run directory or its checkpoints/ directory (the newest complete
+checkpoint is taken). The output directory receives config.json, model-0000k-of-0000n.safetensors
+shards with model.safetensors.index.json, and the run's tokenizer files; `transformers.AutoModelForCausalLM`
+and `AutoTokenizer.from_pretrained(DIR)` load it. Names follow the model's family module
+(train/hf/families.py).
 
 Streaming: tensors are read from the DCP checkpoint one at a time (routed experts one saved
 chunk at a time: under expert parallelism that is one rank's [E/ep, ...] slice) into
@@ -16,25 +15,23 @@ reassembles FSDP shards, and expert chunks are read by their global offsets.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from train import checkpoint as ckpt
-from train.hf.deepseek_v3 import V2, HFTensor, hf_config_dict, hf_layout, hf_model_type
+from train.hf.families import family_of_config
+from train.hf.mapping import HFTensor
 
 log = logging.getLogger("moeforge.export")
 
 INDEX_FILE = "model.safetensors.index.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ------------------------------------------------------------------------------------------ reading DCP
@@ -109,16 +106,15 @@ def export_checkpoint(
 
     path = ckpt.resolve_checkpoint(Path(checkpoint))
     cfg = ckpt.saved_model_config(path)
-    model_type = hf_model_type(cfg)
-    if model_type == V2 and cfg.norm_topk_prob and cfg.num_experts_per_tok > 1:
-        log.warning("model.norm_topk_prob=true: transformers' DeepseekV2 ignores it (never normalises top-k "
-                    "gates), so its outputs will differ from moeforge's; DeepSeek's own modeling code honours it")
+    family, model_type = family_of_config(cfg)
+    for warning in family.export_warnings(cfg, model_type):
+        log.warning("%s", warning)
     if cfg.capacity_factor is not None:
         log.warning("model.capacity_factor=%s: moeforge drops over-capacity tokens, transformers never does; "
                     "outputs can differ where tokens were dropped", cfg.capacity_factor)
     saved = ckpt.SavedModel(path)
     shapes = saved.shapes()
-    layout = hf_layout(cfg, shapes, model_type)
+    layout = family.layout(cfg, shapes, model_type)
     missing = sorted({e.src for e in layout} - set(shapes))
     if missing:
         raise ckpt.CheckpointError(f"{path}: checkpoint lacks model tensors {missing[:5]}")
@@ -157,7 +153,7 @@ def export_checkpoint(
         special = _special_token_ids(tok_dir)
     else:
         log.warning("no tokenizer directory at %s; exporting weights and config only", tok_dir)
-    config = hf_config_dict(cfg, dtype, model_type, **special)
+    config = family.config_dict(cfg, dtype, model_type, **special)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     gen = {k: v for k, v in special.items() if v is not None}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
@@ -191,26 +187,3 @@ def _special_token_ids(tok_dir: Path) -> dict[str, Optional[int]]:
         return {}
     return {f"{key[:-6]}_token_id": tok.token_to_id(value) for key, value in names.items()}
 
-
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="step_N directory, or a run directory (newest checkpoint)")
-    p.add_argument("--out", required=True, help="output directory (HF layout)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weight dtype (default: the checkpoint's)")
-    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: RUN_DIR/tokenizer)")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        out = export_checkpoint(args.checkpoint, args.out, DTYPES.get(args.dtype) if args.dtype else None,
-                                args.max_shard_size, args.tokenizer)
-    except (ckpt.CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    n = len(json.loads((out / INDEX_FILE).read_text())["weight_map"])
-    print(f"exported {n} tensors from {ckpt.resolve_checkpoint(Path(args.checkpoint))} to {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

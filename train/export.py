@@ -1,0 +1,49 @@
+"""Export a moeforge checkpoint to a Hugging Face DeepSeek-V3 (or V2) directory.
+
+    python -m train.export --checkpoint RUN_DIR/checkpoints/step_N --out DIR [--dtype bfloat16] [--max-shard-size 5GB]
+
+`--checkpoint` may also be a run directory or its checkpoints/ directory (the newest complete
+checkpoint is taken). DIR receives config.json, model-0000k-of-0000n.safetensors shards with
+model.safetensors.index.json, and the run's tokenizer files; `transformers.AutoModelForCausalLM`
+and `AutoTokenizer.from_pretrained(DIR)` load it. The writing itself is train/hf/write.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from train import checkpoint as ckpt
+from train.hf.write import INDEX_FILE, export_checkpoint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="step_N directory, or a run directory (newest checkpoint)")
+    p.add_argument("--out", required=True, help="output directory (HF layout)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weight dtype (default: the checkpoint's)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: RUN_DIR/tokenizer)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, DTYPES.get(args.dtype) if args.dtype else None,
+                                args.max_shard_size, args.tokenizer)
+    except (ckpt.CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    n = len(json.loads((out / INDEX_FILE).read_text())["weight_map"])
+    print(f"exported {n} tensors from {ckpt.resolve_checkpoint(Path(args.checkpoint))} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
