@@ -162,3 +162,15 @@ def test_hf_import_cli_prints_model_section(saved_hf, capsys):
     text = capsys.readouterr().out
     assert "model:" in text and "hidden_size: 64" in text and f"checkpoint.init_from_hf={path}" in text
     json.loads((path / "config.json").read_text())  # untouched
+
+
+def test_unknown_families_are_refused_by_name(tmp_path):
+    """A config.json of a family no module handles, and a model config no family exports, fail clearly."""
+    from models.config import ModelConfig
+    from train.hf.families import family_of_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(HFImportError, match=r"config\.json: .*model_type 'llama' is not deepseek_v3 or deepseek_v2"):
+        hf_model_config(tmp_path)
+    with pytest.raises(ValueError, match=r"scoring_func='sigmoid' with model.topk_method='greedy' has no Hugging Face"):
+        family_of_config(ModelConfig(scoring_func="sigmoid", topk_method="greedy"))
