@@ -26,6 +26,7 @@ import torch.distributed.checkpoint.state_dict_saver as dcp_saver
 from parallel.checkpointing import CheckpointState
 from parallel.context import ParallelContext
 from train import checkpoint as ckpt
+from train.config import CheckpointConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -39,11 +40,14 @@ def _trained_state(seed: int = 0) -> tuple[torch.nn.Module, CheckpointState]:
     return model, CheckpointState(model, opt, ParallelContext.single())
 
 
+def _checkpointer(root: Path, state: CheckpointState, keep_last: int = 10, async_save: bool = False) -> ckpt.Checkpointer:
+    return ckpt.Checkpointer(root, CheckpointConfig(keep_last=keep_last, async_save=async_save), state)
+
+
 def _save(root: Path, step: int, state: CheckpointState, keep_last: int = 10) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return ckpt.save_checkpoint(root, step, state, {"step": step, "tokens_seen": step}, {"rank_step": step},
-                                    rank=0, is_main=True, barrier=lambda: None, keep_last=keep_last)
+        return _checkpointer(root, state, keep_last).save(step, {"step": step, "tokens_seen": step}, {"rank_step": step})
 
 
 def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -209,9 +213,11 @@ def test_resaving_a_step_replaces_it(tmp_path):
 
 
 # ------------------------------------------------------------------ async saves
-def _start_async(root: Path, step: int, state: CheckpointState, keep_last: int = 10) -> ckpt.AsyncCheckpoint:
-    return ckpt.start_async_save(root, step, state, {"step": step, "tokens_seen": step}, {"rank_step": step},
-                                 rank=0, is_main=True, barrier=lambda: None, keep_last=keep_last)
+def _start_async(root: Path, step: int, state: CheckpointState, keep_last: int = 10) -> ckpt.Checkpointer:
+    """A checkpointer whose async save of `step` is in flight."""
+    saver = _checkpointer(root, state, keep_last, async_save=True)
+    saver.save(step, {"step": step, "tokens_seen": step}, {"rank_step": step})
+    return saver
 
 
 @pytest.fixture
@@ -235,15 +241,15 @@ def test_async_save_snapshots_then_publishes_after_the_write(tmp_path, gated_wri
     at_save = _params(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pending = _start_async(root, 4, state)
+        saver = _start_async(root, 4, state)
         with torch.no_grad():  # training goes on while the write is pending
             for p in model.parameters():
                 p.add_(1.0)
-        assert not pending.done()
+        assert saver.finish(wait=False) is None and not saver.pending.done()
         assert (root / "step_00000004.tmp").is_dir() and not (root / "step_00000004").exists()
         assert [s for s, _ in ckpt.complete_checkpoints(root)] == [2]
         gated_writes.set()
-        assert pending.finish() == root / "step_00000004"
+        assert saver.finish() == root / "step_00000004" and saver.pending is None
     assert [s for s, _ in ckpt.complete_checkpoints(root)] == [2, 4]
     assert not (root / "step_00000004.tmp").exists()
     meta, rank_state, loaded = _load_into_fresh(root / "step_00000004")
@@ -271,8 +277,8 @@ def test_async_save_failure_is_a_checkpoint_error(tmp_path, monkeypatch):
     monkeypatch.setattr(dcp_saver, "save", failing_save)
     root = tmp_path / "checkpoints"
     _, state = _trained_state()
-    pending = _start_async(root, 4, state)
+    saver = _start_async(root, 4, state)
     with pytest.raises(ckpt.CheckpointError, match="async save failed.*disk full") as err:
-        pending.finish()
+        saver.finish()
     assert "step_00000004.tmp" in str(err.value)
     assert ckpt.complete_checkpoints(root) == []

@@ -1,4 +1,4 @@
-"""HF export (train/export.py): a trained checkpoint -> a directory that transformers loads with
+"""HF export (train/hf/write.py): a trained checkpoint -> a directory that transformers loads with
 no missing keys and the same logits as moeforge (fp32, <= 1e-5), from single-process and
 expert-parallel checkpoints, for a DeepSeek-V3 and a DeepSeek-V2-style model."""
 
@@ -21,9 +21,11 @@ from tests.distributed import run_ranks
 from tests.parity_worker import train_and_report
 from tests.test_parallel_parity import overrides as parity_overrides
 from train import checkpoint as ckpt
-from train.config import load_config
-from train.export import INDEX_FILE, export_checkpoint, main, resolve_checkpoint
-from train.trainer import Trainer, load_for_inference
+from train.config import CheckpointConfig, load_config
+from train.export import main
+from train.hf.write import INDEX_FILE, export_checkpoint
+from train.inference import load_for_inference
+from train.trainer import Trainer
 
 transformers = pytest.importorskip("transformers")
 
@@ -74,7 +76,7 @@ def save_synthetic_checkpoint(run_dir: Path, cfg: ModelConfig, seed: int = 0) ->
     state = CheckpointState(model, None, ParallelContext.single())
     with warnings.catch_warnings():  # DCP: "torch.distributed is disabled ... single process"
         warnings.simplefilter("ignore", UserWarning)
-        path = ckpt.save_checkpoint(run_dir / "checkpoints", 1, state, meta, {}, 0, True, lambda: None, 1)
+        path = ckpt.Checkpointer(run_dir / "checkpoints", CheckpointConfig(keep_last=1), state).save(1, meta, {})
     return model.eval(), path
 
 
@@ -109,7 +111,7 @@ def single_export(tmp_path_factory, repo_root, cache_dir):
     run_dir = tmp_path_factory.mktemp("single")
     cfg = load_config(repo_root / "configs" / "tiny.yaml", run_overrides(run_dir, cache_dir, dp=1, **{"train.threads": 2}))
     Trainer(cfg).fit()
-    checkpoint = resolve_checkpoint(run_dir)
+    checkpoint = ckpt.resolve_checkpoint(run_dir)
     out = export_checkpoint(checkpoint, tmp_path_factory.mktemp("hf_single"))
     model, _ = load_for_inference(checkpoint)
     return checkpoint, out, model
@@ -219,7 +221,7 @@ def test_export_from_expert_parallel_checkpoint(single_export, tmp_path, cache_d
     """Saved under EP=2 x FSDP 2 (experts as [E/2] chunks per rank): same HF model as the checkpoint."""
     run_dir = tmp_path / "ep2"
     run_ranks(2, train_and_report, run_overrides(run_dir, cache_dir, dp=2, **{"parallel.dp_shard": 2, "parallel.ep": 2}))
-    checkpoint = resolve_checkpoint(run_dir)
+    checkpoint = ckpt.resolve_checkpoint(run_dir)
     experts = ckpt.SafeFileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata[
         "model.layers.1.mlp.experts.gate_up_proj"]
     assert len(experts.chunks) == 2  # one [E/2, ...] chunk per EP rank: read one at a time
@@ -284,6 +286,6 @@ def test_incomplete_checkpoint_is_refused(tmp_path, capsys):
     step.mkdir(parents=True)
     (step / ".metadata").write_bytes(b"")
     with pytest.raises(ckpt.CheckpointError, match="incomplete"):
-        resolve_checkpoint(step)
+        ckpt.resolve_checkpoint(step)
     assert main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "out")]) == 1
     assert "no complete checkpoint" in capsys.readouterr().err

@@ -125,7 +125,7 @@ def test_async_checkpoints_do_not_block_and_resume_like_sync(repo_root, tmp_path
 
     def step_and_watch():
         metrics = real_step()
-        pending = trainer._pending_save
+        pending = trainer.checkpointer.pending
         in_flight_during.append((trainer.step, pending is not None and not pending.done(), steps_of(run_dir)))
         if trainer.step == 3:
             gate.set()

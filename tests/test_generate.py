@@ -13,7 +13,8 @@ from models import ModelConfig, Transformer
 from tests.trainer_helpers import small_overrides
 from train.config import load_config
 from train.generate import _sample, generate
-from train.trainer import Trainer, load_for_inference
+from train.inference import load_for_inference
+from train.trainer import Trainer
 
 
 def tiny_model() -> Transformer:

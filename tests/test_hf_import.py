@@ -1,4 +1,4 @@
-"""HF import (train/hf_import.py): a transformers-initialised DeepseekV3 saved with save_pretrained
+"""HF import (train/hf/read.py): a transformers-initialised DeepseekV3 saved with save_pretrained
 gives our model the same logits; export -> import is the identity (MTP included); the trainer
 starts from HF weights with `checkpoint.init_from_hf`."""
 
@@ -13,8 +13,8 @@ from models.config import RopeScalingConfig
 from tests.test_export import input_ids, max_logit_diff, save_synthetic_checkpoint, small_v3_config
 from tests.trainer_helpers import small_overrides
 from train.config import ConfigError, load_config
-from train.export import export_checkpoint
-from train.hf_import import HFImportError, hf_model_config, load_hf_model, load_hf_weights
+from train.hf.write import export_checkpoint
+from train.hf.read import HFImportError, hf_model_config, load_hf_model, load_hf_weights
 from train.trainer import Trainer
 
 transformers = pytest.importorskip("transformers")
@@ -155,10 +155,22 @@ def test_trainer_starts_from_hf_weights(repo_root, tmp_path, word_tokenizer):
 
 
 def test_hf_import_cli_prints_model_section(saved_hf, capsys):
-    from train.hf_import import main
+    from train.hf.read import main
 
     _, path = saved_hf
     assert main([str(path)]) == 0
     text = capsys.readouterr().out
     assert "model:" in text and "hidden_size: 64" in text and f"checkpoint.init_from_hf={path}" in text
     json.loads((path / "config.json").read_text())  # untouched
+
+
+def test_unknown_families_are_refused_by_name(tmp_path):
+    """A config.json of a family no module handles, and a model config no family exports, fail clearly."""
+    from models.config import ModelConfig
+    from train.hf.families import family_of_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(HFImportError, match=r"config\.json: .*model_type 'llama' is not deepseek_v3 or deepseek_v2"):
+        hf_model_config(tmp_path)
+    with pytest.raises(ValueError, match=r"scoring_func='sigmoid' with model.topk_method='greedy' has no Hugging Face"):
+        family_of_config(ModelConfig(scoring_func="sigmoid", topk_method="greedy"))

@@ -12,12 +12,16 @@ unpickler, and non-tensor values go through torch.load(weights_only=True) or JSO
 
 Async saves (`checkpoint.async_save`): the state is copied to CPU memory at the save
 step, a background thread writes the shards, and the marker + rename happen only once
-that write has finished (`AsyncCheckpoint.finish`, called when the write is seen done,
+that write has finished (`Checkpointer.finish`, called when the write is seen done,
 before the next save, and at the end of training), so an unfinished write is never loaded.
 
 Before any shard is read, `validate_checkpoint` checks the marker, the JSON files, the
 metadata and that every shard file exists with at least the bytes the metadata expects,
 so a truncated checkpoint fails with the file it concerns, on every rank alike.
+
+Reading without a training process (export, inference): `resolve_checkpoint`, `read_meta`,
+`saved_config` / `saved_model_config`, `SavedModel` (model tensors by name, or dim-0 row
+ranges of them, one at a time) and `describe_error` for DCP's failures.
 """
 
 from __future__ import annotations
@@ -29,10 +33,13 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
+from omegaconf import OmegaConf
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -40,9 +47,13 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from models.config import ModelConfig
 from parallel.checkpointing import CheckpointState
+from train.config import CheckpointConfig, Config
 
 log = logging.getLogger(__name__)
 
@@ -156,119 +167,136 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _fresh_tmp_dir(root: Path, step: int, is_main: bool, barrier: Callable[[], None]) -> tuple[Path, Path]:
-    """The step's final directory and an empty `.tmp` beside it (made by the main rank, seen by all)."""
-    final = step_dir(root, step)
-    tmp = final.with_name(final.name + ".tmp")
-    if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    return final, tmp
-
-
-def save_checkpoint(
-    root: Path,
-    step: int,
-    state: CheckpointState,
-    meta: dict[str, Any],
-    rank_state: dict[str, Any],
-    rank: int,
-    is_main: bool,
-    barrier: Callable[[], None],
-    keep_last: int,
-) -> Path:
-    """Write a checkpoint for `step` (every rank calls this) and publish it atomically.
-
-    `rank_state` (this rank's data position and RNG, JSON) goes to rank{r}.json.
-    """
-    final, tmp = _fresh_tmp_dir(root, step, is_main, barrier)
-    dcp.save(state.state_dict(), checkpoint_id=str(tmp))
-    _write_json(tmp / f"rank{rank}.json", rank_state)
-    barrier()
-    if is_main:
-        _write_json(tmp / "meta.json", meta)
-        _publish(root, tmp, final, step, keep_last)
-    barrier()
-    return final
-
-
+@dataclass
 class AsyncCheckpoint:
-    """A checkpoint whose shards a background thread is still writing to `tmp`.
+    """A checkpoint whose shards a background thread is still writing to `tmp`."""
 
-    `finish()` waits for the write and, on the main rank, writes the marker and publishes
-    the directory. The main rank may publish as soon as its own write is done: DCP's
-    coordinator completes only after every rank has written its shards (and each rank wrote
-    its rank{r}.json before starting), so no cross-rank barrier is needed here.
-    """
-
-    def __init__(self, future: Future, root: Path, tmp: Path, final: Path, step: int, is_main: bool, keep_last: int):
-        self.future, self.root, self.tmp, self.final = future, root, tmp, final
-        self.step, self.is_main, self.keep_last = step, is_main, keep_last
+    future: Future
+    tmp: Path
+    final: Path
+    step: int
 
     def done(self) -> bool:
         return self.future.done()
 
-    def finish(self) -> Path:
+
+class Checkpointer:
+    """The checkpoints of one run in `root` (RUN_DIR/checkpoints); every rank calls each method
+    at the same step.
+
+    `save` writes synchronously, or (`cfg.async_save`) copies the state to CPU memory and leaves
+    the write to a background thread, published by `finish`. At most one save is in flight.
+    """
+
+    def __init__(self, root: Path, cfg: CheckpointConfig, state: CheckpointState) -> None:
+        self.root, self.state, self.ctx = root, state, state.ctx
+        self.keep_last, self.async_save = cfg.keep_last, cfg.async_save
+        self.pending: Optional[AsyncCheckpoint] = None  # an async save still being written
+
+    def save(self, step: int, meta: dict[str, Any], rank_state: dict[str, Any]) -> Path:
+        """Write the checkpoint of `step`: model and optimizer (DCP shards), `meta` (meta.json)
+        and this rank's `rank_state` (rank{r}.json: data position, RNG). Returns its directory,
+        published on return, or (async) by a later `finish`."""
+        self.finish()  # only here does a step wait for a background write
+        final, tmp = self._fresh_tmp_dir(step)
+        _write_json(tmp / f"rank{self.ctx.rank}.json", rank_state)
+        if self.ctx.is_main:
+            _write_json(tmp / "meta.json", meta)
+        if self.async_save:
+            response = dcp.async_save(self.state.state_dict(), checkpoint_id=str(tmp),
+                                      process_group=_checkpoint_group())
+            future = getattr(response, "upload_completion", response)  # AsyncSaveResponse with async staging
+            self.pending = AsyncCheckpoint(future, tmp, final, step)
+            return final
+        dcp.save(self.state.state_dict(), checkpoint_id=str(tmp))
+        self.ctx.barrier()  # every rank's shards are written
+        if self.ctx.is_main:
+            self._publish(tmp, final, step)
+        self.ctx.barrier()
+        return final
+
+    def finish(self, wait: bool = True) -> Optional[Path]:
+        """Publish the in-flight async checkpoint once written (waiting for the write if `wait`).
+
+        The main rank may publish as soon as its own write is done: DCP's coordinator completes
+        only after every rank has written its shards (and each rank wrote its rank{r}.json
+        before starting), so no cross-rank barrier is needed here.
+        """
+        pending = self.pending
+        if pending is None or not (wait or pending.done()):
+            return None
+        self.pending = None
         try:
-            self.future.result()
+            pending.future.result()
         except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
-            raise CheckpointError(f"{self.tmp}: async save failed ({_describe(e)})") from None
-        if self.is_main:
-            _publish(self.root, self.tmp, self.final, self.step, self.keep_last)
-        return self.final
+            raise CheckpointError(f"{pending.tmp}: async save failed ({describe_error(e)})") from None
+        if self.ctx.is_main:
+            self._publish(pending.tmp, pending.final, pending.step)
+        return pending.final
 
+    def load_latest(self) -> Optional[tuple[Path, dict[str, Any], Optional[dict[str, Any]]]]:
+        """Load the newest complete checkpoint, falling back to older ones if corrupt:
+        (its path, meta, this rank's JSON state or None), or None when there is none.
 
-def start_async_save(
-    root: Path,
-    step: int,
-    state: CheckpointState,
-    meta: dict[str, Any],
-    rank_state: dict[str, Any],
-    rank: int,
-    is_main: bool,
-    barrier: Callable[[], None],
-    keep_last: int,
-) -> AsyncCheckpoint:
-    """Copy the state to CPU memory and write it in a background thread; publish with finish().
+        If checkpoints exist but none loads, raise rather than let the run start over on top of them.
+        """
+        agree = None
+        if self.ctx.distributed:  # every rank must pick the same checkpoint
+            def agree(ok: bool) -> bool:
+                flag = torch.tensor([float(not ok)], device=self.ctx.device)
+                return float(self.ctx.all_reduce_sum(flag)) == 0
 
-    Blocks only for the copy (and a barrier so the directory exists on every rank).
-    """
-    final, tmp = _fresh_tmp_dir(root, step, is_main, barrier)
-    _write_json(tmp / f"rank{rank}.json", rank_state)
-    if is_main:
-        _write_json(tmp / "meta.json", meta)
-    response = dcp.async_save(state.state_dict(), checkpoint_id=str(tmp), process_group=_checkpoint_group())
-    future = getattr(response, "upload_completion", response)  # AsyncSaveResponse with async staging
-    return AsyncCheckpoint(future, root, tmp, final, step, is_main, keep_last)
+        failures = []
+        for _, path in reversed(complete_checkpoints(self.root)):
+            try:
+                meta, rank_state = load_checkpoint(path, self.state, self.ctx.rank, agree=agree)
+            except CheckpointError as e:
+                log.error("cannot resume from %s: %s; trying an older checkpoint", path, e)
+                failures.append(str(e))
+                continue
+            return path, meta, rank_state
+        if failures:
+            raise CheckpointError(
+                f"none of the {len(failures)} complete checkpoints in {self.root} can be loaded; "
+                "move them away to start the run over: " + "; ".join(failures))
+        return None
 
+    def _fresh_tmp_dir(self, step: int) -> tuple[Path, Path]:
+        """The step's final directory and an empty `.tmp` beside it (made by the main rank, seen by all)."""
+        final = step_dir(self.root, step)
+        tmp = final.with_name(final.name + ".tmp")
+        if self.ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.ctx.barrier()
+        return final, tmp
 
-def _publish(root: Path, tmp: Path, final: Path, step: int, keep_last: int) -> None:
-    """Main rank: mark `tmp` complete, rename it to `final`, prune old and stale directories.
+    def _publish(self, tmp: Path, final: Path, step: int) -> None:
+        """Main rank: mark `tmp` complete, rename it to `final`, prune old and stale directories.
 
-    A directory loses its marker before it is deleted, so a crash mid-deletion never
-    leaves a marked but partial checkpoint behind.
-    """
-    marker = tmp / MARKER
-    with open(marker, "w") as f:
-        f.write(f"{step}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
-    if final.exists():  # re-saving a step after resuming from an older checkpoint
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        (old / MARKER).unlink(missing_ok=True)
-        shutil.rmtree(old, ignore_errors=True)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    for _, stale in complete_checkpoints(root)[:-keep_last]:
-        _remove(stale)
-    for p in root.glob("step_*.tmp"):  # left by a save that was killed; only one save is ever in flight
-        m = re.match(r"^step_(\d+)\.tmp$", p.name)
-        if m and int(m.group(1)) < step:
-            _remove(p)
+        A directory loses its marker before it is deleted, so a crash mid-deletion never
+        leaves a marked but partial checkpoint behind.
+        """
+        marker = tmp / MARKER
+        with open(marker, "w") as f:
+            f.write(f"{step}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving a step after resuming from an older checkpoint
+            old = final.with_name(final.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            (old / MARKER).unlink(missing_ok=True)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+        for _, stale in complete_checkpoints(self.root)[:-self.keep_last]:
+            _remove(stale)
+        for p in self.root.glob("step_*.tmp"):  # left by a save that was killed; only one save is ever in flight
+            m = re.match(r"^step_(\d+)\.tmp$", p.name)
+            if m and int(m.group(1)) < step:
+                _remove(p)
 
 
 def _remove(path: Path) -> None:
@@ -284,9 +312,7 @@ def validate_checkpoint(path: Path, rank: int) -> tuple[dict[str, Any], Optional
     """
     if not (path / MARKER).is_file():
         raise CheckpointError(f"{path}: incomplete checkpoint (no {MARKER} marker)")
-    meta = _read_json(path / "meta.json")
-    if not isinstance(meta, dict) or "step" not in meta:
-        raise CheckpointError(f"{path / 'meta.json'}: not checkpoint metadata (no 'step')")
+    meta = read_meta(path)
     rank_state = read_rank_state(path, rank)
     metadata = SafeFileSystemReader(str(path)).read_metadata()
     storage = getattr(metadata, "storage_data", None)
@@ -334,7 +360,7 @@ def load_checkpoint(
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as e:  # CheckpointException (a BaseException) wraps every rank's error
-        raise CheckpointError(f"{path}: cannot load shards ({_describe(e)})") from None
+        raise CheckpointError(f"{path}: cannot load shards ({describe_error(e)})") from None
     state.load(to_fill)
     return meta, rank_state
 
@@ -345,13 +371,147 @@ def read_rank_state(path: Path, rank: int) -> Optional[dict[str, Any]]:
     return _read_json(rank_file) if rank_file.is_file() else None
 
 
-def _describe(e: BaseException) -> str:
+# ------------------------------------------------------------------------------------------ reading
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A step_N directory; a run directory or its checkpoints/ gives the newest complete one."""
+    path = Path(path)
+    if (path / MARKER).is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        found = complete_checkpoints(root)
+        if found:
+            return found[-1][1]
+    if (path / ".metadata").is_file():
+        raise CheckpointError(f"{path}: incomplete checkpoint (no {MARKER} marker)")
+    raise CheckpointError(f"{path}: no complete checkpoint found (expected step_N/ with a {MARKER} marker)")
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """The checkpoint's meta.json: step, tokens seen, counters and the resolved config."""
+    meta = _read_json(path / "meta.json")
+    if not isinstance(meta, dict) or "step" not in meta:
+        raise CheckpointError(f"{path / 'meta.json'}: not checkpoint metadata (no 'step')")
+    return meta
+
+
+_Schema = TypeVar("_Schema")
+
+
+def _saved_section(path: Path, schema: type[_Schema], *keys: str) -> _Schema:
+    """The saved config (or its section under `keys`) merged over `schema`'s defaults."""
+    values: Any = read_meta(path).get("config")
+    for key in keys:
+        values = values.get(key) if isinstance(values, dict) else None
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path / 'meta.json'}: no saved {'.'.join(('config',) + keys)}")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))  # type: ignore[return-value]
+
+
+def saved_config(path: Path) -> Config:
+    """The run's resolved config, as saved in meta.json."""
+    return _saved_section(path, Config)
+
+
+def saved_model_config(path: Path) -> ModelConfig:
+    """The model section of the saved config (all that export needs)."""
+    return _saved_section(path, ModelConfig, "model")
+
+
+class _CachedMetadataReader(SafeFileSystemReader):
+    """SafeFileSystemReader that unpickles the (allow-listed) metadata once, not on every load."""
+
+    _cached: Optional[Metadata] = None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if self._cached is None:
+            self._cached = super().read_metadata(*args, **kwargs)
+        return self._cached
+
+
+class _RegionLoadPlanner(DefaultLoadPlanner):
+    """Loads given regions of saved tensors: {fqn: (offsets, destination buffer of the region's size)}.
+
+    DCP's resharding logic (create_read_items_for_chunk_list) finds the saved chunks that
+    overlap each region, so a region can span shards written by several ranks.
+    """
+
+    def __init__(self, regions: dict[str, tuple[tuple[int, ...], torch.Tensor]]) -> None:
+        super().__init__()
+        self.regions = regions
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator=False) -> None:  # type: ignore[override]
+        self.state_dict, self.metadata, self.is_coordinator = state_dict, metadata, is_coordinator
+
+    def create_local_plan(self) -> LoadPlan:
+        items = []
+        for fqn, (offsets, buf) in self.regions.items():
+            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=buf.size())
+            items += create_read_items_for_chunk_list(fqn, self.metadata.state_dict_metadata[fqn], [chunk])
+        self.plan = LoadPlan(items)
+        return self.plan
+
+    def lookup_tensor(self, index) -> torch.Tensor:  # type: ignore[override]
+        return self.regions[index.fqn][1]
+
+
+class SavedModel:
+    """The model tensors of one checkpoint, read on demand by parameter name, in one process.
+
+    Any saving layout reads alike: DCP reassembles FSDP shards, and row ranges are read by
+    their global offsets (a range may span chunks saved by several ranks).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.reader = _CachedMetadataReader(str(path))
+        self.tensors: dict[str, TensorStorageMetadata] = {
+            k[len("model."):]: v
+            for k, v in self.reader.read_metadata().state_dict_metadata.items()
+            if k.startswith("model.") and isinstance(v, TensorStorageMetadata)
+        }
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.size) for k, v in self.tensors.items()}
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.tensors[name].properties.dtype
+
+    def read(self, name: str, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+        """Rows [start, stop) of dim 0 of tensor `name` (the whole tensor by default)."""
+        md = self.tensors[name]
+        size = list(md.size)
+        if size:
+            stop = size[0] if stop is None else stop
+            size[0] = stop - start
+        buf = torch.empty(size, dtype=md.properties.dtype)
+        offsets = (start,) + (0,) * (len(size) - 1) if size else ()
+        try:
+            with warnings.catch_warnings():  # "torch.distributed is disabled ... single process": intended
+                warnings.simplefilter("ignore", UserWarning)
+                dcp.load({}, storage_reader=self.reader, planner=_RegionLoadPlanner({"model." + name: (offsets, buf)}),
+                         no_dist=True)
+        except (Exception, CheckpointException) as e:  # CheckpointException (a BaseException): unreadable shards
+            raise CheckpointError(f"{self.path}: cannot read model.{name} ({describe_error(e)})") from None
+        return buf
+
+    def saved_rows(self, name: str, row: int) -> tuple[int, int]:
+        """The dim-0 range [first, stop) of the saved chunk holding `row` (under EP: one rank's experts)."""
+        for chunk in self.tensors[name].chunks:
+            first = chunk.offsets[0]
+            if first <= row < first + chunk.sizes[0]:
+                return first, first + chunk.sizes[0]
+        raise CheckpointError(f"{self.path}: model.{name} has no saved chunk for row {row}")
+
+
+def describe_error(e: BaseException) -> str:
     """One line per failing rank: the underlying exception, not DCP's wrapper and traceback."""
     if isinstance(e, CheckpointException):
         parts = []
         for r, failure in sorted(e.failures.items()):
             inner = failure[0] if isinstance(failure, tuple) else failure
-            parts.append(f"rank {r}: {_describe(inner)}")
+            parts.append(f"rank {r}: {describe_error(inner)}")
         return "; ".join(parts) or "unknown failure"
     if isinstance(e, CheckpointError):
         return str(e)

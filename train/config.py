@@ -109,7 +109,7 @@ class CheckpointConfig:
     async_save: bool = False
     at_end: bool = True
     # An HF DeepSeek-V2/V3 directory (config.json + safetensors) whose weights start a fresh run; ignored
-    # when run.dir already has a checkpoint to resume. `python -m train.hf_import DIR` prints its model section.
+    # when run.dir already has a checkpoint to resume. `python -m train.hf.read DIR` prints its model section.
     init_from_hf: Optional[str] = None
 
 

@@ -5,13 +5,7 @@
 `--checkpoint` may also be a run directory or its checkpoints/ directory (the newest complete
 checkpoint is taken). DIR receives config.json, model-0000k-of-0000n.safetensors shards with
 model.safetensors.index.json, and the run's tokenizer files; `transformers.AutoModelForCausalLM`
-and `AutoTokenizer.from_pretrained(DIR)` load it. Names follow train/hf_adapter.py.
-
-Streaming: tensors are read from the DCP checkpoint one at a time (routed experts one saved
-chunk at a time: under expert parallelism that is one rank's [E/ep, ...] slice) into
-safetensors shards of bounded size, so the model is never materialised whole. Peak memory is
-about one output shard plus the largest saved chunk. Works for any saving layout: DCP
-reassembles FSDP shards, and expert chunks are read by their global offsets.
+and `AutoTokenizer.from_pretrained(DIR)` load it. The writing itself is train/hf/write.py.
 """
 
 from __future__ import annotations
@@ -19,279 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
-import os
-import shutil
 import sys
-import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
-import torch.distributed.checkpoint as dcp
-from omegaconf import OmegaConf
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import LoadPlan
-from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from models.config import ModelConfig
 from train import checkpoint as ckpt
-from train.hf_adapter import V2, HFTensor, hf_config_dict, hf_layout, hf_model_type
+from train.hf.write import INDEX_FILE, export_checkpoint
 
-log = logging.getLogger("moeforge.export")
-
-INDEX_FILE = "model.safetensors.index.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-# ------------------------------------------------------------------------------------------ reading DCP
-
-
-class _Reader(ckpt.SafeFileSystemReader):
-    """SafeFileSystemReader that unpickles the (allow-listed) metadata once, not on every load."""
-
-    _cached: Optional[Metadata] = None
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        if self._cached is None:
-            self._cached = super().read_metadata(*args, **kwargs)
-        return self._cached
-
-
-class _RegionLoadPlanner(DefaultLoadPlanner):
-    """Loads given regions of saved tensors: {fqn: (offsets, destination buffer of the region's size)}.
-
-    DCP's resharding logic (create_read_items_for_chunk_list) finds the saved chunks that
-    overlap each region, so a region can span shards written by several ranks.
-    """
-
-    def __init__(self, regions: dict[str, tuple[tuple[int, ...], torch.Tensor]]) -> None:
-        super().__init__()
-        self.regions = regions
-
-    def set_up_planner(self, state_dict, metadata=None, is_coordinator=False) -> None:  # type: ignore[override]
-        self.state_dict, self.metadata, self.is_coordinator = state_dict, metadata, is_coordinator
-
-    def create_local_plan(self) -> LoadPlan:
-        items = []
-        for fqn, (offsets, buf) in self.regions.items():
-            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=buf.size())
-            items += create_read_items_for_chunk_list(fqn, self.metadata.state_dict_metadata[fqn], [chunk])
-        self.plan = LoadPlan(items)
-        return self.plan
-
-    def lookup_tensor(self, index) -> torch.Tensor:  # type: ignore[override]
-        return self.regions[index.fqn][1]
-
-
-class CheckpointTensors:
-    """Model tensors of one DCP checkpoint, read on demand by our parameter name."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.reader = _Reader(str(path))
-        self.metadata = self.reader.read_metadata()
-        self.tensors: dict[str, TensorStorageMetadata] = {
-            k[len("model."):]: v
-            for k, v in self.metadata.state_dict_metadata.items()
-            if k.startswith("model.") and isinstance(v, TensorStorageMetadata)
-        }
-        self._chunk: Optional[tuple[str, int, int, torch.Tensor]] = None  # (name, first, stop, experts)
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: tuple(v.size) for k, v in self.tensors.items()}
-
-    def _load(self, name: str, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
-        """Rows [start, stop) of dim 0 of tensor `name` (the whole tensor by default)."""
-        md = self.tensors[name]
-        size = list(md.size)
-        if size:
-            stop = size[0] if stop is None else stop
-            size[0] = stop - start
-        buf = torch.empty(size, dtype=md.properties.dtype)
-        offsets = (start,) + (0,) * (len(size) - 1) if size else ()
-        try:
-            with warnings.catch_warnings():  # "torch.distributed is disabled ... single process": intended
-                warnings.simplefilter("ignore", UserWarning)
-                dcp.load({}, storage_reader=self.reader, planner=_RegionLoadPlanner({"model." + name: (offsets, buf)}),
-                         no_dist=True)
-        except Exception as e:  # DCP raises CheckpointException for unreadable shards
-            why = f"{type(e).__name__}: {ckpt._short(e)}"
-            raise ckpt.CheckpointError(f"{self.path}: cannot read model.{name} ({why})") from None
-        return buf
-
-    def _expert_chunk(self, name: str, expert: int) -> tuple[int, int]:
-        """The dim-0 range of the saved chunk holding `expert` (one EP rank's experts)."""
-        for chunk in self.tensors[name].chunks:
-            first = chunk.offsets[0]
-            if first <= expert < first + chunk.sizes[0]:
-                return first, first + chunk.sizes[0]
-        raise ckpt.CheckpointError(f"{self.path}: model.{name} has no saved chunk for expert {expert}")
-
-    def get(self, entry: HFTensor) -> torch.Tensor:
-        if entry.expert is None:
-            return self._load(entry.src)
-        cached = self._chunk
-        if cached is None or cached[0] != entry.src or not cached[1] <= entry.expert < cached[2]:
-            self._chunk = None  # free the previous chunk before reading the next
-            first, stop = self._expert_chunk(entry.src, entry.expert)
-            cached = self._chunk = (entry.src, first, stop, self._load(entry.src, first, stop))
-        return entry.take(cached[3], cached[1])
-
-
-# ------------------------------------------------------------------------------------------ checkpoint paths
-
-
-def resolve_checkpoint(path: Path) -> Path:
-    """A step_N directory; a run directory or its checkpoints/ gives the newest complete one."""
-    path = Path(path)
-    if (path / ckpt.MARKER).is_file():
-        return path
-    for root in (path / "checkpoints", path):
-        found = ckpt.complete_checkpoints(root)
-        if found:
-            return found[-1][1]
-    if (path / ".metadata").is_file():
-        raise ckpt.CheckpointError(f"{path}: incomplete checkpoint (no {ckpt.MARKER} marker)")
-    raise ckpt.CheckpointError(f"{path}: no complete checkpoint found (expected step_N/ with a {ckpt.MARKER} marker)")
-
-
-def model_config_of(checkpoint: Path) -> ModelConfig:
-    """The model section of the resolved config saved in the checkpoint's meta.json."""
-    meta = ckpt._read_json(checkpoint / "meta.json")
-    model = OmegaConf.merge(OmegaConf.structured(ModelConfig), meta["config"]["model"])
-    return OmegaConf.to_object(model)  # type: ignore[return-value]
-
-
-def tokenizer_dir_of(checkpoint: Path) -> Path:
-    return checkpoint.parent.parent / "tokenizer"
-
-
-def _parse_size(text: str | int) -> int:
-    if isinstance(text, int):
-        return text
-    t = text.strip().upper()
-    units = (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1))
-    for unit, mult in units:
-        if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * mult)
-    return int(t)
-
-
-# ------------------------------------------------------------------------------------------ export
-
-
-def plan_shards(layout: list[HFTensor], dtype: torch.dtype, max_bytes: int) -> list[list[HFTensor]]:
-    """Consecutive entries grouped into shards of at most max_bytes (a bigger tensor gets its own)."""
-    shards: list[list[HFTensor]] = [[]]
-    used = 0
-    for entry in layout:
-        nbytes = math.prod(entry.shape) * (4 if entry.keep_fp32 else dtype.itemsize)
-        if shards[-1] and used + nbytes > max_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append(entry)
-        used += nbytes
-    return shards
-
-
-def export_checkpoint(
-    checkpoint: str | os.PathLike,
-    out: str | os.PathLike,
-    dtype: Optional[torch.dtype] = None,
-    max_shard_size: str | int = "5GB",
-    tokenizer_dir: Optional[str | os.PathLike] = None,
-) -> Path:
-    """Write the HF directory `out` from a moeforge checkpoint; returns `out`.
-
-    dtype: of the exported weights (router biases stay fp32); None keeps the checkpoint's.
-    """
-    from safetensors.torch import save_file
-
-    path = resolve_checkpoint(Path(checkpoint))
-    cfg = model_config_of(path)
-    model_type = hf_model_type(cfg)
-    if model_type == V2 and cfg.norm_topk_prob and cfg.num_experts_per_tok > 1:
-        log.warning("model.norm_topk_prob=true: transformers' DeepseekV2 ignores it (never normalises top-k "
-                    "gates), so its outputs will differ from moeforge's; DeepSeek's own modeling code honours it")
-    if cfg.capacity_factor is not None:
-        log.warning("model.capacity_factor=%s: moeforge drops over-capacity tokens, transformers never does; "
-                    "outputs can differ where tokens were dropped", cfg.capacity_factor)
-    source = CheckpointTensors(path)
-    shapes = source.shapes()
-    layout = hf_layout(cfg, shapes, model_type)
-    missing = sorted({e.src for e in layout} - set(shapes))
-    if missing:
-        raise ckpt.CheckpointError(f"{path}: checkpoint lacks model tensors {missing[:5]}")
-    saved_dtype = source.tensors["embed_tokens.weight"].properties.dtype
-    dtype = dtype or saved_dtype
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in list(out.glob("model-*.safetensors")) + [out / INDEX_FILE, out / "model.safetensors"]:
-        old.unlink(missing_ok=True)  # never mix shards of two exports
-    shards = plan_shards(layout, dtype, _parse_size(max_shard_size))
-    weight_map: dict[str, str] = {}
-    total = 0
-    for i, entries in enumerate(shards, start=1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {}
-        for entry in entries:
-            t = source.get(entry)
-            t = t.to(torch.float32 if entry.keep_fp32 else dtype).contiguous()
-            if tuple(t.shape) != entry.shape:
-                raise AssertionError(f"{entry.hf_name}: shape {tuple(t.shape)} != {entry.shape}")
-            # A tensor that is a view of a cached expert chunk must not share storage in the file.
-            tensors[entry.hf_name] = t.clone() if entry.expert is not None else t
-            weight_map[entry.hf_name] = fname
-            total += t.numel() * t.element_size()
-        save_file(tensors, str(out / fname), metadata={"format": "pt"})
-        del tensors
-    (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-
-    tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else tokenizer_dir_of(path)
-    special: dict[str, Optional[int]] = {}
-    if tok_dir.is_dir():
-        for f in tok_dir.iterdir():
-            if f.is_file():
-                shutil.copy2(f, out / f.name)
-        special = _special_token_ids(tok_dir)
-    else:
-        log.warning("no tokenizer directory at %s; exporting weights and config only", tok_dir)
-    config = hf_config_dict(cfg, dtype, model_type, **special)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    gen = {k: v for k, v in special.items() if v is not None}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    return out
-
-
-def _special_token_ids(tok_dir: Path) -> dict[str, Optional[int]]:
-    """bos/eos/pad ids from the tokenizer's own special-token files (for config.json)."""
-    names: dict[str, Any] = {}
-    for fname in ("special_tokens_map.json", "tokenizer_config.json"):
-        f = tok_dir / fname
-        if f.is_file():
-            try:
-                data = json.loads(f.read_text())
-            except json.JSONDecodeError:
-                continue
-            for key in ("bos_token", "eos_token", "pad_token"):
-                value = data.get(key)
-                if isinstance(value, dict):
-                    value = value.get("content")
-                if isinstance(value, str):
-                    names.setdefault(key, value)
-    if not names or not (tok_dir / "tokenizer.json").is_file():
-        return {}
-    try:
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
-    except Exception as e:  # a foreign tokenizer directory: weights still export
-        log.warning("cannot read %s (%s); config.json gets no special token ids", tok_dir / "tokenizer.json", e)
-        return {}
-    return {f"{key[:-6]}_token_id": tok.token_to_id(value) for key, value in names.items()}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -310,7 +41,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     n = len(json.loads((out / INDEX_FILE).read_text())["weight_map"])
-    print(f"exported {n} tensors from {resolve_checkpoint(Path(args.checkpoint))} to {out}")
+    print(f"exported {n} tensors from {ckpt.resolve_checkpoint(Path(args.checkpoint))} to {out}")
     return 0
 
 

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from models.transformer import Transformer
+from train.inference import load_for_inference
 
 
 @torch.no_grad()
@@ -57,8 +58,6 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    from train.trainer import load_for_inference
-
     p = argparse.ArgumentParser(description="Print a sample from a moeforge checkpoint.")
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory (RUN_DIR/checkpoints/step_N)")
     p.add_argument("--prompt", default="")

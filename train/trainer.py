@@ -65,7 +65,7 @@ class Trainer:
             )
         self.model = Transformer(cfg.model).to(self.device)
         if cfg.checkpoint.init_from_hf and not ckpt.complete_checkpoints(self.ckpt_dir):
-            from train.hf_import import HFImportError, init_from_hf  # HF weights start a fresh run
+            from train.hf.read import HFImportError, init_from_hf  # HF weights start a fresh run
 
             try:
                 init_from_hf(self.model, cfg.checkpoint.init_from_hf)
@@ -105,11 +105,11 @@ class Trainer:
         self.tokens_seen = 0
         self.skipped_steps = 0
         self.consecutive_nonfinite = 0
-        self.checkpoint_state = CheckpointState(self.model, self.optimizer, self.ctx)
+        self.checkpointer = ckpt.Checkpointer(self.ckpt_dir, cfg.checkpoint,
+                                              CheckpointState(self.model, self.optimizer, self.ctx))
         self.flops_per_token = count_model(cfg.model, cfg.train.seq_len).flops_per_token
         self.peak_flops = peak_flops(self.device, cfg.train.precision)
         self._stop_requested = False
-        self._pending_save: Optional[ckpt.AsyncCheckpoint] = None  # checkpoint.async_save still being written
         self.resumed_from: Optional[Path] = None
         self.resume()
         self.logger = MetricsLogger(cfg, self.run_dir, self.ctx.is_main, cfg.train.steps)
@@ -248,7 +248,7 @@ class Trainer:
         try:
             while self.step < cfg.train.steps:
                 metrics = self.train_step()
-                self.finish_save(wait=False)  # publish an async checkpoint whose write has finished
+                self.checkpointer.finish(wait=False)  # publish an async checkpoint whose write has finished
                 history.append({"step": self.step, **metrics})
                 self.logger.progress(self.step)
                 if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.steps or self.step == 1:
@@ -263,7 +263,7 @@ class Trainer:
             else:
                 if cfg.checkpoint.at_end and not (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
                     self.save()
-            self.finish_save()  # the last async checkpoint is published before fit returns
+            self.checkpointer.finish()  # the last async checkpoint is published before fit returns
         finally:
             signal.signal(signal.SIGTERM, previous)
             self.logger.close()
@@ -298,54 +298,27 @@ class Trainer:
             "data": self.data.state_dict(),
             "rng_cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
         }
-        self.finish_save()  # at most one async save in flight: only here does a step wait for a write
-        args = (self.ckpt_dir, self.step, self.checkpoint_state, meta, rank_state,
-                self.ctx.rank, self.ctx.is_main, self.ctx.barrier, self.cfg.checkpoint.keep_last)
-        if self.cfg.checkpoint.async_save:  # published later, by finish_save()
-            self._pending_save = ckpt.start_async_save(*args)
-            return self._pending_save.final
-        return ckpt.save_checkpoint(*args)
-
-    def finish_save(self, wait: bool = True) -> None:
-        """Publish the in-flight async checkpoint once written (waiting for the write if `wait`)."""
-        pending = self._pending_save
-        if pending is not None and (wait or pending.done()):
-            self._pending_save = None
-            pending.finish()
+        return self.checkpointer.save(self.step, meta, rank_state)  # async: published by checkpointer.finish()
 
     def resume(self) -> None:
-        """Load the newest complete checkpoint in run.dir, falling back to older ones if corrupt.
-
-        If checkpoints exist but none loads, raise rather than start over on top of them."""
-        agree = None
-        if self.ctx.distributed:  # every rank must pick the same checkpoint
-            agree = lambda ok: float(self.ctx.all_reduce_sum(torch.tensor([float(not ok)], device=self.device))) == 0  # noqa: E731
-        failures = []
-        for step, path in reversed(ckpt.complete_checkpoints(self.ckpt_dir)):
-            try:
-                meta, rank_state = ckpt.load_checkpoint(path, self.checkpoint_state, self.ctx.rank, agree=agree)
-            except ckpt.CheckpointError as e:
-                log.error("cannot resume from %s: %s; trying an older checkpoint", path, e)
-                failures.append(str(e))
-                continue
-            self.step, self.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
-            self.skipped_steps = int(meta.get("skipped_steps", 0))
-            same_layout = meta.get("dp_size") == self.ctx.dp_size and rank_state is not None
-            if not same_layout:  # data positions are global: any rank's state describes them
-                rank_state = ckpt.read_rank_state(path, 0)
-            if rank_state:
-                self.data.load_state_dict(rank_state["data"])
-                if same_layout and "rng_cpu" in rank_state:
-                    rng = torch.frombuffer(bytearray(base64.b64decode(rank_state["rng_cpu"])), dtype=torch.uint8)
-                    torch.set_rng_state(rng)
-            self.resumed_from = path
-            if self.ctx.is_main:
-                print(f"resumed from {path} (step {self.step})", flush=True)
+        """Continue from the newest loadable checkpoint in run.dir, if there is one."""
+        found = self.checkpointer.load_latest()
+        if found is None:
             return
-        if failures:
-            raise ckpt.CheckpointError(
-                f"none of the {len(failures)} complete checkpoints in {self.ckpt_dir} can be loaded; "
-                "move them away to start the run over: " + "; ".join(failures))
+        path, meta, rank_state = found
+        self.step, self.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
+        self.skipped_steps = int(meta.get("skipped_steps", 0))
+        same_layout = meta.get("dp_size") == self.ctx.dp_size and rank_state is not None
+        if not same_layout:  # data positions are global: any rank's state describes them
+            rank_state = ckpt.read_rank_state(path, 0)
+        if rank_state:
+            self.data.load_state_dict(rank_state["data"])
+            if same_layout and "rng_cpu" in rank_state:
+                rng = torch.frombuffer(bytearray(base64.b64decode(rank_state["rng_cpu"])), dtype=torch.uint8)
+                torch.set_rng_state(rng)
+        self.resumed_from = path
+        if self.ctx.is_main:
+            print(f"resumed from {path} (step {self.step})", flush=True)
 
     def sample(self, prompt: str, max_new_tokens: int) -> str:
         from train.generate import generate
@@ -393,15 +366,3 @@ def memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
-
-def load_for_inference(checkpoint: Path):
-    """Model (eval mode, weights from `checkpoint`) and tokenizer of a finished run."""
-    from data.tokenizer import TextTokenizer
-
-    meta = ckpt._read_json(checkpoint / "meta.json")
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), meta["config"]))
-    model = Transformer(cfg.model)
-    ckpt.load_checkpoint(checkpoint, CheckpointState(model, None, ParallelContext.single()), rank=0)
-    model.eval()
-    tokenizer = TextTokenizer.from_dir(checkpoint.parent.parent / "tokenizer")
-    return model, tokenizer

@@ -1,14 +1,14 @@
-"""Import a Hugging Face DeepSeek-V3 / V2 directory (config.json + safetensors) into our Transformer.
+"""Read a Hugging Face directory (config.json + safetensors; DeepSeek-V3 / V2) into our Transformer.
 
     model = load_hf_model(hf_dir)                       # config from config.json, weights loaded
     report = load_hf_weights(model, hf_dir)            # into an existing model of matching shape
-    python -m train.hf_import HF_DIR                    # prints the `model:` YAML section to train from it
+    python -m train.hf.read HF_DIR                      # prints the `model:` YAML section to train from it
 
 Training from HF weights: set `checkpoint.init_from_hf: HF_DIR` (the run's model section
-must describe the same architecture; `python -m train.hf_import HF_DIR` prints it). The
+must describe the same architecture; `python -m train.hf.read HF_DIR` prints it). The
 weights are used when the run directory has no checkpoint yet; a resumed run ignores them.
 
-Names follow train/hf_adapter.py (the same mapping the exporter writes). Per-expert keys
+Names follow the model's family module (train/hf/families.py; the same mapping write.py writes). Per-expert keys
 (`mlp.experts.{e}.gate_proj/up_proj/down_proj.weight`, DeepSeek's release and transformers'
 save_pretrained) and transformers' fused keys (`mlp.experts.gate_up_proj` / `down_proj`) are
 both read. MTP layers (index num_hidden_layers + k) are loaded when present; when absent,
@@ -32,9 +32,9 @@ import torch
 
 from models.config import ModelConfig
 from models.transformer import Transformer
-from train.hf_adapter import V2, fused_expert_names, hf_layout, hf_model_type, model_config_from_hf
+from train.hf.families import family_of_config, family_of_model_type
 
-log = logging.getLogger("moeforge.hf_import")
+log = logging.getLogger("moeforge.hf.read")
 
 
 class HFImportError(ValueError):
@@ -59,8 +59,9 @@ def read_hf_config(hf_dir: str | os.PathLike) -> dict:
 
 def hf_model_config(hf_dir: str | os.PathLike) -> ModelConfig:
     """Our ModelConfig for the architecture described by HF_DIR/config.json."""
+    hf = read_hf_config(hf_dir)
     try:
-        return model_config_from_hf(read_hf_config(hf_dir))
+        return family_of_model_type(hf.get("model_type")).model_config(hf)
     except ValueError as e:
         raise HFImportError(f"{Path(hf_dir) / 'config.json'}: {e}") from None
 
@@ -121,9 +122,9 @@ def load_hf_weights(model: Transformer, hf_dir: str | os.PathLike) -> ImportRepo
         raise HFImportError(f"{hf_dir}: FP8 block-quantised weights (weight_scale_inv); dequantise to bf16 first")
     state = model.state_dict(keep_vars=True)
     shapes = {n: tuple(t.shape) for n, t in state.items()}
-    model_type = hf_model_type(cfg)
-    layout = hf_layout(cfg, shapes, model_type)
-    fused = fused_expert_names(cfg, shapes)
+    family, model_type = family_of_config(cfg)
+    layout = family.layout(cfg, shapes, model_type)
+    fused = family.fused_expert_names(cfg, shapes)
     report = ImportReport()
     used: set[str] = set()
     missing: list[str] = []
@@ -167,10 +168,7 @@ def load_hf_weights(model: Transformer, hf_dir: str | os.PathLike) -> ImportRepo
     if report.shared_mismatch:
         log.warning("%s: MTP copies of the embedding/head differ from the main ones (moeforge shares them; the main "
                     "ones are used): %s", hf_dir, report.shared_mismatch)
-    if model_type == V2:
-        for name, t in state.items():
-            if name.endswith("e_score_correction_bias"):
-                t.zero_()  # V2 routers do not use a bias
+    family.finish_import(state, model_type)
     return report
 
 
@@ -206,7 +204,7 @@ def init_from_hf(model: Transformer, hf_dir: str | os.PathLike) -> ImportReport:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.hf_import",
+    p = argparse.ArgumentParser(prog="python -m train.hf.read",
                                 description="Print the moeforge `model:` config section of an HF DeepSeek-V2/V3 directory.")
     p.add_argument("hf_dir")
     args = p.parse_args(argv)

@@ -1,7 +1,9 @@
-"""The one mapping between moeforge's Transformer and the Hugging Face DeepSeek-V2/V3 layout.
+"""The DeepSeek-V3 / V2 family: the one mapping between moeforge's Transformer and the
+Hugging Face DeepseekV3 / DeepseekV2 layout, and their config.json (train/hf/families.py
+lists what a family module provides).
 
-Both directions (train/export.py writes it, train/hf_import.py reads it) walk the same
-list of `HFTensor` entries built by `hf_layout`, so a name can never be mapped one way
+Both directions (train/hf/write.py writes it, train/hf/read.py reads it) walk the same
+list of `HFTensor` entries built by `layout`, so a name can never be mapped one way
 on export and another way on import.
 
 Our names (models/transformer.py)                HF / DeepSeek released layout
@@ -21,63 +23,36 @@ Our names (models/transformer.py)                HF / DeepSeek released layout
 
 Transformers loads the per-expert keys into its fused in-memory [E, 2I, H] / [E, H, I]
 experts; it also accepts the fused keys `mlp.experts.gate_up_proj` / `down_proj`, which
-the importer therefore reads too (`fused_expert_names`).
+the reader therefore accepts too (`fused_expert_names`).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional
 
 import torch
 
 from models.config import ModelConfig, RopeScalingConfig
+from train.hf.mapping import HFTensor
 
 V3, V2 = "deepseek_v3", "deepseek_v2"
+MODEL_TYPES = (V3, V2)
+REQUIREMENT = "DeepseekV3 is sigmoid + noaux_tc, DeepseekV2 is softmax + greedy/group_limited_greedy"
 ARCHITECTURES = {V3: "DeepseekV3ForCausalLM", V2: "DeepseekV2ForCausalLM"}
 _EXPERT_STACK = re.compile(r"^(?P<prefix>.*mlp\.experts\.)(?P<which>gate_up_proj|down_proj)$")
 
 
-@dataclass(frozen=True)
-class HFTensor:
-    """One tensor of the HF layout and where it lives in our model.
-
-    `src` is our state-dict name. For a routed expert, `expert` indexes dim 0 of the
-    [E, ...] stack and `rows` (start, stop) selects the gate or up half of gate_up_proj.
-    `shared` marks the MTP copies of the embedding and output head: exported, but on
-    import the main model's tensor wins (they are one tensor in moeforge).
-    """
-
-    hf_name: str
-    src: str
-    shape: tuple[int, ...]
-    expert: Optional[int] = None
-    rows: Optional[tuple[int, int]] = None
-    shared: bool = False
-    keep_fp32: bool = False  # the router bias stays fp32 whatever the export dtype
-
-    def take(self, full: torch.Tensor, first_expert: int = 0) -> torch.Tensor:
-        """This entry's slice of `full` (the whole src tensor, or experts [first_expert, ...) of it)."""
-        if self.expert is None:
-            return full
-        t = full[self.expert - first_expert]
-        return t if self.rows is None else t[self.rows[0] : self.rows[1]]
-
-
-def hf_model_type(cfg: ModelConfig) -> str:
+def model_type_for(cfg: ModelConfig) -> Optional[str]:
     """deepseek_v3 for the sigmoid/noaux_tc router, deepseek_v2 for the softmax routers.
 
-    Other combinations (sigmoid with V2's greedy selection) have no HF architecture.
+    Other combinations (sigmoid with V2's greedy selection) have no HF architecture: None.
     """
     if cfg.scoring_func == "sigmoid" and cfg.topk_method == "noaux_tc":
         return V3
     if cfg.scoring_func == "softmax" and cfg.topk_method in ("greedy", "group_limited_greedy"):
         return V2
-    raise ValueError(
-        f"model.scoring_func={cfg.scoring_func!r} with model.topk_method={cfg.topk_method!r} has no Hugging Face "
-        "architecture: DeepseekV3 is sigmoid + noaux_tc, DeepseekV2 is softmax + greedy/group_limited_greedy"
-    )
+    return None
 
 
 def mtp_layer_index(cfg: ModelConfig, k: int) -> int:
@@ -100,15 +75,12 @@ def our_to_hf_name(name: str, cfg: ModelConfig) -> str:
     return f"model.layers.{layer}.{rest}"
 
 
-def hf_layout(
-    cfg: ModelConfig, shapes: Mapping[str, Iterable[int]], model_type: Optional[str] = None
-) -> list[HFTensor]:
+def layout(cfg: ModelConfig, shapes: Mapping[str, Iterable[int]], model_type: str) -> list[HFTensor]:
     """Every HF tensor of the model with our source for it, in export order.
 
     `shapes` maps our state-dict names to shapes (a model's state_dict or a DCP checkpoint's
     metadata). Router biases are left out for deepseek_v2, which has none (nor uses one).
     """
-    model_type = model_type or hf_model_type(cfg)
     out: list[HFTensor] = []
     for name, shape in shapes.items():
         shape = tuple(shape)
@@ -180,13 +152,12 @@ _TRAINING_ONLY = (
 )
 
 
-def hf_config_dict(
-    cfg: ModelConfig, dtype: torch.dtype, model_type: Optional[str] = None,
+def config_dict(
+    cfg: ModelConfig, dtype: torch.dtype, model_type: str,
     bos_token_id: Optional[int] = None, eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None,
 ) -> dict:
     """config.json for transformers (5.x reads rope_parameters/dtype; 4.x, vLLM and DeepSeek's
     own code read rope_scaling/rope_theta/torch_dtype, so both spellings are written, consistently)."""
-    model_type = model_type or hf_model_type(cfg)
     rope = _rope_parameters(cfg)
     legacy_scaling = None
     if rope["rope_type"] != "default":
@@ -259,11 +230,9 @@ _HF_DEFAULTS = {
 }
 
 
-def model_config_from_hf(hf: Mapping) -> ModelConfig:
+def model_config(hf: Mapping) -> ModelConfig:
     """ModelConfig from a DeepSeek-V2/V3 config.json (HF 4.x or 5.x spelling of RoPE)."""
-    model_type = hf.get("model_type")
-    if model_type not in (V3, V2):
-        raise ValueError(f"config.json: model_type {model_type!r} is not deepseek_v3 or deepseek_v2")
+    model_type = hf["model_type"]
     values: dict = dict(_HF_DEFAULTS[model_type])
     not_from_hf = {"rope_scaling", "rope_theta", "attn_implementation", "experts_implementation"}
     fields = set(ModelConfig.__dataclass_fields__) - not_from_hf
@@ -305,3 +274,22 @@ def model_config_from_hf(hf: Mapping) -> ModelConfig:
     cfg = ModelConfig(**values)
     cfg.validate()
     return cfg
+
+
+# ------------------------------------------------------------------------------------------------ differences
+
+
+def export_warnings(cfg: ModelConfig, model_type: str) -> list[str]:
+    """Where transformers' implementation of `model_type` will compute something else than moeforge."""
+    if model_type == V2 and cfg.norm_topk_prob and cfg.num_experts_per_tok > 1:
+        return ["model.norm_topk_prob=true: transformers' DeepseekV2 ignores it (never normalises top-k "
+                "gates), so its outputs will differ from moeforge's; DeepSeek's own modeling code honours it"]
+    return []
+
+
+def finish_import(state: Mapping[str, torch.Tensor], model_type: str) -> None:
+    """Fix up a model just loaded from `model_type` weights: V2 routers use no bias, so ours is zeroed."""
+    if model_type == V2:
+        for name, t in state.items():
+            if name.endswith("e_score_correction_bias"):
+                t.zero_()
