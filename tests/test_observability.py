@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.trainer_helpers import small_overrides
+from tests.wandb_files import read_wandb_run
 from train.config import load_config
 from train.metrics import (
     LATEST,
@@ -17,7 +18,6 @@ from train.metrics import (
     chart_name,
     expert_load_stats,
     moe_layer_names,
-    read_wandb_run,
     wandb_mode,
 )
 
