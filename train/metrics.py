@@ -15,8 +15,8 @@ dashboard per run without any set-up:
   expert_load/<layer>   histogram: each expert's share of the layer's routed tokens (one bar per expert)
   router_bias/<layer>   histogram of the layer's aux-loss-free bias values
 
-Per-expert histograms come from the step's global token counts, which `expert_load_stats` (called
-by the trainer every step) also keeps for the logger; they are not written to metrics.jsonl.
+Per-expert histograms come from the step's global token counts (a models.moe_state.ExpertLoad the
+trainer passes to `MetricsLogger.log` beside the metrics); they are not written to metrics.jsonl.
 W&B runs online when an API key is configured (WANDB_API_KEY or a netrc entry) and offline
 otherwise (`wandb sync RUN_DIR/wandb/offline-run-*` uploads later); log.wandb_mode or WANDB_MODE
 override that. The W&B run id is kept in RUN_DIR/wandb_run_id, so a resumed or requeued run
@@ -36,6 +36,7 @@ from typing import Any, Optional
 
 import torch
 
+from models.moe_state import ExpertLoad
 from train.config import Config, LogConfig, to_yaml
 
 SECTIONS = {
@@ -54,23 +55,19 @@ def chart_name(key: str) -> str:
     return f"{SECTIONS.get(key, 'train')}/{key}"
 
 
-class _ExpertLoad:
-    """The latest step's [L, E] token counts and router biases, for the logger's histograms.
-
-    Kept here rather than in the metrics dict so that per-step histories stay small."""
-
-    counts: Optional[torch.Tensor] = None
-    biases: Optional[torch.Tensor] = None
-
-
-LATEST = _ExpertLoad()
+def load_on_cpu(load: Optional[ExpertLoad]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(counts [L, E], biases [L, E] or None) of a step's expert load as fp32 CPU tensors."""
+    if load is None or load.counts.numel() == 0:
+        return None, None
+    biases = None if load.biases is None else load.biases.detach().float().cpu()
+    return load.counts.detach().float().cpu(), biases
 
 
-def expert_load_stats(counts: Optional[torch.Tensor], biases: list[torch.Tensor]) -> dict[str, Any]:
-    """Max/mean expert load per MoE layer from the step's global token counts [L, E]."""
-    if counts is None or counts.numel() == 0:
+def expert_load_stats(load: Optional[ExpertLoad]) -> dict[str, Any]:
+    """Max/mean expert load per MoE layer from the step's global token counts [L, E], bias spread."""
+    counts, b = load_on_cpu(load)
+    if counts is None:
         return {}
-    counts = counts.detach().float().cpu()
     mean = counts.mean(dim=1).clamp(min=1e-9)
     ratio = counts.max(dim=1).values / mean
     stats: dict[str, Any] = {
@@ -80,12 +77,9 @@ def expert_load_stats(counts: Optional[torch.Tensor], biases: list[torch.Tensor]
         "experts_idle": int((counts == 0).sum()),  # (layer, expert) pairs that got no token this step
         "load_max_mean_per_layer": [round(float(r), 4) for r in ratio],
     }
-    LATEST.counts, LATEST.biases = counts, None
-    if biases:
-        b = torch.stack([x.detach().float().cpu() for x in biases])
+    if b is not None:
         stats["router_bias_absmax"] = float(b.abs().max())
         stats["router_bias_std"] = float(b.std(dim=1).mean()) if b.shape[1] > 1 else 0.0
-        LATEST.biases = b
     return stats
 
 
@@ -121,7 +115,6 @@ class MetricsLogger:
         self.start_step: Optional[int] = None
         self._wandb = None
         self._tb = None
-        LATEST.counts = LATEST.biases = None  # nothing from an earlier run in this process
         if not is_main:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -136,8 +129,8 @@ class MetricsLogger:
             self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
             self._tb.add_text("config", "```\n" + to_yaml(cfg) + "\n```", 0)
 
-    def log(self, step: int, metrics: dict[str, Any]) -> None:
-        """Record the metrics of optimizer step `step` (1-based)."""
+    def log(self, step: int, metrics: dict[str, Any], load: Optional[ExpertLoad] = None) -> None:
+        """Record the metrics of optimizer step `step` (1-based); `load` feeds the per-expert charts."""
         if not self.is_main:
             return
         metrics = {**metrics, **cuda_memory()}
@@ -145,51 +138,48 @@ class MetricsLogger:
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         if self._wandb is not None or self._tb is not None:
-            scalars = self._scalars(metrics)
+            counts, biases = load_on_cpu(load)
+            scalars = self._scalars(metrics, biases)
             if self._wandb is not None:
-                self._wandb.log({**scalars, **self._wandb_histograms()}, step=step)
+                self._wandb.log({**scalars, **self._wandb_histograms(counts, biases)}, step=step)
             if self._tb is not None:
                 for k, v in scalars.items():
                     self._tb.add_scalar(k, v, step)
-                self._tb_histograms(step)
+                self._tb_histograms(step, counts, biases)
                 self._tb.flush()
         if self.log_cfg.console:
             print(self._line(step, metrics), flush=True)
 
     # ---------------------------------------------------------------- charts
-    def _scalars(self, metrics: dict[str, Any]) -> dict[str, float]:
+    def _scalars(self, metrics: dict[str, Any], b: Optional[torch.Tensor]) -> dict[str, float]:
         out = {chart_name(k): v for k, v in metrics.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         per_layer = metrics.get("load_max_mean_per_layer")
         if per_layer:
             for name, r in zip(moe_layer_names(self.cfg, len(per_layer)), per_layer):
                 out[f"moe_layers/load_max_mean/{name}"] = r
-        b = LATEST.biases
         if b is not None:
             for name, row in zip(moe_layer_names(self.cfg, b.shape[0]), b):
                 out[f"moe_layers/bias_absmax/{name}"] = float(row.abs().max())
                 out[f"moe_layers/bias_std/{name}"] = float(row.std()) if row.numel() > 1 else 0.0
         return out
 
-    def _wandb_histograms(self) -> dict[str, Any]:
+    def _wandb_histograms(self, c: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> dict[str, Any]:
         import numpy as np
         import wandb
 
         out: dict[str, Any] = {}
-        c = LATEST.counts
         if c is not None:
             edges = np.arange(c.shape[1] + 1) - 0.5  # one bin per expert id
             for name, row in zip(moe_layer_names(self.cfg, c.shape[0]), c):
                 share = (row / row.sum().clamp(min=1)).numpy()
                 out[f"expert_load/{name}"] = wandb.Histogram(np_histogram=(share, edges))
-        b = LATEST.biases
         if b is not None:
             for name, row in zip(moe_layer_names(self.cfg, b.shape[0]), b):
                 out[f"router_bias/{name}"] = wandb.Histogram(row.numpy())
         return out
 
-    def _tb_histograms(self, step: int) -> None:
-        c = LATEST.counts
+    def _tb_histograms(self, step: int, c: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> None:
         if c is not None:
             experts = torch.arange(c.shape[1], dtype=torch.float64)
             for name, row in zip(moe_layer_names(self.cfg, c.shape[0]), c):
@@ -200,7 +190,6 @@ class MetricsLogger:
                     sum=float((experts * row).sum()), sum_squares=float((experts**2 * row).sum()),
                     bucket_limits=(experts + 0.5).tolist(), bucket_counts=row.tolist(), global_step=step,
                 )
-        b = LATEST.biases
         if b is not None:
             for name, row in zip(moe_layer_names(self.cfg, b.shape[0]), b):
                 self._tb.add_histogram(f"router_bias/{name}", row, step)

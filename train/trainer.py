@@ -23,7 +23,8 @@ import torch
 from omegaconf import OmegaConf
 
 from data import TextBatchStream, load_tokenizer
-from models.balance import moe_routers, update_router_biases
+from models.moe import moe_layers
+from models.moe_state import ExpertLoad, MoEStepState
 from models.transformer import Transformer, combine_losses, mtp_labels
 from parallel.context import ParallelContext
 from parallel.checkpointing import CheckpointState
@@ -78,7 +79,7 @@ class Trainer:
         except ValueError as e:
             raise ConfigError(f"train.fp8: {e}") from None
         # Every rank built the same model from the same seed; the layout is applied from outside.
-        self.has_moe = bool(moe_routers(self.model))
+        self.has_moe = bool(moe_layers(self.model))
         self.pipeline = None
         if self.ctx.pp_size > 1:  # cut this rank's pipeline stages out of the model first (parallel/pipeline.py)
             from parallel.pipeline import build_pipeline
@@ -106,6 +107,8 @@ class Trainer:
         self.skipped_steps = 0
         self.consecutive_nonfinite = 0
         self.checkpoint_state = CheckpointState(self.model, self.optimizer, self.ctx)
+        self.moe_state = MoEStepState(moe_layers(self.model))  # this rank's MoE layers (its stages' only)
+        self.expert_load: Optional[ExpertLoad] = None  # the last step's, for the logger's charts
         self.flops_per_token = count_model(cfg.model, cfg.train.seq_len).flops_per_token
         self.peak_flops = peak_flops(self.device, cfg.train.precision)
         self._stop_requested = False
@@ -153,15 +156,11 @@ class Trainer:
         lm_tokens, mtp_tokens = self.global_token_counts(batches)
         mtp_weight = self.schedules.mtp_weight(self.step, self.tokens_seen)
         n_micro_global = cfg.train.grad_accum_steps * self.ctx.dp_size
-        moe_layers = moe_routers(model)
-        for layer in moe_layers:
-            layer.aux_loss_scale = 1.0 / n_micro_global
+        self.moe_state.begin_step(n_micro_global)
         model.train()
         sums = torch.zeros(2 + len(mtp_tokens), dtype=torch.float64)  # objective, lm CE sum, mtp CE sums
-        aux = 0.0
         if self.pipeline is not None:  # the schedule runs forward and backward of all the step's micro-batches
-            sums, aux = self.pipeline.run(batches, lm_tokens, mtp_tokens, mtp_weight, self._pipeline_context)
-            aux /= n_micro_global
+            sums = self.pipeline.run(batches, lm_tokens, mtp_tokens, mtp_weight, self._pipeline_context)
         for b in batches if self.pipeline is None else []:
             b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
             with self.loss_context():
@@ -173,9 +172,11 @@ class Trainer:
             sums[1] += float(out.lm_loss_sum.detach())
             if out.mtp_loss_sums is not None:
                 sums[2:] += out.mtp_loss_sums.detach().double().cpu()
-            aux += sum(float(layer.last_aux_loss) for layer in moe_layers) / n_micro_global
+        sums = torch.cat([sums, self.moe_state.aux_sum().cpu().reshape(1)])  # + aux-loss sum
+        if self.pipeline is not None:
+            sums = self.pipeline.pp_sum(sums)
         sums = self.ctx.dp_sum(sums.to(self.device)).cpu()
-        aux = float(self.ctx.dp_sum(torch.tensor([aux], dtype=torch.float64, device=self.device)))
+        aux = float(sums[-1]) / n_micro_global
         if hasattr(self.optimizer, "reduce_gradients"):  # ZeRO-1: one summed all-reduce per group
             self.optimizer.reduce_gradients()
         grad_norm = self.plan.clip_grad_norm(cfg.optim.grad_clip)
@@ -192,7 +193,7 @@ class Trainer:
             log.warning("step %d: non-finite loss or gradient; skipping the update (%d in a row)",
                         self.step + 1, self.consecutive_nonfinite)
         self.optimizer.zero_grad(set_to_none=True)
-        counts = update_router_biases(model, gamma if finite else 0.0, reduce_counts=self.ctx.dp_sum)
+        load = self.moe_state.end_step(gamma if finite else 0.0, reduce=self.ctx.dp_sum)
         if not finite and self.consecutive_nonfinite > cfg.train.max_nonfinite_steps:
             raise NonFiniteLossError(
                 f"{self.consecutive_nonfinite} consecutive steps with non-finite loss/gradients "
@@ -212,22 +213,17 @@ class Trainer:
             "tokens": self.tokens_seen,
         }
         if len(mtp_tokens):
-            metrics["mtp_loss"] = float((sums[2:] / mtp_tokens.clamp(min=1)).mean())
+            metrics["mtp_loss"] = float((sums[2:-1] / mtp_tokens.clamp(min=1)).mean())
             metrics["mtp_weight"] = mtp_weight
-        if moe_layers or (self.pipeline is not None and self.has_moe):
+        if self.has_moe:
+            if self.pipeline is not None:  # every stage's layers (collective over the pipeline ranks)
+                load = self.pipeline.gather_load(load)
+            self.expert_load = load
             metrics["aux_loss"] = aux
             metrics["bias_update_speed"] = gamma
-            biases = [m.gate.e_score_correction_bias for m in moe_layers if m.gate.uses_bias]
-            if self.pipeline is not None:  # every stage's layers (collective over the pipeline ranks)
-                counts, biases = self.pipeline.gather_load_stats(counts, biases)
-            metrics.update(expert_load_stats(counts, biases))
+            metrics.update(expert_load_stats(load))
             if cfg.model.capacity_factor is not None:
-                dropped = torch.stack([m.dropped_tokens.reshape(()) for m in moe_layers] + [torch.zeros((), device=self.device)])
-                if self.pipeline is not None:
-                    dropped = self.pipeline.pp_sum(dropped.sum().reshape(1)).to(self.device)
-                metrics["dropped_tokens"] = float(self.ctx.dp_sum(dropped).sum())
-                for m in moe_layers:
-                    m.dropped_tokens.zero_()
+                metrics["dropped_tokens"] = load.dropped_tokens
         achieved = self.flops_per_token * metrics["tokens_per_s"] / self.ctx.world_size
         metrics["model_flops_per_s"] = achieved
         if self.peak_flops:
@@ -254,7 +250,7 @@ class Trainer:
                 history.append({"step": self.step, **metrics})
                 self.logger.progress(self.step)
                 if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.steps or self.step == 1:
-                    self.logger.log(self.step, metrics)
+                    self.logger.log(self.step, metrics, self.expert_load)
                 if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                     self.save()
                 if self._stop_agreed():
