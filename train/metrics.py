@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import secrets
 import sys
 import time
@@ -96,6 +97,46 @@ def format_duration(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def peak_flops(device: torch.device, precision: str) -> Optional[float]:
+    """Dense peak FLOP/s for MFU: a table for common GPUs, a measured fp32 matmul on CPU."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        table = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+        for key, flops in table.items():
+            if key in name:
+                return flops * (2 if precision == "fp8" and key.startswith("H") else 1)
+        return None
+    return measured_matmul_flops()
+
+
+_MATMUL_FLOPS: Optional[float] = None
+
+
+def measured_matmul_flops(n: int = 1024, seconds: float = 0.3) -> float:
+    """Peak fp32 matmul FLOP/s of this CPU with the current thread count (measured once).
+
+    The fastest of the timed matmuls is used, so a moment of contention from other
+    processes does not lower the peak (and inflate MFU)."""
+    global _MATMUL_FLOPS
+    if _MATMUL_FLOPS is None:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b
+        best, t_end = float("inf"), time.perf_counter() + seconds
+        while time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        _MATMUL_FLOPS = 2 * n**3 / best
+    return _MATMUL_FLOPS
+
+
+def memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: GPU max allocated, else the host's max resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def cuda_memory() -> dict[str, float]:
