@@ -49,7 +49,6 @@ class MoEStepState:
 
     def __init__(self, layers: list[nn.Module]) -> None:
         self.layers = list(layers)
-        self._slot = {id(layer): i for i, layer in enumerate(self.layers)}
         for layer in self.layers:
             layer.step_state = self
         self.aux_loss_scale = 1.0  # d(objective)/d(aux loss of one layer and micro-batch)
@@ -72,7 +71,7 @@ class MoEStepState:
     def record(self, layer: nn.Module, topk_idx: torch.Tensor, keep: Optional[torch.Tensor],
                aux_loss: torch.Tensor) -> None:
         """One training forward of `layer`: its kept expert assignments [T, K] and its aux loss."""
-        i = self._slot[id(layer)]
+        i = self.layers.index(layer)  # by identity (modules compare so); survives a deepcopy of the model
         kept = topk_idx.flatten() if keep is None else topk_idx.flatten()[keep.flatten()]
         self._counts[i] += torch.bincount(kept, minlength=self._counts.shape[1]).to(self._counts.dtype)
         if keep is not None:
