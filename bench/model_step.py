@@ -98,7 +98,8 @@ def worker(name: str, steps: int, warmup: int, threads: int) -> dict:
         times = _time_steps(step, steps, warmup)
     elif name == "moeforge":
         from models import Transformer
-        from models.balance import update_router_biases
+        from models.moe import moe_layers
+        from models.moe_state import MoEStepState
         from models.head_loss import IGNORE_INDEX
         from train.allocator import retain_freed_memory
         from train.config import OptimConfig
@@ -110,12 +111,13 @@ def worker(name: str, steps: int, warmup: int, threads: int) -> dict:
         ids, _ = make_batch(TINY_V3)
         labels = torch.cat([ids[:, 1:], torch.full((ids.shape[0], 1), IGNORE_INDEX)], dim=1)
         opt = make_adamw(parameter_groups(model, 0.1), OptimConfig(lr=3e-4, betas=[0.9, 0.95]))
+        moe_state = MoEStepState(moe_layers(model))
 
         def step():
             model(ids, labels).loss(0.0).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            update_router_biases(model, 0.001)
+            moe_state.end_step(0.001)
 
         times = _time_steps(step, steps, warmup)
     else:

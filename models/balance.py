@@ -13,10 +13,9 @@ V2 adds device-level and communication losses with D = n_group expert groups
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-from torch import nn
 
 
 def group_statistics(
@@ -113,34 +112,3 @@ def attach_aux_loss(hidden: torch.Tensor, aux_loss: torch.Tensor, scale: float) 
 def bias_update(bias: torch.Tensor, load: torch.Tensor, gamma: float) -> None:
     """Aux-loss-free balancing (V3 §2.1.2): b_i += gamma * sign(mean load - load_i). In place."""
     bias.add_(gamma * torch.sign(load.float().mean() - load.float()))
-
-
-def moe_routers(model: nn.Module) -> list[nn.Module]:
-    """Every MoE layer of a model (main stack and MTP), in module order."""
-    from models.moe import MoE  # local import: moe imports this module
-
-    return [m for m in model.modules() if isinstance(m, MoE)]
-
-
-def update_router_biases(
-    model: nn.Module, gamma: float, reduce_counts: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-) -> Optional[torch.Tensor]:
-    """Apply one bias update to every aux-loss-free MoE layer and reset all MoE token counts.
-
-    The token counts each layer accumulated over the step's micro-batches are stacked
-    into one [L, E] tensor so that distributed code can sum them over ranks with a
-    single all-reduce (`reduce_counts`) before the update. Returns the [L, E] counts
-used (global when reduced), which are also the step's expert-load statistics.
-    """
-    layers = moe_routers(model)
-    if not layers:
-        return None
-    counts = torch.stack([m.tokens_per_expert for m in layers])
-    if reduce_counts is not None:
-        counts = reduce_counts(counts)
-    with torch.no_grad():
-        for layer, load in zip(layers, counts):
-            if gamma > 0 and layer.gate.uses_bias:
-                bias_update(layer.gate.e_score_correction_bias, load, gamma)
-            layer.tokens_per_expert.zero_()
-    return counts

@@ -104,11 +104,17 @@ class LocalDispatcher(TokenDispatcher):
 
 
 class MoE(nn.Module):
-    """Shared experts + routed experts + router. HF names: gate, experts, shared_experts."""
+    """Shared experts + routed experts + router. HF names: gate, experts, shared_experts.
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    `layer_idx` is the layer's position in the model (decoder layers, then L + k for MTP depth
+    k + 1); it orders the load statistics of pipeline stages. In training the layer records its
+    routing and aux loss into the `step_state` (models/moe_state.py) that owns its layers, if any.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
+        self.layer_idx = layer_idx
         self.gate = Router(cfg)
         self.experts = GroupedExperts(
             cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.experts_implementation
@@ -117,27 +123,23 @@ class MoE(nn.Module):
             SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
         )
         self.dispatcher: TokenDispatcher = LocalDispatcher(cfg.n_routed_experts)
-        # Gradient given to this layer's aux loss; the trainer sets it for global-batch normalisation.
-        self.aux_loss_scale = 1.0
-        # Step statistics, accumulated over micro-batches in training, reset by the bias update.
-        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
-        self.register_buffer("dropped_tokens", torch.zeros(()), persistent=False)
-        self.last_aux_loss = torch.zeros(())
+        self.step_state: Optional[Any] = None  # a models.moe_state.MoEStepState, which sets it
 
     def forward(self, x: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         bsz, seq, hidden = x.shape
         flat = x.reshape(-1, hidden)
         routing = self.gate(flat)
-        if self.training:
-            self._record_load(routing.topk_idx, routing.keep)
         rows, counts, ctx = self.dispatcher.dispatch(flat, routing.topk_idx, routing.keep)
         routed = self.dispatcher.combine(self.experts(rows, counts), routing.topk_weight, ctx)
         out = routed if self.shared_experts is None else routed + self.shared_experts(flat)
         out = out.view(bsz, seq, hidden)
         if self.training:
             aux = self._aux_loss(routing.scores, routing.topk_idx, bsz, seq, doc_ids)
-            self.last_aux_loss = aux.detach()
-            out = attach_aux_loss(out, aux, self.aux_loss_scale)
+            scale = 1.0
+            if self.step_state is not None:
+                self.step_state.record(self, routing.topk_idx, routing.keep, aux)
+                scale = self.step_state.aux_loss_scale
+            out = attach_aux_loss(out, aux, scale)
         return out
 
     def _aux_loss(
@@ -163,15 +165,11 @@ class MoE(nn.Module):
             alpha_comm=cfg.comm_aux_loss_alpha,
         )
 
-    @torch.no_grad()
-    def _record_load(self, topk_idx: torch.Tensor, keep: Optional[torch.Tensor]) -> None:
-        kept = topk_idx.flatten() if keep is None else topk_idx.flatten()[keep.flatten()]
-        self.tokens_per_expert += torch.bincount(kept, minlength=self.cfg.n_routed_experts).to(self.tokens_per_expert.dtype)
-        if keep is not None:
-            self.dropped_tokens += (~keep).sum()
-
     def reset_parameters(self, std: float) -> None:
         self.gate.reset_parameters(std)
         self.experts.reset_parameters(std)
-        self.tokens_per_expert.zero_()
-        self.dropped_tokens.zero_()
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    """Every MoE layer of a model (main stack and MTP), in module order."""
+    return [m for m in model.modules() if isinstance(m, MoE)]

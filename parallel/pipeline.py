@@ -41,8 +41,9 @@ Aux losses and load counts
   gradients first and weight gradients later from saved intermediate gradients; the aux
   path joins the main path at the router's matmul, whose output gradient is one of the
   saved intermediates, so the aux gradient is included (checked by the parity tests).
-  MoE token counts accumulate on the stage that owns the layer; the trainer's bias update
-  reduces them over data parallelism only.
+  Aux losses and token counts are recorded into the rank's MoEStepState (models/moe_state.py),
+  which covers the MoE layers of all its stages; the trainer's bias update reduces the counts
+  over data parallelism only, and `gather_load` collects every stage's rows for the logs.
 
 Data parallelism
   ZeRO-1 works with every schedule. With FSDP2 each stage module is an FSDP root (blocks and
@@ -69,7 +70,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from models.moe import MoE
+from models.moe_state import ExpertLoad, merge_expert_loads
 from models.transformer import ModelOutput, combine_losses, embed, losses, run_layers
 from parallel.layout import (
     check_microbatches,
@@ -106,23 +107,15 @@ class StageModule(nn.Module):
             if len(model.mtp) and not self.is_first:
                 # own_embedding: a private copy (see Pipeline.embed_copy) instead of the model's module
                 self.embed_tokens = copy.deepcopy(model.embed_tokens) if own_embedding else model.embed_tokens
-        self.moe_layers = [m for m in self.modules() if isinstance(m, MoE)]
-        self.aux_sum = torch.zeros((), dtype=torch.float64)  # sum of MoE aux losses over the step's forwards
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor,
                 doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         rope = self.rope(tokens.shape[1])
         h = run_layers(self, embed(self, x) if self.is_first else x, rope, doc_ids, None)
         if not self.is_last:
-            self._record_aux()
             return h.to(self.act_dtype)
         sums = losses(self, h, tokens, labels, rope, doc_ids, None).loss_sums()
-        self._record_aux()
         return sums
-
-    def _record_aux(self) -> None:
-        if self.moe_layers and self.moe_layers[0].training:  # MoE layers set last_aux_loss in training only
-            self.aux_sum += sum(float(m.last_aux_loss) for m in self.moe_layers)
 
 
 def prune_model(model: nn.Module, keep_layers: set[int], first: bool, last: bool) -> None:
@@ -203,19 +196,17 @@ class Pipeline:
         return loss
 
     def run(self, batches: list[dict[str, torch.Tensor]], lm_tokens: torch.Tensor, mtp_tokens: torch.Tensor,
-            mtp_weight: float, autocast: Callable[[], contextlib.AbstractContextManager]) -> tuple[torch.Tensor, float]:
+            mtp_weight: float, autocast: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
         """Forward + backward of the step's micro-batches through the schedule.
 
-        Returns ([objective, CE sum, MTP CE sums] summed over micro-batches and pipeline
-        stages (not yet over data parallelism), this data-parallel rank's aux-loss sum over
-        all stages and micro-batches). Gradients of the tied embedding copies are summed.
+        Returns [objective, CE sum, MTP CE sums] summed over micro-batches on the rank of the
+        last stage, zeros on the others (not yet summed over any group). Gradients of the tied
+        embedding copies are summed.
         """
         device = self.ctx.device
         depth = len(mtp_tokens)
         self._norm = (lm_tokens.to(device), mtp_tokens.to(device), mtp_weight)
         self._sums = torch.zeros(2 + depth, dtype=torch.float64)
-        for m in self.modules:
-            m.aux_sum = torch.zeros((), dtype=torch.float64)
         cat = {k: torch.cat([b[k] for b in batches]).to(device) for k in batches[0]}
         kwargs = {"tokens": cat["input_ids"], "labels": cat["labels"]}
         if "doc_ids" in cat:
@@ -224,10 +215,7 @@ class Pipeline:
         with autocast():
             self.schedule.step(cat["input_ids"], target=cat["labels"], return_outputs=False, **kwargs)
         self.sum_tied_gradients()
-        sums = self._sums if self.has_last else torch.zeros_like(self._sums)
-        aux = torch.tensor([float(sum(m.aux_sum for m in self.modules))], dtype=torch.float64)
-        both = self.pp_sum(torch.cat([sums, aux]))
-        return both[:-1], float(both[-1])
+        return self._sums if self.has_last else torch.zeros_like(self._sums)
 
     def pp_sum(self, t: torch.Tensor) -> torch.Tensor:
         out = t.to(self.ctx.device).clone()
@@ -267,25 +255,15 @@ class Pipeline:
         w = self.tied_embedding()
         return [(p, r * 2 if p is w else r) for p, r in replicas]
 
-    def moe_layer_ids(self) -> list[int]:
-        """Global index of this rank's MoE layers in moe_routers() order (MTP depth k: L + k - 1)."""
-        n = self.model.cfg.num_hidden_layers
-        ids = [int(k) for k, layer in self.model.layers.items() if isinstance(layer.mlp, MoE)]
-        return ids + [n + i for i, m in enumerate(self.model.mtp) if isinstance(m.block.mlp, MoE)]
-
-    def gather_rows(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """Per-MoE-layer rows [L_local, ...] of all pipeline ranks, concatenated in global layer order."""
+    def gather_load(self, load: Optional[ExpertLoad]) -> Optional[ExpertLoad]:
+        """The expert load of every pipeline stage's MoE layers, on every rank, rows in model order."""
+        local = None
+        if load is not None:
+            biases = None if load.biases is None else load.biases.detach().cpu()
+            local = ExpertLoad(load.layer_ids, load.counts.detach().cpu(), biases, load.dropped_tokens)
         pieces: list[Any] = [None] * self.ctx.pp_size
-        local = [] if t is None else list(zip(self.moe_layer_ids(), t.detach().cpu()))
         dist.all_gather_object(pieces, local, group=self.ctx.pp_group)
-        rows = sorted((row for piece in pieces for row in piece), key=lambda x: x[0])
-        return torch.stack([r for _, r in rows]) if rows else None
-
-    def gather_load_stats(self, counts: Optional[torch.Tensor], biases: list[torch.Tensor]):
-        """(counts [L, E], router biases) of every pipeline stage's MoE layers, on every rank."""
-        counts = self.gather_rows(counts)
-        stacked = self.gather_rows(torch.stack(biases) if biases else None)
-        return counts, ([] if stacked is None else list(stacked))
+        return merge_expert_loads([p for p in pieces if p is not None])
 
 
 def build_pipeline(model: nn.Module, parallel, ctx, mp_policy: Any = None) -> Pipeline:

@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import pytest
 import torch
 from torch import nn
 
-from models.balance import balance_group_ids, balance_losses, bias_update, update_router_biases
+from models.balance import balance_group_ids, balance_losses, bias_update
 from models.config import ModelConfig
-from models.moe import MoE
+from models.moe import MoE, moe_layers
+from models.moe_state import ExpertLoad, MoEStepState, merge_expert_loads
 from tests.model_helpers import make_moe, moe_cfg
 
 
@@ -45,6 +48,7 @@ def _skewed_moe(seed: int = 0) -> tuple[MoE, torch.Tensor]:
 def test_bias_updates_balance_a_skewed_router():
     moe, mu = _skewed_moe(seed=1)
     moe.train()
+    state = MoEStepState([moe])
     torch.manual_seed(11)
     ratios = []
     recent = torch.zeros(8)
@@ -52,8 +56,7 @@ def test_bias_updates_balance_a_skewed_router():
         for step in range(200):
             x = (torch.randn(1, 64, 16) * 0.3 + mu).contiguous()  # inputs biased along mu
             moe(x)
-            counts = update_router_biases(moe, gamma=0.01)
-            load = counts[0]
+            load = state.end_step(gamma=0.01).counts[0]
             ratios.append((load.max() / load.mean()).item())
             if step >= 150:
                 recent += load
@@ -78,6 +81,7 @@ def _two_layer_model(seed=0, **kw):
 def test_counts_accumulate_over_micro_batches_and_reset():
     model, cfg = _two_layer_model(seed=2)
     model.train()
+    state = MoEStepState(moe_layers(model))
     torch.manual_seed(0)
     xs = [torch.randn(2, 5, cfg.hidden_size) for _ in range(3)]
     expected = torch.zeros(2, cfg.n_routed_experts)
@@ -87,71 +91,96 @@ def test_counts_accumulate_over_micro_batches_and_reset():
                 moe(x)
                 idx = moe.gate(x.reshape(-1, cfg.hidden_size)).topk_idx
                 expected[i] += torch.bincount(idx.flatten(), minlength=cfg.n_routed_experts)
-    for i, moe in enumerate(model):
-        torch.testing.assert_close(moe.tokens_per_expert, expected[i])
-        assert moe.tokens_per_expert.sum() == 3 * 10 * cfg.num_experts_per_tok
+    assert expected.sum(dim=1).tolist() == [3 * 10 * cfg.num_experts_per_tok] * 2
     seen = []
 
     def reduce(c):
         seen.append(c.clone())
         return c
 
-    counts = update_router_biases(model, gamma=0.01, reduce_counts=reduce)
-    assert len(seen) == 1 and seen[0].shape == (2, cfg.n_routed_experts)
-    torch.testing.assert_close(seen[0], expected)
-    torch.testing.assert_close(counts, expected)
+    load = state.end_step(gamma=0.01, reduce=reduce)
+    # one reduction of all layers' counts, dropped tokens (none: dropless) as the last column
+    assert len(seen) == 1 and seen[0].shape == (2, cfg.n_routed_experts + 1)
+    torch.testing.assert_close(seen[0][:, :-1], expected)
+    assert seen[0][:, -1].abs().sum() == 0 and load.dropped_tokens == 0
+    torch.testing.assert_close(load.counts, expected)
+    assert load.layer_ids == [0, 0]  # bare layers: the default position
     for i, moe in enumerate(model):
-        assert moe.tokens_per_expert.abs().sum() == 0, "counts must be zeroed by the update"
         want = 0.01 * torch.sign(expected[i].mean() - expected[i])
         torch.testing.assert_close(moe.gate.e_score_correction_bias, want)
+    torch.testing.assert_close(load.biases, torch.stack([m.gate.e_score_correction_bias for m in model]))
+    after = state.end_step(gamma=0.0)
+    assert after.counts.abs().sum() == 0, "counts must be zeroed by the update"
 
 
 def test_reduce_counts_return_value_is_used():
     model, cfg = _two_layer_model(seed=3)
     model.train()
+    state = MoEStepState(moe_layers(model))
     with torch.no_grad():
         model[0](torch.randn(1, 6, cfg.hidden_size))
         model[1](torch.randn(1, 6, cfg.hidden_size))
     E = cfg.n_routed_experts
     replaced = torch.stack([torch.arange(E, dtype=torch.float32), torch.arange(E, 0, -1, dtype=torch.float32)])
-    got = update_router_biases(model, gamma=0.1, reduce_counts=lambda c: replaced.clone())
-    torch.testing.assert_close(got, replaced)
+    dropped = torch.tensor([[3.0], [4.0]])
+    got = state.end_step(gamma=0.1, reduce=lambda c: torch.cat([replaced, dropped], dim=1))
+    torch.testing.assert_close(got.counts, replaced)
+    assert got.dropped_tokens == 7.0
     for moe, load in zip(model, replaced):
         torch.testing.assert_close(moe.gate.e_score_correction_bias, 0.1 * torch.sign(load.mean() - load))
     # a doubling all-reduce stand-in: same signs, returned counts doubled
+    x = torch.randn(1, 6, cfg.hidden_size)
     with torch.no_grad():
-        model[0](torch.randn(1, 6, cfg.hidden_size))
-    local = model[0].tokens_per_expert.clone()
-    got = update_router_biases(model, gamma=0.0, reduce_counts=lambda c: c * 2)
-    torch.testing.assert_close(got[0], local * 2)
+        model[0](x)
+        local = torch.bincount(model[0].gate(x.reshape(-1, cfg.hidden_size)).topk_idx.flatten(), minlength=E).float()
+    got = state.end_step(gamma=0.0, reduce=lambda c: c * 2)
+    torch.testing.assert_close(got.counts[0], local * 2)
+    assert got.counts[1].abs().sum() == 0
 
 
 def test_gamma_zero_and_v2_layers_leave_bias_alone():
     model, cfg = _two_layer_model(seed=4)
     model.train()
+    state = MoEStepState(moe_layers(model))
     with torch.no_grad():
         model[0](torch.randn(1, 8, cfg.hidden_size))
-    update_router_biases(model, gamma=0.0)
+    assert state.end_step(gamma=0.0).counts[0].sum() == 8 * cfg.num_experts_per_tok
     assert model[0].gate.e_score_correction_bias.abs().sum() == 0
-    assert model[0].tokens_per_expert.sum() == 0
+    assert state.end_step(gamma=0.0).counts.sum() == 0
     v2 = make_moe(moe_cfg(scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1))
     v2.train()
+    v2_state = MoEStepState([v2])
     with torch.no_grad():
         v2(torch.randn(1, 8, 16))
-    update_router_biases(v2, gamma=0.1)
+    load = v2_state.end_step(gamma=0.1)
     assert v2.gate.e_score_correction_bias.abs().sum() == 0
+    assert load.biases is None and load.counts.sum() == 8 * 2  # V2 routers: counts, no biases
 
 
 def test_eval_mode_does_not_record_counts():
     moe = make_moe(moe_cfg(), seed=5)
+    state = MoEStepState([moe])
     moe.eval()
     with torch.no_grad():
         moe(torch.randn(2, 7, 16))
-    assert moe.tokens_per_expert.sum() == 0
+    assert state.end_step(0.0).counts.sum() == 0
     moe.train()
     with torch.no_grad():
         moe(torch.randn(2, 7, 16))
-    assert moe.tokens_per_expert.sum() == 2 * 7 * 2
+    assert state.end_step(0.0).counts.sum() == 2 * 7 * 2
+
+
+def test_merged_loads_follow_the_model_order():
+    """Pipeline stages hold disjoint layer sets; merged rows are sorted by layer position."""
+    E = 4
+    late = ExpertLoad([5, 3], torch.tensor([[5.0] * E, [3.0] * E]), torch.tensor([[0.5] * E, [0.3] * E]), 2.0)
+    early = ExpertLoad([1], torch.tensor([[1.0] * E]), torch.tensor([[0.1] * E]), 1.0)
+    merged = merge_expert_loads([late, early])
+    assert merged.layer_ids == [1, 3, 5]
+    assert merged.counts[:, 0].tolist() == [1.0, 3.0, 5.0]
+    torch.testing.assert_close(merged.biases[:, 0], torch.tensor([0.1, 0.3, 0.5]))
+    assert merged.dropped_tokens == 3.0
+    assert merge_expert_loads([]) is None
 
 
 # --------------------------------------------------------------------------- aux losses
@@ -231,14 +260,19 @@ def test_moe_layer_aux_loss_uses_documents():
     torch.manual_seed(1)
     x = torch.randn(2, 6, 16)
     doc_ids = torch.tensor([[0, 0, 1, 1, 1, 2], [0, 1, 1, 1, 1, 1]])
+    state = MoEStepState([moe])
+    state.begin_step(1)
     moe(x, doc_ids)
     routing = moe.gate(x.reshape(-1, 16))
     pairs = [(b, int(doc_ids[b, s])) for b in range(2) for s in range(6)]
     want = hand_losses(routing.scores.detach(), routing.topk_idx, [pairs.index(p) for p in pairs], 2, 1, 1, 0.05, 0, 0)
-    assert moe.last_aux_loss.item() == pytest.approx(want, rel=1e-5)
+    assert state.aux_sum().item() == pytest.approx(want, rel=1e-5)
+    state.begin_step(1)
     moe(x)  # per sequence without doc ids
     want_seq = hand_losses(routing.scores.detach(), routing.topk_idx, [b for b in range(2) for _ in range(6)], 2, 1, 1, 0.05, 0, 0)
-    assert moe.last_aux_loss.item() == pytest.approx(want_seq, rel=1e-5)
+    assert state.aux_sum().item() == pytest.approx(want_seq, rel=1e-5)
+    moe(x)  # a second micro-batch of the step adds its aux loss
+    assert state.aux_sum().item() == pytest.approx(2 * want_seq, rel=1e-5)
 
 
 @pytest.mark.parametrize("alphas", [(0.0, 0.02, 0.0), (0.0, 0.0, 0.03), (0.01, 0.02, 0.03)])
@@ -265,20 +299,23 @@ def test_aux_loss_gradient_reaches_router_and_scales_linearly():
     torch.manual_seed(0)
     x = torch.randn(2, 6, 16)
 
-    def router_grad(scale: float, alpha: float, zero_out: bool) -> torch.Tensor:
+    def router_grad(n_micro: Optional[int], alpha: float, zero_out: bool) -> torch.Tensor:
+        """Router gradient with the aux loss scaled by a step of n_micro micro-batches (None: no step state)."""
         cfg.aux_loss_alpha = alpha
         moe = make_moe(cfg, seed=7)
         moe.train()
-        moe.aux_loss_scale = scale
+        if n_micro is not None:
+            MoEStepState([moe]).begin_step(n_micro)
         out = moe(x)
         upstream = torch.zeros_like(out) if zero_out else torch.ones_like(out)
         (out * upstream).sum().backward()
         return moe.gate.weight.grad.clone()
 
-    g1 = router_grad(1.0, 0.1, zero_out=True)
-    g3 = router_grad(3.0, 0.1, zero_out=True)
+    g1 = router_grad(1, 0.1, zero_out=True)
+    g3 = router_grad(3, 0.1, zero_out=True)  # gradient 1/3 per micro-batch: the global-batch mean
     assert g1.abs().sum() > 0, "aux loss gradient did not reach the router weight"
-    torch.testing.assert_close(g3, 3 * g1, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(3 * g3, g1, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(router_grad(None, 0.1, zero_out=True), g1)  # a bare layer: scale 1
     # the delivered gradient is exactly d(aux)/d(weight), recomputed by hand here
     moe = make_moe(cfg, seed=7)
     w = moe.gate.weight
@@ -297,6 +334,6 @@ def test_aux_loss_gradient_reaches_router_and_scales_linearly():
     (aux / 2).backward()
     torch.testing.assert_close(g1, w.grad, rtol=1e-4, atol=1e-8)
     # with the LM-side gradient on, alpha changes the router gradient
-    g_off = router_grad(1.0, 0.0, zero_out=False)
-    g_on = router_grad(1.0, 0.1, zero_out=False)
+    g_off = router_grad(1, 0.0, zero_out=False)
+    g_on = router_grad(1, 0.1, zero_out=False)
     torch.testing.assert_close(g_on - g_off, g1, rtol=1e-4, atol=1e-7)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.balance import update_router_biases
+from models.moe import moe_layers
+from models.moe_state import MoEStepState
 from models.config import ModelConfig
 from models.transformer import Transformer
 
@@ -46,6 +47,7 @@ def test_tiny_model_overfits_one_batch():
     model = Transformer(tiny_cfg())
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    moe_state = MoEStepState(moe_layers(model))
     tokens = torch.randint(0, 128, (2, 33))
     ids, labels = tokens[:, :-1], tokens[:, 1:]
     first = None
@@ -56,7 +58,7 @@ def test_tiny_model_overfits_one_batch():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        update_router_biases(model, gamma=0.001)
+        moe_state.end_step(gamma=0.001)
         losses.append(out.lm_loss.item())
         first = losses[0]
         if losses[-1] < 0.1 * first and len(losses) >= 10:
@@ -64,9 +66,9 @@ def test_tiny_model_overfits_one_batch():
     assert first == pytest.approx(torch.log(torch.tensor(128.0)).item(), rel=0.05)  # uniform at init
     assert losses[-1] < 0.1 * first, f"lm loss {first:.3f} -> {losses[-1]:.3f} after {len(losses)} steps"
     # MoE router biases moved (the aux-loss-free update ran on every MoE layer, MTP's included)
-    moe_layers = [m for m in model.modules() if m.__class__.__name__ == "MoE"]
-    assert len(moe_layers) == 2
-    assert all(m.gate.e_score_correction_bias.abs().sum() > 0 for m in moe_layers)
+    found = [m for m in model.modules() if m.__class__.__name__ == "MoE"]
+    assert len(found) == 2
+    assert all(m.gate.e_score_correction_bias.abs().sum() > 0 for m in found)
 
 
 def test_no_label_forward_returns_logits():

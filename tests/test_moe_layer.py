@@ -12,6 +12,7 @@ from torch import nn
 
 from models.config import ModelConfig
 from models.moe import LocalDispatcher, MoE
+from models.moe_state import MoEStepState
 from models.router import Router, capacity_keep_mask
 from tests.model_helpers import make_moe as base_make_moe, moe_cfg as base_moe_cfg
 
@@ -180,6 +181,7 @@ def test_router_and_moe_drop_tokens():
     with torch.no_grad():  # make expert 0 popular so it overflows
         moe.gate.e_score_correction_bias[0] = 1.0
     moe.train()
+    state = MoEStepState([moe])
     seen = record_counts(moe)
     torch.manual_seed(9)
     x = torch.randn(2, 8, 16)
@@ -198,14 +200,16 @@ def test_router_and_moe_drop_tokens():
     torch.testing.assert_close(routing.topk_weight[routing.keep], full.topk_weight[routing.keep])
 
     y = moe(x)
-    assert int(moe.dropped_tokens) == n_dropped
+    load = state.end_step(0.0)
+    assert load.dropped_tokens == n_dropped
     n_rows, counts = seen[0]
     assert n_rows == 16 * 2 - n_dropped == int(counts.sum())
     assert counts.max() <= cap
-    torch.testing.assert_close(moe.tokens_per_expert, counts.float())
+    torch.testing.assert_close(load.counts[0], counts.float())
     torch.testing.assert_close(y, naive_moe(moe, x), rtol=1e-5, atol=1e-6)
     moe(x)
-    assert int(moe.dropped_tokens) == 2 * n_dropped  # accumulates over micro-batches
+    moe(x)
+    assert state.end_step(0.0).dropped_tokens == 2 * n_dropped  # accumulates over micro-batches
 
 
 def test_unaligned_hidden_size_falls_back_to_the_loop_and_empty_batches_work():

@@ -9,15 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from models.moe_state import ExpertLoad
 from tests.trainer_helpers import small_overrides
+from tests.wandb_files import read_wandb_run
 from train.config import load_config
 from train.metrics import (
-    LATEST,
     MetricsLogger,
     chart_name,
     expert_load_stats,
+    load_on_cpu,
     moe_layer_names,
-    read_wandb_run,
     wandb_mode,
 )
 
@@ -112,15 +113,18 @@ def test_tensorboard_event_files_read_back(observed_run):
 # ---------------------------------------------------------------- units (no training)
 def test_expert_load_stats():
     counts = torch.tensor([[4.0, 4.0, 4.0, 4.0], [8.0, 0.0, 4.0, 4.0]])
-    biases = [torch.tensor([0.0, 0.0, 0.0, 0.0]), torch.tensor([-0.002, 0.002, 0.0, 0.0])]
-    s = expert_load_stats(counts, biases)
+    biases = torch.tensor([[0.0, 0.0, 0.0, 0.0], [-0.002, 0.002, 0.0, 0.0]])
+    load = ExpertLoad([1, 2], counts, biases, 0.0)
+    s = expert_load_stats(load)
     assert s["load_max_mean_per_layer"] == [1.0, 2.0]
     assert s["load_max_mean"] == pytest.approx(1.5) and s["load_max_mean_worst"] == pytest.approx(2.0)
     assert s["load_min_mean"] == pytest.approx(0.5)  # (1 + 0) / 2
     assert s["experts_idle"] == 1
     assert s["router_bias_absmax"] == pytest.approx(0.002)
-    assert torch.equal(LATEST.counts, counts) and LATEST.biases.shape == (2, 4)
-    assert expert_load_stats(None, []) == {}
+    got_counts, got_biases = load_on_cpu(load)  # what the logger's histograms are drawn from
+    assert torch.equal(got_counts, counts) and torch.equal(got_biases, biases)
+    assert expert_load_stats(None) == {}
+    assert "router_bias_absmax" not in expert_load_stats(ExpertLoad([1, 2], counts, None, 0.0))  # V2 routers
 
 
 def test_layer_names_follow_the_model(repo_root):

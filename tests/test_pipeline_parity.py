@@ -209,3 +209,38 @@ def test_pp2_bf16_close_to_single_process(tmp_path, cache_dir):
     for key, rtol in (("loss", 1e-3), ("mtp_loss", 1e-3), ("aux_loss", 1e-2), ("grad_norm", 5e-2)):
         torch.testing.assert_close(torch.tensor(got[0]["metrics"][key]), torch.tensor(ref["metrics"][key]),
                                    rtol=rtol, atol=0, msg=lambda m: f"bf16 pp2 {key}: {m}")
+
+
+def expert_load_after_steps(rank: int, overrides: list[str]) -> dict:
+    """The trainer's ExpertLoad (what the logger charts) after train.steps steps, on this rank."""
+    from parallel.mesh import init_distributed
+    from train.config import load_config
+    from train.trainer import Trainer
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
+    ctx = init_distributed(cfg.parallel, cfg.model)
+    try:
+        trainer = Trainer(cfg, ctx)
+        metrics = trainer.fit()[-1]
+        load = trainer.expert_load
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return {"layer_ids": load.layer_ids, "counts": load.counts, "biases": load.biases,
+            "dropped_tokens": load.dropped_tokens, "metric_dropped": metrics["dropped_tokens"]}
+
+
+def test_pp2_expert_load_gathers_every_stage_in_model_order(tmp_path, cache_dir):
+    """Under 1F1B each rank holds some MoE layers; the load statistics of the step (counts,
+    dropped tokens, router biases after the update) are every stage's, in model order, on every
+    rank, and equal the single-process run's."""
+    extra = {"train.steps": 1, "model.capacity_factor": 1.0}
+    ref = run_ranks(1, expert_load_after_steps, pp_overrides(tmp_path / "ref", cache_dir, dp=1, **extra))[0]
+    assert ref["layer_ids"] == [1, 2, 3, 4]  # layer 0 is dense; 4 = the MTP block
+    assert ref["dropped_tokens"] > 0 and ref["metric_dropped"] == ref["dropped_tokens"]
+    extra = {**extra, "parallel.pp": 2, "parallel.pipeline_schedule": "1F1B"}
+    for rank, got in enumerate(run_ranks(2, expert_load_after_steps, pp_overrides(tmp_path / "pp", cache_dir, dp=1, **extra))):
+        assert got["layer_ids"] == ref["layer_ids"], rank
+        assert torch.equal(got["counts"], ref["counts"]), rank
+        assert got["dropped_tokens"] == got["metric_dropped"] == ref["dropped_tokens"], rank
+        torch.testing.assert_close(got["biases"], ref["biases"], rtol=0, atol=1e-7)

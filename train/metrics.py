@@ -15,8 +15,8 @@ dashboard per run without any set-up:
   expert_load/<layer>   histogram: each expert's share of the layer's routed tokens (one bar per expert)
   router_bias/<layer>   histogram of the layer's aux-loss-free bias values
 
-Per-expert histograms come from the step's global token counts, which `expert_load_stats` (called
-by the trainer every step) also keeps for the logger; they are not written to metrics.jsonl.
+Per-expert histograms come from the step's global token counts (a models.moe_state.ExpertLoad the
+trainer passes to `MetricsLogger.log` beside the metrics); they are not written to metrics.jsonl.
 W&B runs online when an API key is configured (WANDB_API_KEY or a netrc entry) and offline
 otherwise (`wandb sync RUN_DIR/wandb/offline-run-*` uploads later); log.wandb_mode or WANDB_MODE
 override that. The W&B run id is kept in RUN_DIR/wandb_run_id, so a resumed or requeued run
@@ -28,8 +28,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import secrets
-import struct
 import sys
 import time
 from pathlib import Path
@@ -37,6 +37,7 @@ from typing import Any, Optional
 
 import torch
 
+from models.moe_state import ExpertLoad
 from train.config import Config, LogConfig, to_yaml
 
 SECTIONS = {
@@ -55,23 +56,19 @@ def chart_name(key: str) -> str:
     return f"{SECTIONS.get(key, 'train')}/{key}"
 
 
-class _ExpertLoad:
-    """The latest step's [L, E] token counts and router biases, for the logger's histograms.
-
-    Kept here rather than in the metrics dict so that per-step histories stay small."""
-
-    counts: Optional[torch.Tensor] = None
-    biases: Optional[torch.Tensor] = None
-
-
-LATEST = _ExpertLoad()
+def load_on_cpu(load: Optional[ExpertLoad]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(counts [L, E], biases [L, E] or None) of a step's expert load as fp32 CPU tensors."""
+    if load is None or load.counts.numel() == 0:
+        return None, None
+    biases = None if load.biases is None else load.biases.detach().float().cpu()
+    return load.counts.detach().float().cpu(), biases
 
 
-def expert_load_stats(counts: Optional[torch.Tensor], biases: list[torch.Tensor]) -> dict[str, Any]:
-    """Max/mean expert load per MoE layer from the step's global token counts [L, E]."""
-    if counts is None or counts.numel() == 0:
+def expert_load_stats(load: Optional[ExpertLoad]) -> dict[str, Any]:
+    """Max/mean expert load per MoE layer from the step's global token counts [L, E], bias spread."""
+    counts, b = load_on_cpu(load)
+    if counts is None:
         return {}
-    counts = counts.detach().float().cpu()
     mean = counts.mean(dim=1).clamp(min=1e-9)
     ratio = counts.max(dim=1).values / mean
     stats: dict[str, Any] = {
@@ -81,12 +78,9 @@ def expert_load_stats(counts: Optional[torch.Tensor], biases: list[torch.Tensor]
         "experts_idle": int((counts == 0).sum()),  # (layer, expert) pairs that got no token this step
         "load_max_mean_per_layer": [round(float(r), 4) for r in ratio],
     }
-    LATEST.counts, LATEST.biases = counts, None
-    if biases:
-        b = torch.stack([x.detach().float().cpu() for x in biases])
+    if b is not None:
         stats["router_bias_absmax"] = float(b.abs().max())
         stats["router_bias_std"] = float(b.std(dim=1).mean()) if b.shape[1] > 1 else 0.0
-        LATEST.biases = b
     return stats
 
 
@@ -103,6 +97,46 @@ def format_duration(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def peak_flops(device: torch.device, precision: str) -> Optional[float]:
+    """Dense peak FLOP/s for MFU: a table for common GPUs, a measured fp32 matmul on CPU."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        table = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+        for key, flops in table.items():
+            if key in name:
+                return flops * (2 if precision == "fp8" and key.startswith("H") else 1)
+        return None
+    return measured_matmul_flops()
+
+
+_MATMUL_FLOPS: Optional[float] = None
+
+
+def measured_matmul_flops(n: int = 1024, seconds: float = 0.3) -> float:
+    """Peak fp32 matmul FLOP/s of this CPU with the current thread count (measured once).
+
+    The fastest of the timed matmuls is used, so a moment of contention from other
+    processes does not lower the peak (and inflate MFU)."""
+    global _MATMUL_FLOPS
+    if _MATMUL_FLOPS is None:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b
+        best, t_end = float("inf"), time.perf_counter() + seconds
+        while time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        _MATMUL_FLOPS = 2 * n**3 / best
+    return _MATMUL_FLOPS
+
+
+def memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: GPU max allocated, else the host's max resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def cuda_memory() -> dict[str, float]:
@@ -122,7 +156,6 @@ class MetricsLogger:
         self.start_step: Optional[int] = None
         self._wandb = None
         self._tb = None
-        LATEST.counts = LATEST.biases = None  # nothing from an earlier run in this process
         if not is_main:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -137,8 +170,8 @@ class MetricsLogger:
             self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
             self._tb.add_text("config", "```\n" + to_yaml(cfg) + "\n```", 0)
 
-    def log(self, step: int, metrics: dict[str, Any]) -> None:
-        """Record the metrics of optimizer step `step` (1-based)."""
+    def log(self, step: int, metrics: dict[str, Any], load: Optional[ExpertLoad] = None) -> None:
+        """Record the metrics of optimizer step `step` (1-based); `load` feeds the per-expert charts."""
         if not self.is_main:
             return
         metrics = {**metrics, **cuda_memory()}
@@ -146,51 +179,48 @@ class MetricsLogger:
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         if self._wandb is not None or self._tb is not None:
-            scalars = self._scalars(metrics)
+            counts, biases = load_on_cpu(load)
+            scalars = self._scalars(metrics, biases)
             if self._wandb is not None:
-                self._wandb.log({**scalars, **self._wandb_histograms()}, step=step)
+                self._wandb.log({**scalars, **self._wandb_histograms(counts, biases)}, step=step)
             if self._tb is not None:
                 for k, v in scalars.items():
                     self._tb.add_scalar(k, v, step)
-                self._tb_histograms(step)
+                self._tb_histograms(step, counts, biases)
                 self._tb.flush()
         if self.log_cfg.console:
             print(self._line(step, metrics), flush=True)
 
     # ---------------------------------------------------------------- charts
-    def _scalars(self, metrics: dict[str, Any]) -> dict[str, float]:
+    def _scalars(self, metrics: dict[str, Any], b: Optional[torch.Tensor]) -> dict[str, float]:
         out = {chart_name(k): v for k, v in metrics.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         per_layer = metrics.get("load_max_mean_per_layer")
         if per_layer:
             for name, r in zip(moe_layer_names(self.cfg, len(per_layer)), per_layer):
                 out[f"moe_layers/load_max_mean/{name}"] = r
-        b = LATEST.biases
         if b is not None:
             for name, row in zip(moe_layer_names(self.cfg, b.shape[0]), b):
                 out[f"moe_layers/bias_absmax/{name}"] = float(row.abs().max())
                 out[f"moe_layers/bias_std/{name}"] = float(row.std()) if row.numel() > 1 else 0.0
         return out
 
-    def _wandb_histograms(self) -> dict[str, Any]:
+    def _wandb_histograms(self, c: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> dict[str, Any]:
         import numpy as np
         import wandb
 
         out: dict[str, Any] = {}
-        c = LATEST.counts
         if c is not None:
             edges = np.arange(c.shape[1] + 1) - 0.5  # one bin per expert id
             for name, row in zip(moe_layer_names(self.cfg, c.shape[0]), c):
                 share = (row / row.sum().clamp(min=1)).numpy()
                 out[f"expert_load/{name}"] = wandb.Histogram(np_histogram=(share, edges))
-        b = LATEST.biases
         if b is not None:
             for name, row in zip(moe_layer_names(self.cfg, b.shape[0]), b):
                 out[f"router_bias/{name}"] = wandb.Histogram(row.numpy())
         return out
 
-    def _tb_histograms(self, step: int) -> None:
-        c = LATEST.counts
+    def _tb_histograms(self, step: int, c: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> None:
         if c is not None:
             experts = torch.arange(c.shape[1], dtype=torch.float64)
             for name, row in zip(moe_layer_names(self.cfg, c.shape[0]), c):
@@ -201,7 +231,6 @@ class MetricsLogger:
                     sum=float((experts * row).sum()), sum_squares=float((experts**2 * row).sum()),
                     bucket_limits=(experts + 0.5).tolist(), bucket_counts=row.tolist(), global_step=step,
                 )
-        b = LATEST.biases
         if b is not None:
             for name, row in zip(moe_layer_names(self.cfg, b.shape[0]), b):
                 self._tb.add_histogram(f"router_bias/{name}", row, step)
@@ -299,50 +328,3 @@ def _init_wandb(cfg: Config, run_dir: Path, log_cfg: LogConfig):
     except Exception:  # noqa: BLE001 - a missing copy of the config must not stop training
         pass
     return run
-
-
-def read_wandb_run(path: str | os.PathLike) -> dict[str, Any]:
-    """History rows and config of a W&B run file (`wandb/offline-run-*/run-*.wandb`), read locally.
-
-    The file is a LevelDB-style log (32 KiB blocks of CRC-framed chunks, ':W&B' header) of
-    `wandb_internal_pb2.Record` protobufs; this reads it without network or W&B service."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    raw = Path(path).read_bytes()
-    ident, _magic, _version = struct.unpack("<4sHB", raw[:7])
-    if ident != b":W&B":
-        raise ValueError(f"{path}: not a W&B run file")
-    block, pos, chunks, pending = 32768, 7, [], b""
-    while pos + 7 <= len(raw):
-        left = block - pos % block
-        if left < 7:  # block trailer
-            pos += left
-            continue
-        _crc, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
-        if kind == 0:  # zero padding up to the block end
-            pos += left
-            continue
-        data = raw[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind == 1:  # full
-            chunks.append(data)
-        elif kind == 2:  # first
-            pending = data
-        elif kind == 3:  # middle
-            pending += data
-        else:  # last
-            chunks.append(pending + data)
-            pending = b""
-    history: list[dict[str, Any]] = []
-    config: dict[str, Any] = {}
-    for data in chunks:
-        record = pb.Record()
-        record.ParseFromString(data)
-        kind = record.WhichOneof("record_type")
-        if kind == "history":
-            history.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item})
-        elif kind == "run":
-            config.update({i.key: json.loads(i.value_json) for i in record.run.config.update})
-        elif kind == "config":
-            config.update({i.key: json.loads(i.value_json) for i in record.config.update})
-    return {"history": history, "config": config}

@@ -12,7 +12,6 @@ import base64
 import contextlib
 import logging
 import math
-import resource
 import shutil
 import signal
 import time
@@ -23,14 +22,15 @@ import torch
 from omegaconf import OmegaConf
 
 from data import TextBatchStream, load_tokenizer
-from models.balance import moe_routers, update_router_biases
+from models.moe import moe_layers
+from models.moe_state import ExpertLoad, MoEStepState
 from models.transformer import Transformer, combine_losses, target_counts
 from parallel.context import ParallelContext
 from parallel.checkpointing import CheckpointState
 from parallel.parallelize import build_parallel_optimizer, parallelize
 from train import checkpoint as ckpt
 from train.config import Config, ConfigError
-from train.metrics import MetricsLogger, expert_load_stats
+from train.metrics import MetricsLogger, expert_load_stats, memory_mb, peak_flops
 from train.precision import policy_from_config
 from train.allocator import retain_freed_memory
 from train.optim import make_adamw, parameter_groups, set_lr
@@ -78,7 +78,7 @@ class Trainer:
         except ValueError as e:
             raise ConfigError(f"train.fp8: {e}") from None
         # Every rank built the same model from the same seed; the layout is applied from outside.
-        self.has_moe = bool(moe_routers(self.model))
+        self.has_moe = bool(moe_layers(self.model))
         self.pipeline = None
         if self.ctx.pp_size > 1:  # cut this rank's pipeline stages out of the model first (parallel/pipeline.py)
             from parallel.pipeline import build_pipeline
@@ -107,6 +107,9 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self.checkpointer = ckpt.Checkpointer(self.ckpt_dir, cfg.checkpoint,
                                               CheckpointState(self.model, self.optimizer, self.ctx))
+        self.moe_state = MoEStepState(moe_layers(self.model))  # this rank's MoE layers (its stages' only)
+        self.expert_load: Optional[ExpertLoad] = None  # the last step's, for the logger's charts
+        self.n_micro_global = cfg.train.grad_accum_steps * self.ctx.dp_size  # micro-batches per global batch
         self.flops_per_token = count_model(cfg.model, cfg.train.seq_len).flops_per_token
         self.peak_flops = peak_flops(self.device, cfg.train.precision)
         self._stop_requested = False
@@ -145,39 +148,61 @@ class Trainer:
         return counts[0], counts[1:]
 
     def train_step(self) -> dict[str, Any]:
-        cfg, model = self.cfg, self.model
+        """One optimizer step over the global batch; returns the step's metrics."""
         t0 = time.perf_counter()
-        batches = [next(self.data) for _ in range(cfg.train.grad_accum_steps)]
+        batches = [next(self.data) for _ in range(self.cfg.train.grad_accum_steps)]
         lm_tokens, mtp_tokens = self.global_token_counts(batches)
         mtp_weight = self.schedules.mtp_weight(self.step, self.tokens_seen)
-        n_micro_global = cfg.train.grad_accum_steps * self.ctx.dp_size
-        moe_layers = moe_routers(model)
-        for layer in moe_layers:
-            layer.aux_loss_scale = 1.0 / n_micro_global
-        model.train()
-        sums = torch.zeros(2 + len(mtp_tokens), dtype=torch.float64)  # objective, lm CE sum, mtp CE sums
-        aux = 0.0
-        if self.pipeline is not None:  # the schedule runs forward and backward of all the step's micro-batches
-            sums, aux = self.pipeline.run(batches, lm_tokens, mtp_tokens, mtp_weight, self._pipeline_context)
-            aux /= n_micro_global
-        for b in batches if self.pipeline is None else []:
+        self.moe_state.begin_step(self.n_micro_global)
+        self.model.train()
+        forward_backward = self._forward_backward if self.pipeline is None else self._forward_backward_pipeline
+        totals = self.ctx.dp_sum(forward_backward(batches, lm_tokens, mtp_tokens, mtp_weight).to(self.device)).cpu()
+        lr, gamma, grad_norm, finite = self._update(float(totals[0]))
+        load = self.moe_state.end_step(gamma if finite else 0.0, reduce=self.ctx.dp_sum)
+        self._raise_if_diverged()
+        if self.pipeline is not None and self.has_moe:  # every stage's layers (collective over the pipeline ranks)
+            load = self.pipeline.gather_load(load)
+        self.expert_load = load
+        step_tokens = self.cfg.train.micro_batch_size * self.cfg.train.seq_len * self.n_micro_global
+        self.step += 1
+        self.tokens_seen += step_tokens
+        metrics = {"loss": float(totals[1] / lm_tokens.clamp(min=1)), "total_loss": float(totals[0]), "lr": lr,
+                   "grad_norm": grad_norm}
+        return {**metrics, **self._step_metrics(totals, mtp_tokens, mtp_weight, gamma, load, step_tokens,
+                                                time.perf_counter() - t0)}
+
+    def _forward_backward(self, batches: list[dict[str, torch.Tensor]], lm_tokens: torch.Tensor,
+                          mtp_tokens: torch.Tensor, mtp_weight: float) -> torch.Tensor:
+        """Forward and backward of the micro-batches in this process, gradients accumulated.
+
+        Returns this rank's [objective, CE sum, MTP CE sums, aux-loss sum] (fp64, CPU)."""
+        sums = torch.zeros(2 + len(mtp_tokens), dtype=torch.float64)
+        for b in batches:
             b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
             with self.loss_context():
                 with self.precision_context():
-                    out = model(b["input_ids"], b["labels"], b.get("doc_ids"))
+                    out = self.model(b["input_ids"], b["labels"], b.get("doc_ids"))
                 loss = combine_losses(out, lm_tokens.to(self.device), mtp_tokens.to(self.device), mtp_weight)
                 loss.backward()
             sums[0] += float(loss.detach())
             sums[1] += float(out.lm_loss_sum.detach())
             if out.mtp_loss_sums is not None:
                 sums[2:] += out.mtp_loss_sums.detach().double().cpu()
-            aux += sum(float(layer.last_aux_loss) for layer in moe_layers) / n_micro_global
-        sums = self.ctx.dp_sum(sums.to(self.device)).cpu()
-        aux = float(self.ctx.dp_sum(torch.tensor([aux], dtype=torch.float64, device=self.device)))
+        return torch.cat([sums, self.moe_state.aux_sum().cpu().reshape(1)])
+
+    def _forward_backward_pipeline(self, batches: list[dict[str, torch.Tensor]], lm_tokens: torch.Tensor,
+                                   mtp_tokens: torch.Tensor, mtp_weight: float) -> torch.Tensor:
+        """The same through the pipeline schedule; the sums are this data-parallel rank's, all stages."""
+        sums = self.pipeline.run(batches, lm_tokens, mtp_tokens, mtp_weight, self._pipeline_context)
+        return self.pipeline.pp_sum(torch.cat([sums, self.moe_state.aux_sum().cpu().reshape(1)]))
+
+    def _update(self, objective: float) -> tuple[float, float, float, bool]:
+        """Gradient reduction, clipping and the AdamW step, skipped (and counted) when the loss or the
+        gradient norm is not finite. Returns (lr, bias update speed, grad norm, finite)."""
         if hasattr(self.optimizer, "reduce_gradients"):  # ZeRO-1: one summed all-reduce per group
             self.optimizer.reduce_gradients()
-        grad_norm = self.plan.clip_grad_norm(cfg.optim.grad_clip)
-        finite = math.isfinite(float(sums[0])) and math.isfinite(grad_norm)
+        grad_norm = self.plan.clip_grad_norm(self.cfg.optim.grad_clip)
+        finite = math.isfinite(objective) and math.isfinite(grad_norm)
         lr = self.schedules.lr(self.step)
         gamma = self.schedules.bias_update_speed(self.step, self.tokens_seen)
         if finite:
@@ -190,42 +215,28 @@ class Trainer:
             log.warning("step %d: non-finite loss or gradient; skipping the update (%d in a row)",
                         self.step + 1, self.consecutive_nonfinite)
         self.optimizer.zero_grad(set_to_none=True)
-        counts = update_router_biases(model, gamma if finite else 0.0, reduce_counts=self.ctx.dp_sum)
-        if not finite and self.consecutive_nonfinite > cfg.train.max_nonfinite_steps:
+        return lr, gamma, grad_norm, finite
+
+    def _raise_if_diverged(self) -> None:
+        if self.consecutive_nonfinite > self.cfg.train.max_nonfinite_steps:
             raise NonFiniteLossError(
                 f"{self.consecutive_nonfinite} consecutive steps with non-finite loss/gradients "
-                f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps})"
+                f"(train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps})"
             )
-        step_tokens = cfg.train.micro_batch_size * cfg.train.seq_len * n_micro_global
-        self.step += 1
-        self.tokens_seen += step_tokens
-        dt = time.perf_counter() - t0
-        metrics: dict[str, Any] = {
-            "loss": float(sums[1] / lm_tokens.clamp(min=1)),
-            "total_loss": float(sums[0]),
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens_per_s": step_tokens / dt,
-            "step_time_s": dt,
-            "tokens": self.tokens_seen,
-        }
+
+    def _step_metrics(self, totals: torch.Tensor, mtp_tokens: torch.Tensor, mtp_weight: float, gamma: float,
+                      load: Optional[ExpertLoad], step_tokens: int, dt: float) -> dict[str, Any]:
+        """Throughput, MTP, MoE, memory and data metrics of the step (after loss, lr and grad_norm)."""
+        metrics: dict[str, Any] = {"tokens_per_s": step_tokens / dt, "step_time_s": dt, "tokens": self.tokens_seen}
         if len(mtp_tokens):
-            metrics["mtp_loss"] = float((sums[2:] / mtp_tokens.clamp(min=1)).mean())
+            metrics["mtp_loss"] = float((totals[2:-1] / mtp_tokens.clamp(min=1)).mean())
             metrics["mtp_weight"] = mtp_weight
-        if moe_layers or (self.pipeline is not None and self.has_moe):
-            metrics["aux_loss"] = aux
+        if self.has_moe:
+            metrics["aux_loss"] = float(totals[-1]) / self.n_micro_global
             metrics["bias_update_speed"] = gamma
-            biases = [m.gate.e_score_correction_bias for m in moe_layers if m.gate.uses_bias]
-            if self.pipeline is not None:  # every stage's layers (collective over the pipeline ranks)
-                counts, biases = self.pipeline.gather_load_stats(counts, biases)
-            metrics.update(expert_load_stats(counts, biases))
-            if cfg.model.capacity_factor is not None:
-                dropped = torch.stack([m.dropped_tokens.reshape(()) for m in moe_layers] + [torch.zeros((), device=self.device)])
-                if self.pipeline is not None:
-                    dropped = self.pipeline.pp_sum(dropped.sum().reshape(1)).to(self.device)
-                metrics["dropped_tokens"] = float(self.ctx.dp_sum(dropped).sum())
-                for m in moe_layers:
-                    m.dropped_tokens.zero_()
+            metrics.update(expert_load_stats(load))
+            if self.cfg.model.capacity_factor is not None:
+                metrics["dropped_tokens"] = load.dropped_tokens
         achieved = self.flops_per_token * metrics["tokens_per_s"] / self.ctx.world_size
         metrics["model_flops_per_s"] = achieved
         if self.peak_flops:
@@ -252,7 +263,7 @@ class Trainer:
                 history.append({"step": self.step, **metrics})
                 self.logger.progress(self.step)
                 if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.steps or self.step == 1:
-                    self.logger.log(self.step, metrics)
+                    self.logger.log(self.step, metrics, self.expert_load)
                 if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                     self.save()
                 if self._stop_agreed():
@@ -327,42 +338,4 @@ class Trainer:
                        top_p=0.9, eos_id=self.tokenizer.eos_id, seed=self.cfg.run.seed)
         return prompt + self.tokenizer.decode(new)
 
-
-def peak_flops(device: torch.device, precision: str) -> Optional[float]:
-    """Dense peak FLOP/s for MFU: a table for common GPUs, a measured fp32 matmul on CPU."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        table = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
-        for key, flops in table.items():
-            if key in name:
-                return flops * (2 if precision == "fp8" and key.startswith("H") else 1)
-        return None
-    return measured_matmul_flops()
-
-
-_MATMUL_FLOPS: Optional[float] = None
-
-
-def measured_matmul_flops(n: int = 1024, seconds: float = 0.3) -> float:
-    """Peak fp32 matmul FLOP/s of this CPU with the current thread count (measured once).
-
-    The fastest of the timed matmuls is used, so a moment of contention from other
-    processes does not lower the peak (and inflate MFU)."""
-    global _MATMUL_FLOPS
-    if _MATMUL_FLOPS is None:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        a @ b
-        best, t_end = float("inf"), time.perf_counter() + seconds
-        while time.perf_counter() < t_end:
-            t0 = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - t0)
-        _MATMUL_FLOPS = 2 * n**3 / best
-    return _MATMUL_FLOPS
-
-
-def memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
