@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig
+from models.kv_cache import LayerCache
 from models.norm import RMSNorm
 from models.rope import apply_rope
 
@@ -87,8 +88,14 @@ class MultiHeadLatentAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * cfg.v_head_dim, h, bias=bias)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: Optional[torch.Tensor] = None
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: Optional[torch.Tensor] = None,
+        cache: Optional[LayerCache] = None,
     ) -> torch.Tensor:
+        """x [B, S, H]. With a `cache`, the new tokens' latents are stored; an empty cache (prefill) runs
+        the training path, a filled one (decode) the absorbed path over every cached token."""
         bsz, seq, _ = x.shape
         if self.q_lora_rank is None:
             q = self.q_proj(x)
@@ -98,15 +105,44 @@ class MultiHeadLatentAttention(nn.Module):
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
 
         kv_latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        kv = self.kv_b_proj(self.kv_a_layernorm(kv_latent))
-        kv = kv.view(bsz, seq, -1, self.qk_nope_head_dim + self.v_head_dim)
-        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-
+        kv_latent = self.kv_a_layernorm(kv_latent)  # c_KV, what the cache stores
         cos, sin = rope
         q_pe = apply_rope(q_pe, cos, sin)
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin)  # one rope key shared by every head
+        if cache is not None:
+            decoding = cache.start > 0
+            cached_latent, cached_k_pe = cache.append(kv_latent, k_pe.squeeze(2))
+            if decoding:
+                return self._absorbed(q_nope, q_pe, cached_latent, cached_k_pe, mask)
+
+        kv = self.kv_b_proj(kv_latent)
+        kv = kv.view(bsz, seq, -1, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         heads = q.shape[2]
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.expand(-1, -1, heads, -1)], dim=-1)
         out = attention_core(q, k, v, self.scale, self.impl, mask)
+        return self.o_proj(out.reshape(bsz, seq, -1))
+
+    def _absorbed(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
+        mask: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        """Attention over cached latents (DeepSeek-V2 §2.1.2): q^C k^C = (W_UK^T q^C) c_KV, o = W_UV (p c_KV).
+
+        q_nope [B, S, h, d_nope], q_pe [B, S, h, d_rope] (rotated); latent [B, T, d_c]; k_pe [B, T, d_rope];
+        mask [B, 1, S, T] (True = attend), None = causal with the S new tokens last.
+        """
+        bsz, seq = q_nope.shape[:2]
+        w = self.kv_b_proj.weight.view(-1, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_uk, w_uv = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # [h, d_nope, d_c], [h, d_v, d_c]
+        q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # W_UK folded into the query
+        scores = torch.einsum("bshc,btc->bhst", q_latent, latent) + torch.einsum("bshd,btd->bhst", q_pe, k_pe)
+        scores = scores.float() * self.scale
+        if mask is None:
+            total = latent.shape[1]
+            mask = torch.ones(seq, total, dtype=torch.bool, device=latent.device).tril(total - seq)
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(latent.dtype)
+        out_latent = torch.einsum("bhst,btc->bshc", probs, latent)
+        out = torch.einsum("bshc,hvc->bshv", out_latent, w_uv)  # W_UV folded into the output
         return self.o_proj(out.reshape(bsz, seq, -1))
