@@ -3,15 +3,22 @@ seeded and stays inside the top-p mass; the CLI prints a sample from a checkpoin
 
 from __future__ import annotations
 
+import itertools
+import json
+import math
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from data.config import DataConfig, SourceConfig
+from data.loader import TextBatchStream
 from models import ModelConfig, Transformer
 from tests.trainer_helpers import small_overrides
 from train.config import load_config
+from train.evaluate import main as evaluate_main
 from train.generate import _sample, generate
 from train.inference import load_for_inference
 from train.trainer import Trainer
@@ -82,3 +89,32 @@ def test_load_for_inference_and_cli(finished_run, repo_root):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("def ")
+
+
+def test_evaluate_cli_reports_held_out_loss(finished_run, tmp_path, capsys):
+    """python -m train.evaluate: loss / perplexity over a .jsonl source equal a hand computation of the
+    mean next-token CE over the same packed sequences; a missing source is refused by name."""
+    run, _ = finished_run
+    step_dir = run / "checkpoints" / "step_00000002"
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i} + 1\n"}) + "\n"
+                                for i in range(40)))
+    assert evaluate_main(["--checkpoint", str(step_dir), "--data", str(held_out), "--tokens", "256",
+                          "--seq-len", "64", "--batch-size", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    model, tokenizer = load_for_inference(step_dir)
+    stream = TextBatchStream(DataConfig(sources=[SourceConfig(path=str(held_out))]), tokenizer, 64, 2)
+    ce, count = 0.0, 0
+    with torch.no_grad():
+        for batch in itertools.islice(stream, 2):
+            logits = model(batch["input_ids"]).logits
+            ce += float(F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum",
+                                        ignore_index=-100))
+            count += int((batch["labels"] != -100).sum())
+    stream.close()
+    assert report["tokens"] == count and report["batches"] == 2
+    assert report["loss"] == pytest.approx(ce / count, rel=1e-5)
+    assert report["perplexity"] == pytest.approx(math.exp(ce / count), rel=1e-5)
+    assert len(report["mtp_losses"]) == model.cfg.num_nextn_predict_layers
+    assert evaluate_main(["--checkpoint", str(step_dir), "--data", str(tmp_path / "missing.jsonl")]) == 1
+    assert "missing.jsonl" in capsys.readouterr().err
