@@ -92,6 +92,8 @@ def test_latent_cache_holds_exactly_the_latent_and_rope_key():
     torch.testing.assert_close(stored[..., :cfg.kv_lora_rank], attn.kv_a_layernorm(latent))
     torch.testing.assert_close(stored[..., cfg.kv_lora_rank:], apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2))
     assert torch.equal(cache.positions(1), torch.tensor([[3], [5]]))  # next slot: position 3 after 3 real tokens
+    with pytest.raises(ValueError, match="max_position_embeddings=64"):
+        generate_batch(model, [[1, 2]], 63)
 
 
 def test_batched_greedy_with_cache_equals_recompute():
