@@ -29,6 +29,8 @@ from train.inference import load_for_inference
 
 REPO = Path(__file__).resolve().parent.parent
 CONTEXTS = (128, 512, 1024)
+CODE_PROMPTS = ("import os\nimport sys\n\n\ndef main(argv):\n    ", "class Foo:\n    def __init__(self, x):\n        self.",
+                "def ")
 
 
 def tiny_config() -> ModelConfig:
@@ -122,16 +124,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     for name, model in models.items():
         latent, mha = cache_bytes_per_token(model.cfg)
         print(f"{name:<8}{latent:>16}{mha:>13}{mha / latent:>7.1f}x")
-    print(f"\n{'model':<22}{'accept':>8}{'tok/pass':>10}{'speed-up':>10}  same output  ({args.new_tokens} new tokens)")
+    print(f"\n{'model':<26}{'accept':>8}{'tok/pass':>10}{'speed-up':>10}  same output  ({args.new_tokens} new tokens)")
     prompt = list(range(1, 33))
     rows = [(f"{n} (random init)", m, prompt) for n, m in models.items()]
     if args.checkpoint:
         trained, tokenizer = load_for_inference(Path(args.checkpoint))
-        code = tokenizer.encode("import os\nimport sys\n\n\ndef main(argv):\n    ")
-        rows.append((f"tiny ({Path(args.checkpoint).name})", trained, code))
+        for i, text in enumerate(CODE_PROMPTS):
+            rows.append((f"tiny {Path(args.checkpoint).name} p{i}", trained, tokenizer.encode(text)))
     for name, model, ids in rows:
         rate, per_pass, speedup, same = speculation(model, ids, args.new_tokens)
-        print(f"{name:<22}{rate:>8.1%}{per_pass:>10.2f}{speedup:>9.2f}x  {same}")
+        print(f"{name:<26}{rate:>8.1%}{per_pass:>10.2f}{speedup:>9.2f}x  {same}")
 
 if __name__ == "__main__":
     main()
