@@ -52,9 +52,11 @@ Never a collective twice:
     attention half, the experts' forward and the shared experts; the post-attention norm's output dropped);
   - FSDP2 all-gathers run in forward pre-hooks of its units (blocks, MTP modules, routed experts); regions
     wrap a unit's `forward` or lie inside one unit, never around a unit's hooks;
-  - TP collectives are DTensor functional collectives, dispatcher ops: every region runs under a selective
-    checkpoint policy that marks them MUST_SAVE (recomputation reuses the forward's result) and refuses an
-    in-place c10d collective; recipes run under a dispatch mode that raises on any collective.
+  - TP collectives are DTensor functional collectives, dispatcher ops: a region whose module holds DTensor
+    parameters or gets DTensor inputs runs under a selective-checkpoint policy that marks them MUST_SAVE
+    (recomputation reuses the forward's result) and refuses an in-place c10d collective (without DTensors
+    a region holds no collective, by the two rules above, and skips the policy's per-op cost); recipes run
+    under a dispatch mode that raises on any collective.
 tests/test_recompute.py counts the collectives of a step with and without recomputation.
 """
 
@@ -69,7 +71,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
-from torch.utils._pytree import tree_map
+from torch.distributed.tensor import DTensor
+from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from models.attention import MultiHeadLatentAttention
@@ -237,6 +240,11 @@ def _register_outputs(out: Any, method: Callable[..., Any], module: nn.Module, a
 
 
 # ------------------------------------------------------------------------------------------ the two kinds of region
+def _holds_dtensors(module: nn.Module, inputs: Any) -> bool:
+    return (any(isinstance(p, DTensor) for p in module.parameters())
+            or any(isinstance(x, DTensor) for x in tree_leaves(inputs)))
+
+
 def _checkpointed(method: Callable[..., Any]) -> Callable[..., Any]:
     """method as a non-reentrant checkpoint region whose inputs are held through _pack."""
 
@@ -254,8 +262,11 @@ def _checkpointed(method: Callable[..., Any]) -> Callable[..., Any]:
                 a, k = _unpack_tree(packed)
             return method(self, *a, **k)
 
-        context_fn = functools.partial(create_selective_checkpoint_contexts, _save_collectives_policy)
-        out = checkpoint(body, use_reentrant=False, context_fn=context_fn)
+        if _holds_dtensors(self, (args, kwargs)):  # tensor parallel: collectives inside, saved by the policy
+            context_fn = functools.partial(create_selective_checkpoint_contexts, _save_collectives_policy)
+            out = checkpoint(body, use_reentrant=False, context_fn=context_fn)
+        else:
+            out = checkpoint(body, use_reentrant=False)
         live[0] = None
         return out
 
