@@ -149,6 +149,8 @@ LAYOUTS = {  # world size 2; name -> (data-parallel ranks, overrides)
     "pp2_1f1b": (1, {"parallel.pp": 2, "parallel.pipeline_schedule": "1F1B", "parallel.data_parallel": "zero1", **PP}),
     "pp2_zbv": (1, {"parallel.pp": 2, "parallel.pipeline_schedule": "ZBVZeroBubble",
                     "parallel.data_parallel": "zero1", **PP}),
+    "pp2_dualpipev": (1, {"parallel.pp": 2, "parallel.pipeline_schedule": "DualPipeV",
+                          "parallel.data_parallel": "zero1", **PP}),
 }
 
 
