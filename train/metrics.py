@@ -16,7 +16,9 @@ dashboard per run without any set-up:
   router_bias/<layer>   histogram of the layer's aux-loss-free bias values
 
 Per-expert histograms come from the step's global token counts, which `expert_load_stats` (called
-by the trainer every step) also keeps for the logger; they are not written to metrics.jsonl.
+by the trainer every step) also keeps for the logger; they are not written to metrics.jsonl, whose
+lines stay small. RUN_DIR/expert_load.json holds the latest logged step's [layer][expert] counts
+(rewritten at each log step; `python -m train.report` draws its histogram from it).
 W&B runs online when an API key is configured (WANDB_API_KEY or a netrc entry) and offline
 otherwise (`wandb sync RUN_DIR/wandb/offline-run-*` uploads later); log.wandb_mode or WANDB_MODE
 override that. The W&B run id is kept in RUN_DIR/wandb_run_id, so a resumed or requeued run
@@ -145,6 +147,7 @@ class MetricsLogger:
         record = {"step": step, **metrics}
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
+        self._write_expert_load(step)
         if self._wandb is not None or self._tb is not None:
             scalars = self._scalars(metrics)
             if self._wandb is not None:
@@ -156,6 +159,17 @@ class MetricsLogger:
                 self._tb.flush()
         if self.log_cfg.console:
             print(self._line(step, metrics), flush=True)
+
+    def _write_expert_load(self, step: int) -> None:
+        """RUN_DIR/expert_load.json: this step's token counts per MoE layer and expert (atomic rewrite)."""
+        c = LATEST.counts
+        if c is None:
+            return
+        body = {"step": step, "layers": moe_layer_names(self.cfg, c.shape[0]),
+                "counts": [[round(n) for n in row] for row in c.tolist()]}
+        tmp = self.run_dir / "expert_load.json.tmp"
+        tmp.write_text(json.dumps(body))
+        os.replace(tmp, self.run_dir / "expert_load.json")
 
     # ---------------------------------------------------------------- charts
     def _scalars(self, metrics: dict[str, Any]) -> dict[str, float]:
