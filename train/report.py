@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter, MaxNLocator
 from omegaconf import OmegaConf
 
 SHARED_PANELS = 8  # loss, MTP loss, lr, grad norm, tokens/s, MFU, router bias, expert-load histogram
@@ -226,6 +227,8 @@ def build_figure(runs: Sequence[Run]) -> Figure:
     x_label = "tokens" if all(r.x_key == "tokens" for r in runs) else "step"
     for a in ax[:7]:
         a.set_xlabel(x_label)
+        a.xaxis.set_major_locator(MaxNLocator(6))
+        a.xaxis.set_major_formatter(EngFormatter(sep=""))  # 200k, 1.5M, ... tokens
     for i, (run, label) in enumerate(zip(runs, labels)):
         _load_heatmap(fig, fig.add_subplot(grid[2 + i, :]), run, label)
     return fig
