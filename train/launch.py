@@ -1,4 +1,4 @@
-"""Run a configured job in this process: set up ranks, train, report, sample."""
+"""Run a configured job in this process: set up ranks, lock run.dir, train, report, sample."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import torch.distributed as dist
 
 from parallel.mesh import LayoutError, init_distributed
 from train.config import Config, ConfigError
+from train.run_lock import take_run_dir
 
 
 def run(cfg: Config) -> int:
@@ -15,7 +16,9 @@ def run(cfg: Config) -> int:
         ctx = init_distributed(cfg.parallel, cfg.model)
     except LayoutError as e:
         raise ConfigError(str(e)) from None
+    lock = None
     try:
+        lock = take_run_dir(cfg.run.dir, ctx)  # one run per run.dir (train/run_lock.py)
         trainer = Trainer(cfg, ctx)
         history = trainer.fit()
         if ctx.is_main and history:
@@ -27,6 +30,8 @@ def run(cfg: Config) -> int:
                 print(trainer.sample(cfg.train.sample_prompt, cfg.train.sample_tokens))
                 print("----------------", flush=True)
     finally:
+        if lock is not None:
+            lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
