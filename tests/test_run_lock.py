@@ -138,3 +138,30 @@ def test_run_dir_that_is_a_file(tmp_path):
         prepare_run_dir(tmp_path / "f")
     with pytest.raises(RunDirError, match="a parent path is a file"):
         prepare_run_dir(tmp_path / "f" / "run")
+
+
+@pytest.mark.slow
+def test_second_trainer_on_the_same_run_dir_is_refused(repo_root, tmp_path):
+    """The issue's case: two `python -m train … run.dir=R` a few seconds apart. The second exits 5
+    with one line naming the first; the first trains on, undisturbed."""
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "train", "--config", "configs/tiny.yaml",
+            *small_overrides(run_dir, tmp_path / "cache", **{"train.steps": 100000, "train.threads": 1})]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(args, cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (run_dir / "metrics.jsonl").exists():
+            assert first.poll() is None and time.time() < deadline, first.communicate()
+            time.sleep(0.2)
+        second = subprocess.run(args, cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 5, second.stderr[-3000:]
+        last = second.stderr.strip().splitlines()[-1]
+        assert last.startswith("run directory in use: ") and f"pid {first.pid} on host {HOST}" in last, last
+        assert "Traceback" not in second.stderr
+        assert first.poll() is None, "the first run stopped"
+    finally:
+        first.send_signal(signal.SIGTERM)
+        out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-3000:]
+    assert not (run_dir / LOCK_NAME).exists()

@@ -30,6 +30,7 @@ from parallel.checkpointing import CheckpointState
 from parallel.parallelize import build_parallel_optimizer, parallelize
 from train import checkpoint as ckpt
 from train.config import Config, ConfigError
+from train.user_errors import HFInitError
 from train.metrics import MetricsLogger, expert_load_stats
 from train.precision import policy_from_config
 from train.allocator import retain_freed_memory
@@ -70,7 +71,7 @@ class Trainer:
             try:
                 init_from_hf(self.model, cfg.checkpoint.init_from_hf)
             except HFImportError as e:
-                raise ConfigError(f"checkpoint.init_from_hf: {e}") from None
+                raise HFInitError(f"checkpoint.init_from_hf: {e}") from None
         # Precision (train/precision.py) before any wrapping: fp32 routers/norms, FP8 module swaps;
         # FSDP2 then gets the matching MixedPrecisionPolicy (bf16 compute, fp32 masters and reduction).
         try:
