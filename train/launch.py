@@ -25,7 +25,8 @@ def run(cfg: Config) -> int:
             first, last = history[0], history[-1]
             print(f"trained steps {first['step']}..{last['step']}: loss {first['loss']:.4f} -> {last['loss']:.4f}; "
                   f"run dir {cfg.run.dir}", flush=True)
-            if cfg.train.sample_prompt and ctx.world_size == 1:
+            # A stop request (SIGTERM) gets the remainder of the step and the save, nothing more.
+            if cfg.train.sample_prompt and ctx.world_size == 1 and not trainer.stopped_early:
                 print("---- sample ----")
                 print(trainer.sample(cfg.train.sample_prompt, cfg.train.sample_tokens))
                 print("----------------", flush=True)

@@ -110,6 +110,7 @@ class Trainer:
         self.flops_per_token = count_model(cfg.model, cfg.train.seq_len).flops_per_token
         self.peak_flops = peak_flops(self.device, cfg.train.precision)
         self._stop_requested = False
+        self.stopped_early = False  # fit() ended on a stop request (SIGTERM), not at train.steps
         self._pending_save: Optional[ckpt.AsyncCheckpoint] = None  # checkpoint.async_save still being written
         self.resumed_from: Optional[Path] = None
         self.resume()
@@ -260,6 +261,7 @@ class Trainer:
                     self.save()
                 if self._stop_agreed():
                     log.warning("SIGTERM received: saving at step %d and exiting", self.step)
+                    self.stopped_early = True
                     if not (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
                         self.save()
                     break
