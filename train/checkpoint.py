@@ -18,6 +18,9 @@ before the next save, and at the end of training), so an unfinished write is nev
 Before any shard is read, `validate_checkpoint` checks the marker, the JSON files, the
 metadata and that every shard file exists with at least the bytes the metadata expects,
 so a truncated checkpoint fails with the file it concerns, on every rank alike.
+
+A save that runs out of disk space raises DiskFullError (train/disk_space.py) naming the
+directory and the bytes needed and free, after removing its partial `.tmp` directory.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from parallel.checkpointing import CheckpointState
+from train.disk_space import disk_full_reported, state_bytes
 
 log = logging.getLogger(__name__)
 
@@ -183,12 +187,15 @@ def save_checkpoint(
     `rank_state` (this rank's data position and RNG, JSON) goes to rank{r}.json.
     """
     final, tmp = _fresh_tmp_dir(root, step, is_main, barrier)
-    dcp.save(state.state_dict(), checkpoint_id=str(tmp))
-    _write_json(tmp / f"rank{rank}.json", rank_state)
+    state_dict = state.state_dict()
+    with disk_full_reported(root, tmp, state_bytes(state_dict), remove_tmp=is_main):
+        dcp.save(state_dict, checkpoint_id=str(tmp))
+        _write_json(tmp / f"rank{rank}.json", rank_state)
     barrier()
     if is_main:
-        _write_json(tmp / "meta.json", meta)
-        _publish(root, tmp, final, step, keep_last)
+        with disk_full_reported(root, tmp, 0, remove_tmp=True):
+            _write_json(tmp / "meta.json", meta)
+            _publish(root, tmp, final, step, keep_last)
     barrier()
     return final
 
@@ -202,20 +209,22 @@ class AsyncCheckpoint:
     its rank{r}.json before starting), so no cross-rank barrier is needed here.
     """
 
-    def __init__(self, future: Future, root: Path, tmp: Path, final: Path, step: int, is_main: bool, keep_last: int):
+    def __init__(self, future: Future, root: Path, tmp: Path, final: Path, step: int, is_main: bool, keep_last: int,
+                 needed_bytes: int = 0):
         self.future, self.root, self.tmp, self.final = future, root, tmp, final
-        self.step, self.is_main, self.keep_last = step, is_main, keep_last
+        self.step, self.is_main, self.keep_last, self.needed_bytes = step, is_main, keep_last, needed_bytes
 
     def done(self) -> bool:
         return self.future.done()
 
     def finish(self) -> Path:
-        try:
-            self.future.result()
-        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
-            raise CheckpointError(f"{self.tmp}: async save failed ({_describe(e)})") from None
-        if self.is_main:
-            _publish(self.root, self.tmp, self.final, self.step, self.keep_last)
+        with disk_full_reported(self.root, self.tmp, self.needed_bytes, remove_tmp=self.is_main):
+            try:
+                self.future.result()
+            except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+                raise CheckpointError(f"{self.tmp}: async save failed ({_describe(e)})") from None
+            if self.is_main:
+                _publish(self.root, self.tmp, self.final, self.step, self.keep_last)
         return self.final
 
 
@@ -235,12 +244,15 @@ def start_async_save(
     Blocks only for the copy (and a barrier so the directory exists on every rank).
     """
     final, tmp = _fresh_tmp_dir(root, step, is_main, barrier)
-    _write_json(tmp / f"rank{rank}.json", rank_state)
-    if is_main:
-        _write_json(tmp / "meta.json", meta)
-    response = dcp.async_save(state.state_dict(), checkpoint_id=str(tmp), process_group=_checkpoint_group())
+    state_dict = state.state_dict()
+    needed = state_bytes(state_dict)
+    with disk_full_reported(root, tmp, needed, remove_tmp=is_main):
+        _write_json(tmp / f"rank{rank}.json", rank_state)
+        if is_main:
+            _write_json(tmp / "meta.json", meta)
+    response = dcp.async_save(state_dict, checkpoint_id=str(tmp), process_group=_checkpoint_group())
     future = getattr(response, "upload_completion", response)  # AsyncSaveResponse with async staging
-    return AsyncCheckpoint(future, root, tmp, final, step, is_main, keep_last)
+    return AsyncCheckpoint(future, root, tmp, final, step, is_main, keep_last, needed)
 
 
 def _publish(root: Path, tmp: Path, final: Path, step: int, keep_last: int) -> None:

@@ -9,7 +9,7 @@ Exit codes of `python -m train` (documented in launch/README.md):
      a saved data position that does not match the configured sources
   4  run directory error: run.dir is a file or cannot be created
   5  run directory in use: another live run holds run.dir's lock (the message names it)
-  6  checkpoint error: no checkpoint in run.dir can be loaded
+  6  checkpoint error: no checkpoint in run.dir can be loaded, or a save ran out of disk space
   7  HF import error: checkpoint.init_from_hf points at weights that cannot be imported
 
 MOEFORGE_DEBUG=1 prints the traceback of a user error too.
@@ -25,6 +25,7 @@ from typing import Callable
 from data.errors import DataError
 from train.checkpoint import CheckpointError
 from train.config import ConfigError
+from train.disk_space import DiskFullError
 from train.run_lock import RunDirError, RunDirLockedError
 
 
@@ -40,6 +41,7 @@ USER_ERRORS: tuple[tuple[type[BaseException], str, int], ...] = (
     (RunDirLockedError, "run directory in use", 5),
     (RunDirError, "run directory error", 4),
     (CheckpointError, "checkpoint error", 6),
+    (DiskFullError, "checkpoint error", 6),
 )
 
 
