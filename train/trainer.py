@@ -23,6 +23,7 @@ import torch
 from omegaconf import OmegaConf
 
 from data import TextBatchStream, load_tokenizer
+from data.resume import restore_position
 from models.balance import moe_routers, update_router_biases
 from models.transformer import Transformer, combine_losses, mtp_labels
 from parallel.context import ParallelContext
@@ -338,8 +339,8 @@ class Trainer:
             same_layout = meta.get("dp_size") == self.ctx.dp_size and rank_state is not None
             if not same_layout:  # data positions are global: any rank's state describes them
                 rank_state = ckpt.read_rank_state(path, 0)
-            if rank_state:
-                self.data.load_state_dict(rank_state["data"])
+            if rank_state:  # data.resume: exact, or restart a changed mixture from its beginning
+                restore_position(self.data, rank_state["data"], self.cfg.data.resume, self.step, self.ctx.is_main)
                 if same_layout and "rng_cpu" in rank_state:
                     rng = torch.frombuffer(bytearray(base64.b64decode(rank_state["rng_cpu"])), dtype=torch.uint8)
                     torch.set_rng_state(rng)
