@@ -176,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     root = run_dir / "checkpoints"
     leftovers = sorted(p.name for p in root.glob("step_*.tmp")) + incomplete_checkpoints(root)
     complete = sorted({r["step"] for r in got}) == list(range(1, args.steps + 1))
+    takeovers = sum(f.read_text().count("taking over a stale lock") for f in (out / "logs").glob("*/stderr"))
     print(f"final run: exit {rc}; steps 1..{args.steps} all logged: {complete}; {len(got)} records "
-          f"({len(got) - args.steps} steps retrained after faults)")
+          f"({len(got) - args.steps} steps retrained after faults); stale run.dir locks taken over: {takeovers}")
     print(f"cycles survived: {survived}/{len(faults)}; diverged steps: {len(diverged)} {diverged[:5] or ''}; "
           f"max |loss - reference| {max_diff:.3g}; incomplete checkpoint dirs left: {leftovers or 'none'}; "
           f"{time.time() - t0:.0f} s in all")
