@@ -173,6 +173,51 @@ def test_init_from_hf_dequantises_fp8(wide, tmp_path, shape):
         assert tuple(tensors["model.layers.0.mlp.gate_proj.weight_scale_inv"].shape) == (3, 2)  # 328 x 200
 
 
+def test_fp8_import_streams_one_shard_at_a_time(wide, tmp_path, monkeypatch):
+    """A many-shard FP8 export: sized by its FP8 bytes, read back with one shard open at a time, each opened once."""
+    import safetensors
+
+    model, out = wide
+    sharded = tmp_path / "sharded"
+    checkpoint = next((out.parent / "run" / "checkpoints").iterdir())
+    assert main(["--checkpoint", str(checkpoint), "--out", str(sharded), "--dtype", "fp8", "--max-shard-size", "300KB"]) == 0
+    index = json.loads((sharded / INDEX_FILE).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 3 and all((sharded / f).stat().st_size < 300_000 + 40_000 for f in shards)  # + header
+    tensors = file_tensors(sharded)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    opened, open_now, most_open = [], [0], [0]
+    real_open = safetensors.safe_open
+
+    class CountingOpen:
+        def __init__(self, path, **kw):
+            self.handle = real_open(path, **kw)
+            opened.append(Path(path).name)
+
+        def __enter__(self):
+            open_now[0] += 1
+            most_open[0] = max(most_open[0], open_now[0])
+            self.handle.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            open_now[0] -= 1
+            return self.handle.__exit__(*exc)
+
+        def get_tensor(self, key):
+            return self.handle.get_tensor(key)
+
+    monkeypatch.setattr(safetensors, "safe_open", CountingOpen)
+    loaded = Transformer(model.cfg)
+    init_from_hf(loaded, sharded)
+    assert most_open[0] == 1 and open_now[0] == 0 and sorted(opened) == shards
+    reference = Transformer(model.cfg)
+    monkeypatch.undo()
+    init_from_hf(reference, out)
+    for name, t in reference.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], t), name
+
+
 def test_init_from_hf_reads_transformers_fused_fp8_experts(wide, tmp_path):
     """transformers' fused expert keys (`experts.gate_up_proj` [E, 2I, H] + `gate_up_proj_scale_inv`) read alike."""
     from safetensors.torch import save_file

@@ -15,6 +15,11 @@ Which Linears are quantised is the family's call (`not_converted`: module-name s
 bf16, as the release leaves embeddings, heads, router gates and MTP's eh_proj); only 2-D `.weight`
 tensors are ever quantised, so norms and biases never are. transformers' fused expert stacks
 (`...experts.gate_up_proj` [E, N, K]) carry their scales as `gate_up_proj_scale_inv` [E, nb, kb].
+
+Checked against transformers 5.24's fine-grained FP8 loader, which dequantises on CPU
+(tests/test_hf_fp8.py). Its CPU dequantiser derives the block size from the scale grid (N // nb),
+so it reads ragged edges wrong (N = 200: blocks of 100) or refuses them (N = 328); the block
+layout here is the release's and DeepSeek's own kernels' (ceil(N/128) blocks, the last one partial).
 """
 
 from __future__ import annotations
