@@ -24,10 +24,10 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # transformers' FP8 quantizer refuses to load without it
 
 TOL = 1e-5  # fp32 forward of the same (dequantised) weights
-# FP8 weights vs fp32: relative RMS logit error. Measured 0.108 on this random-init MoE, where the weights'
-# rounding also flips near-tied expert choices (0.048 with every layer dense); each weight itself keeps
-# E4M3's <= 2^-4 relative error, checked element by element below.
-FP8_REL_TOL = 0.15
+# FP8 weights vs fp32: relative RMS logit error, measured 0.054 on this random-init model (0.049 with every
+# layer dense; 0.108 with moe_intermediate_size 64, where the rounding flips more near-tied expert choices);
+# each weight itself keeps E4M3's <= 2^-4 relative error, checked element by element below.
+FP8_REL_TOL = 0.1
 # Dimensions that are multiples of 128 or below it (transformers' CPU dequantiser derives the block size
 # from the scale grid, so a ragged edge above 128 reads wrong there); 1-4 blocks per weight.
 WIDE = dict(hidden_size=256, intermediate_size=256, moe_intermediate_size=128, num_attention_heads=2, q_lora_rank=64,
