@@ -29,6 +29,7 @@ from models.transformer import Transformer, combine_losses, target_counts
 from parallel.context import ParallelContext
 from parallel.checkpointing import CheckpointState
 from parallel.parallelize import build_parallel_optimizer, parallelize
+from parallel.recompute import apply_recompute
 from train import checkpoint as ckpt
 from train.config import Config, ConfigError
 from train.metrics import MetricsLogger, expert_load_stats, memory_mb, peak_flops
@@ -78,6 +79,9 @@ class Trainer:
             self.precision = policy_from_config(self.model, cfg.train)
         except ValueError as e:
             raise ConfigError(f"train.fp8: {e}") from None
+        # Activation recomputation wraps modules of the plain model, inside the layout's wrappers applied below.
+        t = cfg.train
+        self.recompute = apply_recompute(self.model, t.recompute, t.recompute_modules, t.recompute_num_layers)
         # Every rank built the same model from the same seed; the layout is applied from outside.
         self.has_moe = bool(moe_layers(self.model))
         self.pipeline = None
@@ -127,8 +131,14 @@ class Trainer:
         return self.precision.autocast(self.device)  # bf16 autocast for bf16 and fp8, nothing for fp32
 
     @contextlib.contextmanager
+    def forward_context(self):
+        """Around every training forward: autocast and recomputation's saved-tensor hook."""
+        with self.precision_context(), self.recompute.context():
+            yield
+
+    @contextlib.contextmanager
     def _pipeline_context(self):
-        with self.loss_context(), self.precision_context():
+        with self.loss_context(), self.forward_context():
             yield
 
     def loss_context(self) -> contextlib.AbstractContextManager:
@@ -182,7 +192,7 @@ class Trainer:
         for b in batches:
             b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
             with self.loss_context():
-                with self.precision_context():
+                with self.forward_context():
                     out = self.model(b["input_ids"], b["labels"], b.get("doc_ids"))
                 loss = combine_losses(out, lm_tokens.to(self.device), mtp_tokens.to(self.device), mtp_weight)
                 loss.backward()
