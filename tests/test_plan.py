@@ -78,11 +78,12 @@ def test_v3_per_rank_memory_matches_hand_computation(v3):
     routed = TOP_K * (H + 4 * H // 128 + 2 * EXPERT_W * 2 + EXPERT_W + 4 * EXPERT_W // 128 + H * 2)
     assert 1.0 < per_layer_token / (sdpa + routed) < 1.6, per_layer_token
     assert 100 < r3["activations"] < 200  # ~176 GiB: why the published layout needs recomputation
-    # With full recomputation a layer keeps its fp32 input (4H per token) and, under EP, the rows dispatch
-    # received and combine returned (k H bf16 each): a collective's output is saved, never rerun.
+    # With full recomputation a MoE block keeps its fp32 input and, split at the dispatcher (no collective is
+    # ever rerun), its post-attention residual (4H each), the rows dispatch moved (k H fp32: the stream's
+    # dtype) and the bf16 expert outputs combine saves (k H), plus the router's small tensors.
     f3 = full["memory"]["ranks"][3]
-    kept = (4 * H + 2 * TOP_K * H * 2) * tokens * (PP + 1) * 4
-    assert f3["activations"] * GiB > kept and f3["activations"] * GiB < kept + 1.6 * (sdpa + routed) * tokens
+    kept = (2 * 4 * H + TOP_K * H * (4 + 2)) * tokens * (PP + 1) * 4
+    assert kept < f3["activations"] * GiB < 1.02 * kept + 1.6 * (sdpa + routed) * tokens
 
 
 def test_v3_verdict_for_80gb(v3, repo_root, capsys):
@@ -92,13 +93,17 @@ def test_v3_verdict_for_80gb(v3, repo_root, capsys):
     totals = [r["memory"]["per_rank_gb"]["total"] for r in (p, preset, full)]
     acts = [r["memory"]["ranks"][3]["activations"] for r in (p, preset, full)]
     assert acts[0] > acts[1] > acts[2] and totals[0] > totals[1] > totals[2]
-    # The honest verdict today: none of the three fits 80 GB on the busiest rank, rank 0 (embedding, first
-    # and last stage, output head and MTP: the V places both ends of the model on rank 0).
+    # The honest verdict today: none of the three fits 80 GB. Without or with selective recomputation the
+    # busiest rank is rank 0 (embedding, first and last stage, output head and MTP: the V places both ends of
+    # the model on rank 0); with full recomputation a rank of four MoE layers (what MoE blocks keep outside
+    # their regions outweighs rank 0's head).
     for r in (p, preset, full):
+        assert r["memory"]["verdict"] == "does not fit" and not r["memory"]["fits"]
+    for r in (p, preset):
         mem = r["memory"]
-        assert mem["verdict"] == "does not fit" and not mem["fits"]
         assert mem["worst_rank"] == 0 and {"head", "mtp 1", "embedding"} <= set(mem["per_rank_gb"]["units"])
-    assert 100 < totals[1] < 160 and 80 < totals[2] < 110
+    assert full["memory"]["per_rank_gb"]["units"] == full["memory"]["ranks"][3]["units"]
+    assert 140 < totals[1] < 170 and 110 < totals[2] < 140
     # The fused head + CE keeps no logits, but each head's fp32 weight gradient (main + MTP) for its micro-batch.
     assert preset["memory"]["per_rank_gb"]["buffers"] * GiB > 2 * 129280 * H * 4
     # What is still too large is named: the expert outputs combine saves lead the activation terms.

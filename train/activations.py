@@ -38,18 +38,22 @@ ceil(K / 128), the fp32 1x128 tile scales of one FP8 row.
   embedding              the token ids (8 per token), for the main input and every MTP depth.
 
 Recomputation (parallel/recompute.py's semantics, train.recompute):
-  layernorm      a norm keeps only its input (its own bytes); its output and internals, and the next
-                 projections' copies of the output (cast or quantised), are recomputed.
-  mla_up_proj    q, k, v of the attention core (v padded too) and RoPE's tables are recomputed from the
-                 latents (kept: q_b / kv_b inputs, already counted; the raw RoPE key, part of kv_a's output).
+  layernorm      a norm keeps only its input (its own bytes); its output and internals are recomputed, so a
+                 projection that saves the output as it is keeps nothing, one that saves its own copy
+                 (a bf16 cast, an FP8 quantised input) keeps that copy.
+  mla_up_proj    q, k, v of the attention core are recomputed from the latents: kept are the core's own
+                 padded v, RoPE's tables, the raw RoPE key (kv_a's output) and the latents themselves
+                 where no projection saves them as they are (FP8 saves quantised copies).
   core_attn      the core's output, log-sum-exp and padded v are recomputed; q, k and the unpadded v (a
                  view of kv_b's output: that whole storage) are kept. With mla_up_proj: nothing of it kept.
-  moe_act        the routed SwiGLU output is recomputed from the kept gate|up output (FP8, 2I + sc(2I),
-                 under fp8, as the report's §3.3.3 caches it; else c bytes).
+  moe_act        the routed SwiGLU output is recomputed from the kept gate|up output (c bytes). Under fp8
+                 it saves nothing: the FP8 down projection keeps its own quantised copy of that output,
+                 and the gate|up output stays bf16 (the report caches it in FP8, §3.3.3: not done yet).
   mlp            a dense MLP keeps only its normed input.
   shared_experts the shared experts keep only their (already saved) normed input.
-  full           a recomputed block keeps its input (H r) and, under EP, the rows dispatch received and
-                 combine returned (k H c each: a collective is saved, not rerun); while a block
+  full           a recomputed block keeps its input (H r); a MoE block, split at the dispatcher so that no
+                 collective is inside a region, also keeps what runs outside its regions (full_moe_kept:
+                 the dispatched rows and the expert outputs combine saves among them); while a block
                  recomputes, its full activations live once.
 """
 
@@ -114,8 +118,11 @@ class ActivationModel:
         return float(kept_input + 4 + 4 * width)
 
     def _normed_inputs(self, k: int, readers: int, source_bytes: int) -> float:
-        """Projections reading a norm's output: recomputed from the norm's input under `layernorm`."""
-        return 0.0 if self.rc.has("layernorm") else self.linear_inputs(k, readers, source_bytes)
+        """Projections reading a norm's output. Under `layernorm` the output itself is recomputed, so a
+        Linear that saves it as it is keeps nothing; one that saves its own copy (bf16 cast, FP8) keeps it."""
+        if self.rc.has("layernorm") and not self.fp8 and source_bytes == self.c:
+            return 0.0
+        return self.linear_inputs(k, readers, source_bytes)
 
     # ------------------------------------------------------------ layer kinds
     def attention_terms(self, r: int) -> dict[str, float]:
@@ -133,11 +140,16 @@ class ActivationModel:
         padded = dv < dqk
         up_proj, core = self.rc.has("mla_up_proj"), self.rc.has("core_attn")
         v_bytes = nh * (dqk if padded else dn + dv) * c  # padded: its own storage; else a view of kv_b's output
-        if up_proj:  # q, k, v and RoPE recomputed from the latents
+        t["RoPE tables"] = 2 * 4 * dr / self.micro_batch_size  # complex64 cos/sin [S, dr/2] of q and k
+        if up_proj:  # q, k, v recomputed from the latents; the core's own padded copy of v stays
             if c != 4 and not self.rc.has("layernorm"):  # (fp32 / layernorm: the kv norm keeps that storage)
                 t["raw RoPE key (kv_a output)"] = (kv + dr) * c
+            if padded and not core:
+                t["core v"] = v_bytes
+            if not self.rc.has("layernorm"):  # the recomputation's inputs, where no projection saves them as they are
+                latents = ((mc.q_lora_rank, c) if mc.q_lora_rank else (H, r), (kv, c))
+                t["up-projection inputs"] = sum(w * nb for w, nb in latents if self.fp8 or nb != c)
         else:
-            t["RoPE tables"] = 2 * 4 * dr / self.micro_batch_size  # complex64 cos/sin [S, dr/2] of q and k
             t["core q, k"] = 2 * nh * dqk * c
             t["core v"] = nh * (dn + dv) * c if core else v_bytes  # core_attn keeps the unpadded view
         # o_proj's input: its own copy (of the padded output's first d_v, or FP8), else the core's output itself
@@ -168,19 +180,23 @@ class ActivationModel:
         """Per-token bytes of one MoE block part, by what saves them."""
         mc, c = self.mc, self.c
         H, I, k, E = mc.hidden_size, mc.moe_intermediate_size, mc.num_experts_per_tok, mc.n_routed_experts
+        # the router's fp32 input: the norm's output itself in the main stack (recomputed under layernorm),
+        # else its own x.float() copy
+        router_input = 0 if (self.rc.has("layernorm") and r == 4) else 4 * H
         t = {"norm": self.norm(H, r),
-             "router": 4 * H + 4 * E + 8 * k + 4 * k + 4,  # fp32 input, scores, top-k ids, weights and their sum
+             "router": router_input + 4 * E + 8 * k + 4 * k + 4,  # input, scores, top-k ids, weights, their sum
              "dispatch/combine indices": 24 * k + 4 * k}  # three int64 index vectors, row gates
         t["routed rows (grouped GEMM input)"] = k * (H + self._sc(H) if self.fp8 else H * c)
-        if self.rc.has("moe_act"):  # kept: the SwiGLU input, in FP8 under fp8 (report §3.3.3); output recomputed
-            t["routed SwiGLU input"] = k * (2 * I + self._sc(2 * I) if self.fp8 else 2 * I * c)
-        else:  # the gate|up output (c) and the SwiGLU output (down's input: c, or FP8)
-            t["routed SwiGLU input"] = k * 2 * I * c
+        t["routed SwiGLU input"] = k * 2 * I * c  # the gate|up output
+        # moe_act drops the SwiGLU output; under fp8 the down projection saves its own FP8 copy, so nothing goes
+        if not self.rc.has("moe_act") or self.fp8:
             t["routed SwiGLU output"] = k * (I + self._sc(I) if self.fp8 else I * c)
         t["routed outputs (combine)"] = k * H * c
         if mc.n_shared_experts and not self.rc.has("shared_experts"):
             # fp32: gate/up read the router's input storage (counted); else each its cast / FP8 copy
             t["shared experts"] = self.swiglu(mc.n_shared_experts * I, r, readers_saved=not (c == 4 and r == 4))
+        elif mc.n_shared_experts and r != 4 and not self.rc.has("layernorm"):
+            t["shared experts"] = H * r  # their kept input (the main stack's is the router's input)
         if mc.aux_loss_alpha or mc.device_aux_loss_alpha or mc.comm_aux_loss_alpha:
             t["balance loss"] = 4 * E + 4 + 8
         return t
@@ -188,14 +204,24 @@ class ActivationModel:
     def moe(self, r: int) -> float:
         return float(sum(self.moe_terms(r).values()))
 
-    def block(self, moe: bool, position: int, mtp: bool = False, ep: int = 1) -> float:
+    def full_moe_kept(self, r: int) -> float:
+        """What a MoE block recomputed in full keeps besides its input: parallel/recompute.py splits it at the
+        dispatcher (no collective inside a region), so the post-attention residual (the norm's input), the
+        router's saves (its input only if it is a copy), the indices, the dispatched rows (the experts'
+        region input, in the stream's dtype: what EP's all-to-all received) and the expert outputs combine
+        saves stay."""
+        mc = self.mc
+        H, k, E = mc.hidden_size, mc.num_experts_per_tok, mc.n_routed_experts
+        b = H * r + (4 * H if r != 4 else 0) + 4 * E + 12 * k + 4 + 28 * k + k * H * r + k * H * self.c
+        if mc.aux_loss_alpha or mc.device_aux_loss_alpha or mc.comm_aux_loss_alpha:
+            b += 4 * E + 4 + 8
+        return float(b)
+
+    def block(self, moe: bool, position: int, mtp: bool = False) -> float:
         """A transformer block at model `position`, per token (MTP's block has the c-byte stream)."""
         r = self.c if mtp else 4
-        if self.rc.full_block(position):
-            kept = self.mc.hidden_size * r
-            if moe and ep > 1:
-                kept += 2 * self.mc.num_experts_per_tok * self.mc.hidden_size * self.c
-            return float(kept)
+        if self.rc.full_block(position):  # its input, and a MoE block's saves outside the regions
+            return self.mc.hidden_size * r + (self.full_moe_kept(r) if moe else 0.0)
         return self.block_whole(moe, mtp)
 
     def block_whole(self, moe: bool, mtp: bool = False) -> float:
@@ -207,7 +233,8 @@ class ActivationModel:
         """enorm, hnorm, eh_proj's input and the final norm of one MTP module."""
         H = self.mc.hidden_size
         hnorm = 0.0 if self.rc.has("layernorm") else 4.0 + 4 * H  # its input: the main head's norm input
-        return self.norm(H, 4) + hnorm + self._normed_inputs(2 * H, 1, 4) + self.norm(H, self.c)
+        # eh_proj reads the concatenation of the two norms' outputs: a new tensor, kept in every mode
+        return self.norm(H, 4) + hnorm + self.linear_inputs(2 * H, 1, 4) + self.norm(H, self.c)
 
     def head_per_token(self) -> float:
         """Final norm plus the CE path's per-token bytes, main head and every MTP depth."""
@@ -227,20 +254,21 @@ class ActivationModel:
         return 8.0 * (1 + self.mc.num_nextn_predict_layers)
 
     # ------------------------------------------------------------ a whole model
-    def by_kind(self, tokens: int, ep: int = 1) -> dict[str, float]:
+    def by_kind(self, tokens: int) -> dict[str, float]:
         """Bytes one micro-batch of `tokens` saves, per kind, for the whole model (the probe's kinds)."""
         mc = self.mc
         out = {k: 0.0 for k in KINDS}
         for i in range(mc.num_hidden_layers):
             moe = mc.is_moe_layer(i)
-            if self.rc.full_block(i):
-                out["moe" if moe else "dense_mlp"] += tokens * self.block(moe, i, ep=ep)
+            if self.rc.full_block(i):  # the block's input counts as its attention part's
+                out["attention"] += tokens * mc.hidden_size * 4
+                out["moe" if moe else "dense_mlp"] += tokens * (self.full_moe_kept(4) if moe else 0.0)
                 continue
             out["attention"] += tokens * self.attention(4)
             out["moe" if moe else "dense_mlp"] += tokens * (self.moe(4) if moe else self.dense_mlp(4))
         for k in range(mc.num_nextn_predict_layers):
             pos = mc.num_hidden_layers + k
-            out["mtp"] += tokens * (self.block(mc.is_moe_layer(pos), pos, mtp=True, ep=ep) + self.mtp_extra())
+            out["mtp"] += tokens * (self.block(mc.is_moe_layer(pos), pos, mtp=True) + self.mtp_extra())
         out["head"] = tokens * self.head_per_token() + self.head_per_micro_batch()
         out["embedding"] = tokens * self.embedding()
         return out

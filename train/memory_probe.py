@@ -13,7 +13,9 @@ What is not an activation is counted apart, as the planner does:
               autograd history leads straight back to a leaf parameter) and the FP8 quantised weights
               of models.fp8.QuantisedWeights (the planner's compute-copies term).
 The probe keeps a reference to every storage it counted, so a freed address cannot be reused and
-mistaken for one already seen while it runs. For tests and bench/memory.py; no torch.distributed.
+mistaken for one already seen while it runs. Under activation recomputation the probe observes through
+parallel.recompute's saved-tensor hook (`Recompute.context(pack)`), so it counts what that mode keeps.
+For tests and bench/memory.py; no torch.distributed.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from torch import nn
 
 from models.fp8 import quantised_weight_stores
 from models.moe import MoE
+from models.transformer import Transformer
+from parallel.recompute import Recompute, apply_recompute
+from train.precision import policy_from_config
 
 KINDS = ("embedding", "attention", "dense_mlp", "moe", "head", "mtp")
 
@@ -46,6 +51,7 @@ def part_kinds(model: nn.Module) -> dict[str, tuple[str, str]]:
             kinds[name] = ("mtp", "head")  # its output goes to the shared head's CE
         elif top == "layers" and rest.isdigit():
             ffn = "moe" if isinstance(module.mlp, MoE) else "dense_mlp"
+            kinds[name] = ("attention", ffn)  # a block recomputed whole keeps its input: its attention part's
             for child, kind in (("input_layernorm", "attention"), ("self_attn", "attention"),
                                 ("post_attention_layernorm", ffn), ("mlp", ffn)):
                 kinds[f"{name}.{child}"] = (kind, kind)
@@ -106,8 +112,11 @@ class SavedTensorProbe:
     probe.result()                       # SavedBytes
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, recompute: Optional[Recompute] = None) -> None:
+        """recompute: what parallel.recompute.apply_recompute did to `model`; the probe then counts what its
+        saved-tensor hook keeps (it sees every kept tensor, not the dropped ones)."""
         self.model = model
+        self.recompute = recompute
         self._kinds = part_kinds(model)
         self._stack: list[str] = []
         self._current = "embedding"
@@ -147,7 +156,10 @@ class SavedTensorProbe:
                 kind, after = self._kinds[name]
                 self._handles.append(module.register_forward_pre_hook(self._enter(kind)))
                 self._handles.append(module.register_forward_hook(self._exit(after)))
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        if self.recompute is not None:
+            self._hooks = self.recompute.context(self._pack, lambda t: t)
+        else:
+            self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._hooks.__enter__()
         return self
 
@@ -178,20 +190,19 @@ class SavedTensorProbe:
 
 
 def measure_saved_bytes(cfg: Any, micro_batches: int = 1, seed: int = 0, backward: bool = True) -> SavedBytes:
-    """Build the model of a train.config.Config on CPU with its precision, run `micro_batches` forwards of
-    train.micro_batch_size x train.seq_len random tokens under the probe (all graphs alive at once, as
-    under gradient accumulation with a pipeline), then their backwards. Returns the probe's counts."""
-    from models.transformer import Transformer
-    from train.precision import policy_from_config
-
+    """Build the model of a train.config.Config on CPU with its precision and train.recompute (as the trainer
+    applies them), run `micro_batches` forwards of train.micro_batch_size x train.seq_len random tokens
+    under the probe (all graphs alive at once, as a pipeline holds micro-batches in flight), then their
+    backwards. Returns the probe's counts."""
     torch.manual_seed(seed)
     model = Transformer(cfg.model)
-    policy = policy_from_config(model, cfg.train)
-    model.train()
     t = cfg.train
+    policy = policy_from_config(model, cfg.train)
+    recompute = apply_recompute(model, t.recompute, t.recompute_modules, t.recompute_num_layers)
+    model.train()
     gen = torch.Generator().manual_seed(seed)
     losses = []
-    with SavedTensorProbe(model) as probe:
+    with SavedTensorProbe(model, recompute) as probe:
         for m in range(micro_batches):
             if m:
                 probe.next_micro_batch()

@@ -288,7 +288,7 @@ def rank_memory(cfg: Config, rank: int, units: list[Unit], recompute: Recompute,
     per_token, recomputing = 0.0, 0.0
     for u in layer_units:
         extra = am.mtp_extra() if u.mtp else 0.0
-        per_token += am.block(u.moe, u.position, u.mtp, ep) + extra
+        per_token += am.block(u.moe, u.position, u.mtp) + extra
         if recompute.full_block(u.position):  # one block's activations while it recomputes
             recomputing = max(recomputing, am.block_whole(u.moe, u.mtp))
     names = {u.name for u in units}
