@@ -189,24 +189,35 @@ class SavedTensorProbe:
         return out
 
 
-def measure_saved_bytes(cfg: Any, micro_batches: int = 1, seed: int = 0, backward: bool = True) -> SavedBytes:
-    """Build the model of a train.config.Config on CPU with its precision and train.recompute (as the trainer
-    applies them), run `micro_batches` forwards of train.micro_batch_size x train.seq_len random tokens
-    under the probe (all graphs alive at once, as a pipeline holds micro-batches in flight), then their
-    backwards. Returns the probe's counts."""
+def build_model(cfg: Any, seed: int = 0) -> tuple[Transformer, Any, Recompute]:
+    """The model of a train.config.Config on CPU with its precision and train.recompute, as the trainer
+    applies them: (model, precision policy, recompute)."""
     torch.manual_seed(seed)
     model = Transformer(cfg.model)
     t = cfg.train
-    policy = policy_from_config(model, cfg.train)
+    policy = policy_from_config(model, t)
     recompute = apply_recompute(model, t.recompute, t.recompute_modules, t.recompute_num_layers)
     model.train()
+    return model, policy, recompute
+
+
+def random_batch(cfg: Any, gen: torch.Generator) -> torch.Tensor:
+    """[micro_batch_size, seq_len + 1] random token ids (inputs and shifted labels)."""
+    return torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.train.seq_len + 1), generator=gen)
+
+
+def measure_saved_bytes(cfg: Any, micro_batches: int = 1, seed: int = 0, backward: bool = True) -> SavedBytes:
+    """Run `micro_batches` forwards of the config's model (build_model) on random tokens under the probe (all
+    graphs alive at once, as a pipeline holds micro-batches in flight), then their backwards. Returns the
+    probe's counts."""
+    model, policy, recompute = build_model(cfg, seed)
     gen = torch.Generator().manual_seed(seed)
     losses = []
     with SavedTensorProbe(model, recompute) as probe:
         for m in range(micro_batches):
             if m:
                 probe.next_micro_batch()
-            ids = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len + 1), generator=gen)
+            ids = random_batch(cfg, gen)
             with policy.autocast(torch.device("cpu")):
                 out = model(ids[:, :-1], ids[:, 1:])
             losses.append(out.loss(1.0))
