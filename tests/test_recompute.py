@@ -2,7 +2,8 @@
 no collective run twice.
 
 Single process: every mode (none, each selective module alone, combinations, full, full every 2nd block)
-gives bitwise the losses and gradients of `none` in fp32, bf16 and fp8, and the bytes autograd keeps
+gives bitwise the losses and gradients of `none` in fp32, bf16 and fp8 (MTP and the aux losses on), and
+with DeepSeek-V2 routing (its three balance losses, token dropping); the bytes autograd keeps
 for backward fall in the order none > each selective module > all of them > full.
 Multi-rank: under EP2, TP2, FSDP2 (dp2), ZeRO-1 with EP2, PP2 1F1B and PP2 ZBVZeroBubble / DualPipeV (split
 backward), each recompute mode trains 2 steps to the same losses, gradient norms, final parameters and
@@ -13,6 +14,7 @@ router biases as the same layout without recomputation (rtol 1e-6), with the sam
 from __future__ import annotations
 
 import collections
+from typing import Optional
 
 import pytest
 import torch
@@ -29,9 +31,15 @@ from train.precision import policy_from_config
 
 
 # ------------------------------------------------------------------------------------------ one process
-def small_model_cfg() -> ModelConfig:
+# DeepSeek-V2 routing: softmax, group-limited greedy, expert + device + communication balance losses
+# (attached through attach_aux_loss), token dropping by capacity.
+V2_ROUTING = dict(scoring_func="softmax", topk_method="group_limited_greedy", device_aux_loss_alpha=0.01,
+                  comm_aux_loss_alpha=0.01, capacity_factor=1.0)
+
+
+def small_model_cfg(**routing) -> ModelConfig:
     """Two layers (dense, MoE), MTP depth 1, aux loss on: every kind of block and norm."""
-    return ModelConfig(
+    return ModelConfig(**routing,
         vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
         first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16,
         qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
@@ -39,10 +47,10 @@ def small_model_cfg() -> ModelConfig:
     )
 
 
-def step(mode: str, modules=(), num_layers: int = 0, precision: str = "fp32"):
+def step(mode: str, modules=(), num_layers: int = 0, precision: str = "fp32", routing: Optional[dict] = None):
     """Loss, gradients and kept bytes (each storage once) of one forward + backward."""
     torch.manual_seed(0)
-    model = Transformer(small_model_cfg())
+    model = Transformer(small_model_cfg(**(routing or {})))
     policy = policy_from_config(model, TrainConfig(precision=precision))
     recompute = apply_recompute(model, mode, modules, num_layers)
     ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))
@@ -64,12 +72,13 @@ MODES = ([("selective", (m,), 0) for m in MODULES]
          + [("selective", MODULES, 0), ("selective", ("mla_up_proj", "core_attn"), 0), ("full", (), 0), ("full", (), 2)])
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp8"])
-def test_every_mode_gives_the_losses_and_gradients_of_none(precision, single_thread):
-    loss, grads, _, _ = step("none", precision=precision)
+@pytest.mark.parametrize("precision, routing", [("fp32", "v3"), ("bf16", "v3"), ("fp8", "v3"), ("fp32", "v2")])
+def test_every_mode_gives_the_losses_and_gradients_of_none(precision, routing, single_thread):
+    routing_cfg = V2_ROUTING if routing == "v2" else None
+    loss, grads, _, _ = step("none", precision=precision, routing=routing_cfg)
     for mode, modules, n in MODES:
-        got_loss, got_grads, _, _ = step(mode, modules, n, precision)
-        label = f"{precision} {mode} {list(modules)} every {n}"
+        got_loss, got_grads, _, _ = step(mode, modules, n, precision, routing_cfg)
+        label = f"{precision} {routing} {mode} {list(modules)} every {n}"
         assert torch.equal(got_loss, loss), label
         assert got_grads.keys() == grads.keys(), label
         for name, g in grads.items():
@@ -140,6 +149,8 @@ LAYOUTS = {  # world size 2; name -> (data-parallel ranks, overrides)
     "pp2_1f1b": (1, {"parallel.pp": 2, "parallel.pipeline_schedule": "1F1B", "parallel.data_parallel": "zero1", **PP}),
     "pp2_zbv": (1, {"parallel.pp": 2, "parallel.pipeline_schedule": "ZBVZeroBubble",
                     "parallel.data_parallel": "zero1", **PP}),
+    "pp2_dualpipev": (1, {"parallel.pp": 2, "parallel.pipeline_schedule": "DualPipeV",
+                          "parallel.data_parallel": "zero1", **PP}),
 }
 
 
