@@ -53,10 +53,11 @@ Never a collective twice:
   - FSDP2 all-gathers run in forward pre-hooks of its units (blocks, MTP modules, routed experts); regions
     wrap a unit's `forward` or lie inside one unit, never around a unit's hooks;
   - TP collectives are DTensor functional collectives, dispatcher ops: a region whose module holds DTensor
-    parameters or gets DTensor inputs runs under a selective-checkpoint policy that marks them MUST_SAVE
-    (recomputation reuses the forward's result) and refuses an in-place c10d collective (without DTensors
-    a region holds no collective, by the two rules above, and skips the policy's per-op cost); recipes run
-    under a dispatch mode that raises on any collective.
+    parameters or gets DTensor inputs records their results in forward under a dispatch mode, and its
+    recomputation returns them instead of running the collectives (torch's selective checkpointing would
+    too, but it also demands the same sequence of every other op, which the FP8 weight cache breaks); the
+    forward refuses an in-place c10d collective. Without DTensors a region holds no collective, by the two
+    rules above, and skips the modes' per-op cost. Recipes run under a mode that raises on any collective.
 tests/test_recompute.py counts the collectives of a step with and without recomputation.
 """
 
@@ -73,7 +74,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_leaves, tree_map
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import checkpoint
 
 from models.attention import MultiHeadLatentAttention
 from models.experts import GroupedExperts
@@ -116,13 +117,50 @@ def _is_collective(func: Any) -> bool:
     return getattr(func, "namespace", None) in FUNCTIONAL_COLLECTIVES + INPLACE_COLLECTIVES
 
 
-def _save_collectives_policy(ctx: Any, func: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-    """Selective-checkpoint policy of every region: collectives are saved, everything else recomputed."""
-    ns = getattr(func, "namespace", None)
-    if ns in INPLACE_COLLECTIVES:
-        raise RuntimeError(f"recompute: in-place collective {func} inside a recompute region; it would run "
-                           "again in backward (keep it outside the region, as the MoE dispatcher is)")
-    return CheckpointPolicy.MUST_SAVE if ns in FUNCTIONAL_COLLECTIVES else CheckpointPolicy.PREFER_RECOMPUTE
+class _RecordCollectives(TorchDispatchMode):
+    """A region's forward: keeps the result of every functional collective, in order; refuses in-place ones."""
+
+    def __init__(self, results: list[tuple[Any, Any]]) -> None:
+        super().__init__()
+        self.results = results
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        ns = getattr(func, "namespace", None)
+        if ns in INPLACE_COLLECTIVES:
+            raise RuntimeError(f"recompute: in-place collective {func} inside a recompute region; it would run "
+                               "again in backward (keep it outside the region, as the MoE dispatcher is)")
+        out = func(*args, **(kwargs or {}))
+        if ns in FUNCTIONAL_COLLECTIVES:
+            self.results.append((func, out))
+        return out
+
+
+class _ReplayCollectives(TorchDispatchMode):
+    """A region's recomputation: each functional collective returns the forward's result instead of running.
+    Other ops run as they come (a cache such as the FP8 weight copies may make them differ from forward)."""
+
+    def __init__(self, results: list[tuple[Any, Any]]) -> None:
+        super().__init__()
+        self.results = results
+        self.next = 0
+
+    def __enter__(self):
+        self.next = 0  # every recomputation (split backward recomputes once per autograd.grad) replays from the start
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "namespace", None) not in FUNCTIONAL_COLLECTIVES:
+            return func(*args, **(kwargs or {}))
+        if self.next >= len(self.results) or self.results[self.next][0] is not func:
+            raise RuntimeError(f"recompute: collective {func} in a recomputation differs from the forward's")
+        self.next += 1
+        return self.results[self.next - 1][1]
+
+
+def _collectives_saved() -> tuple[TorchDispatchMode, TorchDispatchMode]:
+    """checkpoint's context_fn: record the collectives' results in forward, reuse them in recomputation."""
+    results: list[tuple[Any, Any]] = []
+    return _RecordCollectives(results), _ReplayCollectives(results)
 
 
 class _NoCollectives(TorchDispatchMode):
@@ -263,8 +301,7 @@ def _checkpointed(method: Callable[..., Any]) -> Callable[..., Any]:
             return method(self, *a, **k)
 
         if _holds_dtensors(self, (args, kwargs)):  # tensor parallel: collectives inside, saved by the policy
-            context_fn = functools.partial(create_selective_checkpoint_contexts, _save_collectives_policy)
-            out = checkpoint(body, use_reentrant=False, context_fn=context_fn)
+            out = checkpoint(body, use_reentrant=False, context_fn=_collectives_saved)
         else:
             out = checkpoint(body, use_reentrant=False)
         live[0] = None
