@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 from data import TextBatchStream, load_tokenizer
 from data.resume import restore_position
+from models.fp8 import release_quantised_weights
 from models.moe import moe_layers
 from models.moe_state import ExpertLoad, MoEStepState
 from models.transformer import Transformer, combine_losses, target_counts
@@ -172,6 +173,7 @@ class Trainer:
         self.model.train()
         forward_backward = self._forward_backward if self.pipeline is None else self._forward_backward_pipeline
         totals = self.ctx.dp_sum(forward_backward(batches, lm_tokens, mtp_tokens, mtp_weight).to(self.device)).cpu()
+        release_quantised_weights(self.model)  # the step's FP8 weight copies: the weights change next
         lr, gamma, grad_norm, finite = self._update(float(totals[0]))
         load = self.moe_state.end_step(gamma if finite else 0.0, reduce=self.ctx.dp_sum)
         self._raise_if_diverged()
