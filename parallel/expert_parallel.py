@@ -1,13 +1,22 @@
 """Expert parallelism: routed experts split over the `ep` ranks, tokens moved by all-to-all.
 
-Dispatch (dropless, uneven splits):
-  1. sort this rank's (token, slot) assignments by global expert id (dropped ones excluded);
-  2. exchange how many rows go to each (rank, local expert): one small all-to-all of counts;
-  3. all_to_all_single the rows with those split sizes;
-  4. regroup the received rows, which arrive source-rank-major, into local-expert-major
-     order for the grouped GEMM.
-Combine runs the same steps backwards and applies the gates on the source rank.
+Deduplicated dispatch (dropless, uneven splits; V3 report §3.2.2 sends a token once per node):
+  1. a token goes once to every rank that holds any of its kept selected experts: the
+     (token, rank) pairs, rank-major, each rank's in token order (dropped assignments,
+     V2's capacity mode, were removed before; a token with none left is not sent);
+  2. one small all-to-all of pair counts gives the split sizes;
+  3. all_to_all_single the rows, and, beside them, each pair's slot map: for every one of
+     the token's K slots the receiving rank's local expert id, or -1 when the slot's
+     expert lives elsewhere (int8: n_local < 128 on every layout moeforge builds);
+  4. the receiving rank expands each row to its local experts (`permute_by_expert` on the
+     slot map), in local-expert-major, source-rank-major order for the grouped GEMM.
+Combine: the gates of each pair's slots travel to the expert's rank (a small fp32 all-to-all),
+which sums its experts' gated outputs per pair (V3 eq. 12's sum over the rank's share of
+g_i FFN_i, in fp32), so one row per (token, rank) returns; the source rank adds its pairs.
 The backward of each all-to-all is the all-to-all with the splits swapped.
+
+`pairs_per_rank` is the one rule for "which ranks a token reaches"; a hierarchical
+(node-limited) dispatch applies it twice: with ranks = nodes across nodes, then within one.
 """
 
 from __future__ import annotations
@@ -43,45 +52,63 @@ def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int
     return _AllToAll.apply(x, output_splits, input_splits, group)
 
 
+def pairs_per_rank(topk_idx: torch.Tensor, keep: Optional[torch.Tensor], experts_per_rank: int,
+                   n_ranks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (token, rank) pairs a deduplicated dispatch sends, rank-major, tokens ascending.
+
+    Returns (pair_rank [P], pair_token [P], slot_on [P, K]: which of the token's slots pick
+    a kept expert on that rank). Expert e lives on rank e // experts_per_rank."""
+    dest = topk_idx // experts_per_rank
+    kept = torch.ones_like(topk_idx, dtype=torch.bool) if keep is None else keep
+    hit = torch.zeros(topk_idx.shape[0], n_ranks + 1, dtype=torch.bool, device=topk_idx.device)
+    hit.scatter_(1, dest.masked_fill(~kept, n_ranks), True)  # dropped slots land in the extra column
+    hit = hit[:, :n_ranks]
+    pair_rank, pair_token = hit.t().nonzero(as_tuple=True)
+    slot_on = (dest[pair_token] == pair_rank.unsqueeze(1)) & kept[pair_token]
+    return pair_rank, pair_token, slot_on
+
+
 @dataclass
 class _DispatchState:
-    order: torch.Tensor  # expert-major order of local assignments (indices into topk_idx.flatten())
-    regroup: torch.Tensor  # received rows -> local-expert-major order
-    send_splits: list[int]  # rows sent to each ep rank
-    recv_splits: list[int]  # rows received from each ep rank
+    pair_token: torch.Tensor  # source token of every pair this rank sent
+    slot_on: torch.Tensor  # [P, K] slots of each sent pair that its rank serves
+    order: torch.Tensor  # expanded assignments (indices into the received slot map) in local-expert order
+    send_splits: list[int]  # pairs sent to each ep rank
+    recv_splits: list[int]  # pairs received from each ep rank
     n_tokens: int
 
 
 class AllToAllDispatcher(TokenDispatcher):
-    """Token dispatcher over an expert-parallel group of `ep_size` ranks."""
+    """Deduplicated token dispatcher over an expert-parallel group of `ep_size` ranks."""
 
     def __init__(self, n_experts: int, ep_size: int, group: Any) -> None:
         self.n_experts, self.ep_size, self.group = n_experts, ep_size, group
         self.n_local = n_experts // ep_size
+        if self.n_local >= 128:
+            raise ValueError(f"{self.n_local} experts per ep rank: the int8 slot map holds at most 127")
 
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, keep: Optional[torch.Tensor]):
-        order, counts = permute_by_expert(topk_idx, keep, self.n_experts)
-        rows = x.index_select(0, order // topk_idx.shape[1])
-        # counts[r * n_local + e]: rows for local expert e of rank r. Tell every rank what it gets.
-        recv_counts = torch.empty_like(counts)
-        dist.all_to_all_single(recv_counts, counts, group=self.group)
-        per_rank_send = counts.view(self.ep_size, self.n_local)
-        per_rank_recv = recv_counts.view(self.ep_size, self.n_local)  # [source rank, local expert]
-        send_splits = per_rank_send.sum(1).tolist()
-        recv_splits = per_rank_recv.sum(1).tolist()
-        received = all_to_all(rows, recv_splits, send_splits, self.group)
-        # Received rows are grouped by source rank, each group sorted by local expert.
-        local_expert = torch.repeat_interleave(
-            torch.arange(self.n_local, device=x.device).repeat(self.ep_size), per_rank_recv.flatten()
-        )
-        regroup = local_expert.argsort(stable=True)
-        state = _DispatchState(order, regroup, send_splits, recv_splits, topk_idx.shape[0])
-        return received.index_select(0, regroup), per_rank_recv.sum(0), state
+        pair_rank, pair_token, slot_on = pairs_per_rank(topk_idx, keep, self.n_local, self.ep_size)
+        send = torch.bincount(pair_rank, minlength=self.ep_size)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)
+        send_splits, recv_splits = send.tolist(), recv.tolist()
+        local_id = (topk_idx[pair_token] - pair_rank.unsqueeze(1) * self.n_local).masked_fill(~slot_on, -1)
+        slot_map = x.new_empty((sum(recv_splits), topk_idx.shape[1]), dtype=torch.int8)
+        dist.all_to_all_single(slot_map, local_id.to(torch.int8), recv_splits, send_splits, group=self.group)
+        received = all_to_all(x.index_select(0, pair_token), recv_splits, send_splits, self.group)
+        slot_map = slot_map.long()
+        order, counts = permute_by_expert(slot_map.clamp(min=0), slot_map >= 0, self.n_local)
+        state = _DispatchState(pair_token, slot_on, order, send_splits, recv_splits, topk_idx.shape[0])
+        return received.index_select(0, order // topk_idx.shape[1]), counts, state
 
     def combine(self, y: torch.Tensor, topk_weight: torch.Tensor, ctx: _DispatchState) -> torch.Tensor:
-        back_in_source_order = torch.empty_like(y).index_copy(0, ctx.regroup, y)
-        returned = all_to_all(back_in_source_order, ctx.send_splits, ctx.recv_splits, self.group)
-        return unpermute_and_combine(returned, ctx.order, topk_weight, ctx.n_tokens, y.dtype)
+        gates = topk_weight.float()[ctx.pair_token] * ctx.slot_on  # a slot served elsewhere weighs 0 here
+        gates = all_to_all(gates, ctx.recv_splits, ctx.send_splits, self.group)
+        per_pair = unpermute_and_combine(y, ctx.order, gates, gates.shape[0], y.dtype)
+        returned = all_to_all(per_pair, ctx.send_splits, ctx.recv_splits, self.group)
+        out = torch.zeros(ctx.n_tokens, y.shape[1], dtype=torch.float32, device=y.device)
+        return out.index_add(0, ctx.pair_token, returned.float()).to(y.dtype)
 
 
 def apply_expert_parallel(model: nn.Module, ep_rank: int, ep_size: int, group: Any) -> None:
