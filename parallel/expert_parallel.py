@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from models.moe import MoE, TokenDispatcher, permute_by_expert, unpermute_and_combine
+from parallel import comm_ledger
 
 
 class _AllToAll(torch.autograd.Function):
@@ -38,13 +38,13 @@ class _AllToAll(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, output_splits: list[int], input_splits: list[int], group: Any) -> torch.Tensor:  # type: ignore[override]
         ctx.output_splits, ctx.input_splits, ctx.group = output_splits, input_splits, group
         out = x.new_empty((sum(output_splits),) + tuple(x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+        comm_ledger.all_to_all_single(out, x.contiguous(), "ep", group, output_splits, input_splits)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         out = grad.new_empty((sum(ctx.input_splits),) + tuple(grad.shape[1:]))
-        dist.all_to_all_single(out, grad.contiguous(), ctx.input_splits, ctx.output_splits, group=ctx.group)
+        comm_ledger.all_to_all_single(out, grad.contiguous(), "ep", ctx.group, ctx.input_splits, ctx.output_splits)
         return out, None, None, None
 
 
@@ -91,11 +91,11 @@ class AllToAllDispatcher(TokenDispatcher):
         pair_rank, pair_token, slot_on = pairs_per_rank(topk_idx, keep, self.n_local, self.ep_size)
         send = torch.bincount(pair_rank, minlength=self.ep_size)
         recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.group)
+        comm_ledger.all_to_all_single(recv, send, "ep", self.group)
         send_splits, recv_splits = send.tolist(), recv.tolist()
         local_id = (topk_idx[pair_token] - pair_rank.unsqueeze(1) * self.n_local).masked_fill(~slot_on, -1)
         slot_map = x.new_empty((sum(recv_splits), topk_idx.shape[1]), dtype=torch.int8)
-        dist.all_to_all_single(slot_map, local_id.to(torch.int8), recv_splits, send_splits, group=self.group)
+        comm_ledger.all_to_all_single(slot_map, local_id.to(torch.int8), "ep", self.group, recv_splits, send_splits)
         received = all_to_all(x.index_select(0, pair_token), recv_splits, send_splits, self.group)
         slot_map = slot_map.long()
         order, counts = permute_by_expert(slot_map.clamp(min=0), slot_map >= 0, self.n_local)

@@ -45,6 +45,7 @@ from typing import Any, Optional
 from models.accounting import build_meta_model, count_model
 from parallel import layout
 from train.config import Config, ConfigError, load_config
+from train.plan_comm import predict_comm
 
 GiB = 2**30
 NOT_YET = ("not available yet", "not supported yet")
@@ -453,6 +454,8 @@ def plan(cfg: Config, gpus: Optional[int] = None, gpu_mem_gb: float = 80.0, reco
         "ranks": [m.gib() for m in mems],
         "layers_per_stage": chunk_layers,
     }
+    if not errors and p.pp == 1 and p.tp == 1:  # per rank and step, keyed as the ledger keys it
+        out["comm"] = predict_comm(cfg)
     out["errors"] = errors
     out["warnings"] = warnings
     return out
@@ -488,6 +491,10 @@ def print_plan(result: dict[str, Any], config: str) -> None:
     print(f"  {'total':<26}{w['total']:>9.2f} of {mem['gpu_mem_gb']:g} -> {mem['verdict']}")
     if len(mem["ranks"]) > 1:
         print("  per pipeline rank: " + " ".join(f"{r['total']:.1f}" for r in mem["ranks"]))
+    if "comm" in result:
+        c = result["comm"]
+        print(f"communication per GPU per step: {c['bytes'] / 2**20:.2f} MiB in {c['calls']} collectives "
+              "(" + ", ".join(f"{k} {e['bytes'] / 2**20:.2f} MiB" for k, e in c["by"].items()) + ")")
     for wmsg in result["warnings"]:
         print(f"warning: {wmsg}")
     for e in result["errors"]:
