@@ -9,7 +9,7 @@ full training steps from the real Trainer: forward, backward, clipping, AdamW, b
 Each rank runs in its own process (tests.distributed.run_ranks: torch.multiprocessing
 spawn with torchrun's environment variables). Inside the bench process only, without
 touching library code, the following are wrapped with timers:
-  dispatch   TokenDispatcher.dispatch  (LocalDispatcher / AllToAllDispatcher), fwd + bwd
+  dispatch   TokenDispatcher.start + finish (LocalDispatcher / AllToAllDispatcher), fwd + bwd
   experts    GroupedExperts.forward                                             fwd + bwd
   combine    TokenDispatcher.combine                                            fwd + bwd
   a2a        torch.distributed.all_to_all_single (part of dispatch + combine:
@@ -106,11 +106,17 @@ def install_timers() -> None:
     from parallel.expert_parallel import AllToAllDispatcher
 
     for cls in (LocalDispatcher, AllToAllDispatcher):
-        dispatch, combine = cls.dispatch, cls.combine
+        start, finish, combine = cls.start, cls.finish, cls.combine
 
-        def timed_dispatch(self, x, topk_idx, keep, _f=dispatch):
+        def timed_start(self, x, topk_idx, keep, _f=start):
             t = time.perf_counter()
             out = _f(self, _boundary(x, "dispatch", None), topk_idx, keep)
+            TIMERS.total["dispatch_fwd"] += time.perf_counter() - t
+            return out
+
+        def timed_finish(self, pending, _f=finish):
+            t = time.perf_counter()
+            out = _f(self, pending)
             TIMERS.total["dispatch_fwd"] += time.perf_counter() - t
             return out
 
@@ -120,7 +126,7 @@ def install_timers() -> None:
             TIMERS.total["combine_fwd"] += time.perf_counter() - t
             return out
 
-        cls.dispatch, cls.combine = timed_dispatch, timed_combine
+        cls.start, cls.finish, cls.combine = timed_start, timed_finish, timed_combine
 
     forward = GroupedExperts.forward
 

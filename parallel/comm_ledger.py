@@ -25,6 +25,7 @@ The ledger is per process (one process is one rank): `LEDGER.reset()` starts a s
 from __future__ import annotations
 
 import pickle
+import time
 from typing import Any, Optional
 
 import torch
@@ -42,13 +43,19 @@ def nbytes(t: torch.Tensor) -> int:
 
 
 class CommLedger:
-    """Calls and bytes per (kind, group) since the last reset."""
+    """Calls and bytes per (kind, group) since the last reset, and the seconds spent waiting for
+    all-to-alls (the exposed time: a synchronous call's whole duration, an async one's wait)."""
 
     def __init__(self) -> None:
         self.entries: dict[tuple[str, str], list[int]] = {}
+        self.wait_s: dict[tuple[str, str], float] = {}
 
     def reset(self) -> None:
         self.entries = {}
+        self.wait_s = {}
+
+    def add_wait(self, kind: str, label: str, seconds: float) -> None:
+        self.wait_s[(kind, label)] = self.wait_s.get((kind, label), 0.0) + seconds
 
     def record(self, kind: str, label: str, group: Any, n_bytes: int, calls: int = 1) -> None:
         """`calls` collectives of `kind` over process group `group` (playing role `label`)."""
@@ -59,8 +66,12 @@ class CommLedger:
         entry[1] += int(n_bytes)
 
     def summary(self) -> dict[str, Any]:
-        """{"calls": total, "bytes": total, "by": {"kind/group": {"calls", "bytes"}}} (the metrics' `comm`)."""
-        by = {f"{k}/{g}": {"calls": c, "bytes": b} for (k, g), (c, b) in sorted(self.entries.items())}
+        """{"calls": total, "bytes": total, "by": {"kind/group": {"calls", "bytes"[, "wait_s"]}}} (the metrics' `comm`)."""
+        by: dict[str, dict[str, Any]] = {}
+        for (k, g), (c, b) in sorted(self.entries.items()):
+            by[f"{k}/{g}"] = {"calls": c, "bytes": b}
+            if (k, g) in self.wait_s:
+                by[f"{k}/{g}"]["wait_s"] = round(self.wait_s[(k, g)], 6)
         return {"calls": sum(e["calls"] for e in by.values()), "bytes": sum(e["bytes"] for e in by.values()),
                 "by": by}
 
@@ -89,7 +100,20 @@ def all_to_all_single(out: torch.Tensor, inp: torch.Tensor, label: str, group: A
                       output_splits: Optional[list[int]] = None, input_splits: Optional[list[int]] = None,
                       async_op: bool = False) -> Optional[dist.Work]:
     LEDGER.record("all_to_all", label, group, nbytes(inp))
-    return dist.all_to_all_single(out, inp, output_splits, input_splits, group=group, async_op=async_op)
+    t0 = time.perf_counter()
+    work = dist.all_to_all_single(out, inp, output_splits, input_splits, group=group, async_op=async_op)
+    if not async_op:
+        LEDGER.add_wait("all_to_all", label, time.perf_counter() - t0)
+    return work
+
+
+def wait(work: Optional[dist.Work], kind: str, label: str) -> None:
+    """Wait for an async collective, counting the time blocked."""
+    if work is None:
+        return
+    t0 = time.perf_counter()
+    work.wait()
+    LEDGER.add_wait(kind, label, time.perf_counter() - t0)
 
 
 def record_all_gather(local: torch.Tensor, label: str, group: Any) -> None:

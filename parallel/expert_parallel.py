@@ -52,6 +52,57 @@ def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int
     return _AllToAll.apply(x, output_splits, input_splits, group)
 
 
+class _InFlight:
+    """The one all-to-all of an async exchange that is in flight: the forward one, then its reverse."""
+
+    def __init__(self, output_splits: list[int], input_splits: list[int], group: Any) -> None:
+        self.output_splits, self.input_splits, self.group = output_splits, input_splits, group
+        self.work: Any = None
+        self.back: Optional[torch.Tensor] = None  # the gradient's reverse exchange lands here
+
+    def wait(self) -> None:
+        comm_ledger.wait(self.work, "all_to_all", "ep")
+        self.work = None
+
+
+class _AllToAllStart(torch.autograd.Function):
+    """Launch the exchange (async_op); backward: wait for the reverse one `_AllToAllFinish` launched."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, flight: _InFlight) -> torch.Tensor:  # type: ignore[override]
+        ctx.flight = flight
+        out = x.new_empty((sum(flight.output_splits),) + tuple(x.shape[1:]))
+        flight.work = comm_ledger.all_to_all_single(out, x.contiguous(), "ep", flight.group, flight.output_splits,
+                                                    flight.input_splits, async_op=True)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        ctx.flight.wait()  # the reverse exchange launched by _AllToAllFinish's backward (which passed `grad` on)
+        back, ctx.flight.back = ctx.flight.back, None
+        return back, None
+
+
+class _AllToAllFinish(torch.autograd.Function):
+    """Wait for the exchange; backward: launch the reverse one, waited for in `_AllToAllStart`'s
+    backward, so the autograd nodes recorded between the two (the shared experts) run meanwhile."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, flight: _InFlight) -> torch.Tensor:  # type: ignore[override]
+        ctx.flight = flight
+        flight.wait()
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        f = ctx.flight
+        grad = grad.contiguous()
+        f.back = grad.new_empty((sum(f.input_splits),) + tuple(grad.shape[1:]))
+        f.work = comm_ledger.all_to_all_single(f.back, grad, "ep", f.group, f.input_splits, f.output_splits,
+                                               async_op=True)
+        return grad, None  # unchanged: _AllToAllStart's backward returns the exchanged gradient
+
+
 def pairs_per_rank(topk_idx: torch.Tensor, keep: Optional[torch.Tensor], experts_per_rank: int,
                    n_ranks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The (token, rank) pairs a deduplicated dispatch sends, rank-major, tokens ascending.
@@ -72,35 +123,60 @@ def pairs_per_rank(topk_idx: torch.Tensor, keep: Optional[torch.Tensor], experts
 class _DispatchState:
     pair_token: torch.Tensor  # source token of every pair this rank sent
     slot_on: torch.Tensor  # [P, K] slots of each sent pair that its rank serves
-    order: torch.Tensor  # expanded assignments (indices into the received slot map) in local-expert order
+    order: torch.Tensor  # expanded assignments (indices into the received slot map) in local-expert order (finish)
     send_splits: list[int]  # pairs sent to each ep rank
     recv_splits: list[int]  # pairs received from each ep rank
     n_tokens: int
 
 
-class AllToAllDispatcher(TokenDispatcher):
-    """Deduplicated token dispatcher over an expert-parallel group of `ep_size` ranks."""
+@dataclass
+class _Pending:
+    """A started dispatch: the rows and slot map in flight (or arrived, without overlap)."""
+    received: torch.Tensor
+    slot_map: torch.Tensor
+    flight: Optional[_InFlight]
+    slot_work: Any
+    state: _DispatchState
 
-    def __init__(self, n_experts: int, ep_size: int, group: Any) -> None:
-        self.n_experts, self.ep_size, self.group = n_experts, ep_size, group
+
+class AllToAllDispatcher(TokenDispatcher):
+    """Deduplicated token dispatcher over an expert-parallel group of `ep_size` ranks.
+
+    `overlap`: `start` returns with the rows and slot map still in flight (async all-to-all),
+    so the caller's shared experts compute meanwhile, forward and backward (parallel/OVERLAP.md)."""
+
+    def __init__(self, n_experts: int, ep_size: int, group: Any, overlap: bool = False) -> None:
+        self.n_experts, self.ep_size, self.group, self.overlap = n_experts, ep_size, group, overlap
         self.n_local = n_experts // ep_size
         if self.n_local >= 128:
             raise ValueError(f"{self.n_local} experts per ep rank: the int8 slot map holds at most 127")
 
-    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, keep: Optional[torch.Tensor]):
+    def start(self, x: torch.Tensor, topk_idx: torch.Tensor, keep: Optional[torch.Tensor]) -> _Pending:
         pair_rank, pair_token, slot_on = pairs_per_rank(topk_idx, keep, self.n_local, self.ep_size)
         send = torch.bincount(pair_rank, minlength=self.ep_size)
         recv = torch.empty_like(send)
-        comm_ledger.all_to_all_single(recv, send, "ep", self.group)
+        comm_ledger.all_to_all_single(recv, send, "ep", self.group)  # split sizes: needed before anything else
         send_splits, recv_splits = send.tolist(), recv.tolist()
         local_id = (topk_idx[pair_token] - pair_rank.unsqueeze(1) * self.n_local).masked_fill(~slot_on, -1)
         slot_map = x.new_empty((sum(recv_splits), topk_idx.shape[1]), dtype=torch.int8)
-        comm_ledger.all_to_all_single(slot_map, local_id.to(torch.int8), "ep", self.group, recv_splits, send_splits)
-        received = all_to_all(x.index_select(0, pair_token), recv_splits, send_splits, self.group)
-        slot_map = slot_map.long()
+        slot_work = comm_ledger.all_to_all_single(slot_map, local_id.to(torch.int8), "ep", self.group, recv_splits,
+                                                  send_splits, async_op=self.overlap)
+        rows = x.index_select(0, pair_token)
+        state = _DispatchState(pair_token, slot_on, torch.empty(0), send_splits, recv_splits, topk_idx.shape[0])
+        if not self.overlap:
+            return _Pending(all_to_all(rows, recv_splits, send_splits, self.group), slot_map, None, None, state)
+        flight = _InFlight(recv_splits, send_splits, self.group)
+        return _Pending(_AllToAllStart.apply(rows, flight), slot_map, flight, slot_work, state)
+
+    def finish(self, pending: _Pending):
+        received = pending.received
+        if pending.flight is not None:
+            comm_ledger.wait(pending.slot_work, "all_to_all", "ep")
+            received = _AllToAllFinish.apply(received, pending.flight)
+        slot_map = pending.slot_map.long()
         order, counts = permute_by_expert(slot_map.clamp(min=0), slot_map >= 0, self.n_local)
-        state = _DispatchState(pair_token, slot_on, order, send_splits, recv_splits, topk_idx.shape[0])
-        return received.index_select(0, order // topk_idx.shape[1]), counts, state
+        pending.state.order = order
+        return received.index_select(0, order // slot_map.shape[1]), counts, pending.state
 
     def combine(self, y: torch.Tensor, topk_weight: torch.Tensor, ctx: _DispatchState) -> torch.Tensor:
         gates = topk_weight.float()[ctx.pair_token] * ctx.slot_on  # a slot served elsewhere weighs 0 here
@@ -111,8 +187,9 @@ class AllToAllDispatcher(TokenDispatcher):
         return out.index_add(0, ctx.pair_token, returned.float()).to(y.dtype)
 
 
-def apply_expert_parallel(model: nn.Module, ep_rank: int, ep_size: int, group: Any) -> None:
-    """Keep only this rank's slice of every MoE layer's experts and dispatch by all-to-all.
+def apply_expert_parallel(model: nn.Module, ep_rank: int, ep_size: int, group: Any, overlap: bool = False) -> None:
+    """Keep only this rank's slice of every MoE layer's experts and dispatch by all-to-all
+    (`overlap`: asynchronously, behind the shared experts).
 
     Rank r keeps experts [r * E/ep, (r+1) * E/ep) as plain parameters (the model was
     initialised identically on every rank from the same seed, so slicing preserves the
@@ -128,7 +205,7 @@ def apply_expert_parallel(model: nn.Module, ep_rank: int, ep_size: int, group: A
             full = getattr(experts, name)
             setattr(experts, name, nn.Parameter(full.detach()[lo:hi].clone(), requires_grad=full.requires_grad))
         experts.n_experts = n_local
-        layer.dispatcher = AllToAllDispatcher(layer.cfg.n_routed_experts, ep_size, group)
+        layer.dispatcher = AllToAllDispatcher(layer.cfg.n_routed_experts, ep_size, group, overlap)
 
 
 def is_expert_param(name: str) -> bool:

@@ -15,6 +15,7 @@ Checks, per world size (one spawn of all ranks runs them all):
   the gates and the expert weights equal LocalDispatcher on all ranks' tokens;
 * deduplication: each rank sends exactly one row per (token, rank holding any of the
   token's kept experts), and the routing has tokens with two experts on one rank;
+* the same gradients with the overlapped (async) all-to-alls;
 * capacity mode: dropped assignments are not sent (send/receive sizes and counts
   exclude them) and their gates contribute nothing, forward and backward.
 """
@@ -232,6 +233,9 @@ def run_all_checks(rank: int, world: int) -> dict[str, str]:
         attempt("expert_ids_capacity", check_expert_ids, disp, True)
         attempt("grads_dropless", check_grads, disp, False)
         attempt("grads_capacity", check_grads, disp, True)
+        overlapped = AllToAllDispatcher(N_EXPERTS, world, dist.group.WORLD, overlap=True)  # async all-to-alls
+        attempt("grads_overlap_dropless", check_grads, overlapped, False)
+        attempt("grads_overlap_capacity", check_grads, overlapped, True)
         if contexts.get("identity_dropless") and contexts.get("identity_capacity"):
             attempt("edge_cases_hit", check_edge_cases_hit, contexts["identity_dropless"], contexts["identity_capacity"])
         else:
@@ -243,7 +247,7 @@ def run_all_checks(rank: int, world: int) -> dict[str, str]:
 
 
 CHECKS = ["identity_dropless", "identity_capacity", "expert_ids_dropless", "expert_ids_capacity",
-          "grads_dropless", "grads_capacity", "edge_cases_hit"]
+          "grads_dropless", "grads_capacity", "grads_overlap_dropless", "grads_overlap_capacity", "edge_cases_hit"]
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"{w}ranks")

@@ -86,7 +86,7 @@ class Trainer:
 
             self.pipeline = build_pipeline(self.model, cfg.parallel, self.ctx, self.precision.fsdp_policy())
         self.plan = parallelize(self.model, self.ctx, cfg.parallel.data_parallel, self.precision.fsdp_policy(),
-                                pipeline=self.pipeline)
+                                pipeline=self.pipeline, ep_overlap=cfg.parallel.ep_overlap)
         if self.pipeline is not None:
             self.pipeline.build_schedule(cfg.train.grad_accum_steps, cfg.train.micro_batch_size, cfg.train.seq_len,
                                          cfg.model.hidden_size, cfg.model.num_nextn_predict_layers)
