@@ -3,8 +3,9 @@ every collective the communication ledger (parallel/comm_ledger.py) counts, keye
 
 Exact for everything but the routed tokens' all-to-all, which depends on the routing: there the
 prediction assumes uniform routing (every allowed group, then every expert of the chosen groups,
-equally likely) and also gives the bounds any routing stays within (`bytes_min`, `bytes_max`:
-every token reaches one rank / min(K, ep) ranks). Layouts: data parallelism (FSDP2 or ZeRO-1,
+equally likely) and also gives the bounds that any dropless routing keeps the mean over the ep
+ranks within (`bytes_min`, `bytes_max`: every token reaches one rank / min(K, ep) ranks; one rank
+alone may receive more). Layouts: data parallelism (FSDP2 or ZeRO-1,
 HSDP), expert parallelism; the pipeline's and tensor parallelism's traffic is not predicted (nor
 counted by the ledger yet).
 """
