@@ -93,3 +93,16 @@ def test_ledger_sums_per_kind_and_group():
         "all_reduce/dp": {"calls": 2, "bytes": 24}, "all_to_all/ep": {"calls": 3, "bytes": 100}}}
     ledger.reset()
     assert ledger.summary() == {"calls": 0, "bytes": 0, "by": {}}
+
+
+def test_comm_reaches_charts_and_console(tmp_path):
+    from train.metrics import MetricsLogger
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"run.dir={tmp_path}"])
+    logger = MetricsLogger(cfg, tmp_path, True, 1)
+    comm = {"calls": 3, "bytes": 3 * 2**20, "by": {"all_to_all/ep": {"calls": 3, "bytes": 3 * 2**20, "wait_s": 0.1}}}
+    metrics = {"loss": 1.0, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 10.0, "comm": comm}
+    scalars = logger._scalars(metrics, None)
+    assert scalars["comm/bytes"] == 3 * 2**20 and scalars["comm/calls/all_to_all/ep"] == 3
+    assert "comm 3.00 MiB/3 calls" in logger._line(1, metrics)
+    logger.close()
