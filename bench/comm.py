@@ -4,8 +4,9 @@ Layouts (configs/tiny.yaml shapes, seq 256, 8 sequences per step in total, fp32,
 one thread per rank, gloo):
   EP2          2 ranks: dp_shard 2, ep 2, FSDP2
   EP4          4 ranks: dp_shard 4, ep 4, FSDP2
-  node 2x2     node-limited routing on 2 "nodes" x 2 ranks        (issue 15 part B: not built here)
-  TP2+SP       tensor parallelism with sequence parallelism        (issue 15 part B: not built here)
+  node 2x2     node-limited routing on 2 "nodes" x 2 ranks (issue 15 part B: runs once
+               parallel.ep_ranks_per_node exists, else printed as 'not built' with the reason)
+  TP2+SP       tp 2 with parallel.sequence_parallel (issue 15 part B: likewise)
   TP2xEP2      4 ranks: tp 2, dp_shard 2, ep 2 (today's TP: every TP rank routes the same tokens)
 
 Per layout, per token and per MoE layer (forward; the backward moves the same rows back):
@@ -33,10 +34,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -51,22 +52,27 @@ COUNTS = {"tokens": 0, "pairs": 0, "assignments": 0, "dispatches": 0}
 LAYOUTS = {  # name -> (ranks, overrides) or None when the layout needs issue 15 part B
     "EP2": (2, {"parallel.dp_shard": 2, "parallel.ep": 2}),
     "EP4": (4, {"parallel.dp_shard": 4, "parallel.ep": 4}),
-    "node-limited 2x2": None,
-    "TP2+SP": None,
+    "node-limited 2x2": None,  # PART_B
+    "TP2+SP": None,  # PART_B
     "TP2xEP2": (4, {"parallel.tp": 2, "parallel.dp_shard": 2, "parallel.ep": 2}),
 }
 
 
-def part_b_landed() -> bool:
-    """Whether branch `seqpar` (issue 15 part B) exists and is merged into this checkout."""
-    try:
-        subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", "-q", "seqpar"], check=True,
-                       capture_output=True)
-        subprocess.run(["git", "-C", str(REPO), "merge-base", "--is-ancestor", "seqpar", "HEAD"], check=True,
-                       capture_output=True)
-        return True
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return False
+PART_B = {  # layout -> (ranks, overrides, the config key it needs from issue 15 part B)
+    "node-limited 2x2": (4, {"parallel.dp_shard": 4, "parallel.ep": 4, "parallel.ep_ranks_per_node": 2},
+                         "ep_ranks_per_node"),
+    "TP2+SP": (2, {"parallel.tp": 2, "parallel.sequence_parallel": "true"}, "sequence_parallel"),
+}
+
+
+def missing_part_b(name: str) -> Optional[str]:
+    """Why `name` cannot run in this checkout, or None when its part-B config key exists."""
+    from train.config import ParallelConfig
+
+    key = PART_B[name][2]
+    if hasattr(ParallelConfig(), key):
+        return None
+    return f"parallel.{key} does not exist here: issue 15 part B (branch seqpar) has not landed on main"
 
 
 def count_pairs() -> None:
@@ -148,25 +154,25 @@ def main(argv=None) -> int:
     single = run(1, {}, False, args.steps, args.warmup)
     base_tps = GLOBAL_SEQS * SEQ_LEN / single["step_s"]
     results = []
-    landed = part_b_landed()
     for name, spec in LAYOUTS.items():
         if args.only and name not in args.only:
             continue
         if spec is None:
-            why = "needs issue 15 part B (branch seqpar), " + ("merged but not wired here" if landed else
-                                                                 "which has not landed on main")
-            results.append({"layout": name, "not_built": why, "dispatch_bytes_per_token": None,
-                            "naive_dispatch_bytes_per_token": None, "min_dispatch_bytes_per_token": None,
-                            "tokens_per_s_ratio": None})
-            continue
+            why = missing_part_b(name)
+            if why is not None:
+                results.append({"layout": name, "not_built": why, "dispatch_bytes_per_token": None,
+                                "naive_dispatch_bytes_per_token": None, "min_dispatch_bytes_per_token": None,
+                                "tokens_per_s_ratio": None})
+                continue
+            spec = PART_B[name][:2]
         ranks, extra = spec
         off = run(ranks, extra, False, args.steps, args.warmup)
         on = run(ranks, extra, True, args.steps, args.warmup)
-        b = bytes_per_token(on, int(extra["parallel.ep"]), mc.hidden_size, mc.num_experts_per_tok)
+        b = bytes_per_token(on, int(extra.get("parallel.ep", 1)), mc.hidden_size, mc.num_experts_per_tok)
         measured = on["a2a_bytes"] / max(on["tokens"], 1) / 2  # the ledger: forward and backward move the same
         results.append({
             "layout": name, **b,
-            "ratio_to_min": b["dispatch_bytes_per_token"] / b["min_dispatch_bytes_per_token"],
+            "ratio_to_min": b["dispatch_bytes_per_token"] / max(b["min_dispatch_bytes_per_token"], 1e-9),
             "fp8_dispatch_bytes_per_token": None, "fp8_dispatch": "not built",
             "ledger_dispatch_plus_combine_bytes_per_token": measured,  # cross-check of the two above
             "exposed_all_to_all_s_overlap_off": off["a2a_wait_s"], "exposed_all_to_all_s_overlap_on": on["a2a_wait_s"],
