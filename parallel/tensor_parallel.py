@@ -21,13 +21,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from models.attention import MultiHeadLatentAttention
 from models.mlp import SwiGLU
+from parallel import comm_ledger
 
 
 class _SumGradOverColumns(torch.autograd.Function):
@@ -42,7 +42,7 @@ class _SumGradOverColumns(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         grad = grad.clone()
         part = grad[..., ctx.start:].contiguous()
-        dist.all_reduce(part, group=ctx.group)
+        comm_ledger.all_reduce(part, "tp", ctx.group)
         grad[..., ctx.start:] = part
         return grad, None, None
 
