@@ -13,7 +13,7 @@ from typing import Iterable, Mapping, Optional, Protocol
 import torch
 
 from models.config import ModelConfig
-from train.hf import deepseek_v3
+from train.hf import deepseek_v3, gpt_oss
 from train.hf.mapping import HFTensor
 
 
@@ -44,7 +44,7 @@ class HFFamily(Protocol):
         """Fix-ups of a model just loaded from HF weights."""
 
 
-FAMILIES: tuple[HFFamily, ...] = (deepseek_v3,)  # type: ignore[assignment]  # modules satisfy the protocol
+FAMILIES: tuple[HFFamily, ...] = (deepseek_v3, gpt_oss)  # type: ignore[assignment]  # modules satisfy the protocol
 
 
 def family_of_config(cfg: ModelConfig) -> tuple[HFFamily, str]:
@@ -54,7 +54,8 @@ def family_of_config(cfg: ModelConfig) -> tuple[HFFamily, str]:
         if model_type is not None:
             return family, model_type
     raise ValueError(
-        f"model.scoring_func={cfg.scoring_func!r} with model.topk_method={cfg.topk_method!r} has no Hugging Face "
+        f"model.family={cfg.family!r}, model.scoring_func={cfg.scoring_func!r} with "
+        f"model.topk_method={cfg.topk_method!r} has no Hugging Face "
         "architecture: " + "; ".join(family.REQUIREMENT for family in FAMILIES)
     )
 

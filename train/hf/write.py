@@ -1,4 +1,4 @@
-"""Write a moeforge checkpoint as a Hugging Face directory (DeepSeek-V3 or V2; CLI: train/export.py).
+"""Write a moeforge checkpoint as a Hugging Face directory (DeepSeek-V3 or V2, gpt-oss; CLI: train/export.py).
 
 `checkpoint` may also be a run directory or its checkpoints/ directory (the newest complete
 checkpoint is taken). The output directory receives config.json, model-0000k-of-0000n.safetensors
@@ -11,6 +11,10 @@ chunk at a time: under expert parallelism that is one rank's [E/ep, ...] slice) 
 safetensors shards of bounded size, so the model is never materialised whole. Peak memory is
 about one output shard plus the largest saved chunk. Works for any saving layout: DCP
 reassembles FSDP shards, and expert chunks are read by their global offsets.
+
+MXFP4 (`mxfp4=True`, gpt-oss only): the tensors the family marks `mxfp4` (gpt-oss's expert
+weights) are written as `*_blocks` / `*_scales` as in the released checkpoints (models/mxfp4.py),
+everything else in `dtype`, and config.json gets the `quantization_config` transformers reads.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any, Optional
 
 import torch
 
+from models.mxfp4 import quantize_mxfp4
 from train import checkpoint as ckpt
 from train.hf.families import family_of_config
 from train.hf.mapping import HFTensor
@@ -97,10 +102,12 @@ def export_checkpoint(
     dtype: Optional[torch.dtype] = None,
     max_shard_size: str | int = "5GB",
     tokenizer_dir: Optional[str | os.PathLike] = None,
+    mxfp4: bool = False,
 ) -> Path:
     """Write the HF directory `out` from a moeforge checkpoint; returns `out`.
 
     dtype: of the exported weights (router biases stay fp32); None keeps the checkpoint's.
+    mxfp4: write the family's MXFP4-able tensors (gpt-oss experts) as MXFP4 blocks and scales.
     """
     from safetensors.torch import save_file
 
@@ -115,6 +122,8 @@ def export_checkpoint(
     saved = ckpt.SavedModel(path)
     shapes = saved.shapes()
     layout = family.layout(cfg, shapes, model_type)
+    if mxfp4 and not any(e.mxfp4 for e in layout):
+        raise ValueError(f"MXFP4 export: model_type {model_type} has no tensors stored in MXFP4 (gpt_oss has)")
     missing = sorted({e.src for e in layout} - set(shapes))
     if missing:
         raise ckpt.CheckpointError(f"{path}: checkpoint lacks model tensors {missing[:5]}")
@@ -133,13 +142,21 @@ def export_checkpoint(
         tensors = {}
         for entry in entries:
             t = source.get(entry)
-            t = t.to(torch.float32 if entry.keep_fp32 else dtype).contiguous()
+            if entry.to_hf is not None:
+                t = entry.to_hf(t)
             if tuple(t.shape) != entry.shape:
                 raise AssertionError(f"{entry.hf_name}: shape {tuple(t.shape)} != {entry.shape}")
-            # A tensor that is a view of a cached expert chunk must not share storage in the file.
-            tensors[entry.hf_name] = t.clone() if entry.expert is not None else t
-            weight_map[entry.hf_name] = fname
-            total += t.numel() * t.element_size()
+            if mxfp4 and entry.mxfp4:  # the released layout: the HF tensor's last two dims swapped, then blocked
+                blocks, scales = quantize_mxfp4(t.transpose(-1, -2).float())
+                packed = {entry.hf_name + "_blocks": blocks, entry.hf_name + "_scales": scales}
+            else:
+                t = t.to(torch.float32 if entry.keep_fp32 else dtype).contiguous()
+                # A tensor that is a view of a cached expert chunk must not share storage in the file.
+                packed = {entry.hf_name: t.clone() if entry.expert is not None else t}
+            for key, value in packed.items():
+                tensors[key] = value
+                weight_map[key] = fname
+                total += value.numel() * value.element_size()
         save_file(tensors, str(out / fname), metadata={"format": "pt"})
         del tensors
     (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
@@ -154,6 +171,8 @@ def export_checkpoint(
     else:
         log.warning("no tokenizer directory at %s; exporting weights and config only", tok_dir)
     config = family.config_dict(cfg, dtype, model_type, **special)
+    if mxfp4:
+        config["quantization_config"] = family.mxfp4_quantization_config(cfg)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     gen = {k: v for k, v in special.items() if v is not None}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
