@@ -258,10 +258,12 @@ def gpt_oss_derived(cfg: ModelConfig) -> dict:
         "norm_topk_prob": True,
         "routed_scaling_factor": 1.0,
         "bias_update_speed": 0.0,
-        # The Switch loss coef * E * sum_i f_i P_i is models/balance.py's expert-level loss over
-        # the layer's tokens with alpha = coef * K (see models/topk_softmax_router.py).
+        # The Switch loss coef * E * sum_i f_i P_i is models/balance.py's expert-level loss with
+        # alpha = coef * K (see models/topk_softmax_router.py), here per sequence (per document when
+        # packed) and averaged: that does not depend on how the batch is split over ranks and
+        # micro-batches (HF pools f and P over its whole batch and all layers).
         "aux_loss_alpha": cfg.router_aux_loss_coef * cfg.num_experts_per_tok,
-        "seq_aux": False,
+        "seq_aux": True,
         "device_aux_loss_alpha": 0.0,
         "comm_aux_loss_alpha": 0.0,
         "qk_rope_head_dim": cfg.head_dim,
