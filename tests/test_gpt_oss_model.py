@@ -131,3 +131,21 @@ def test_planner_counts_the_published_totals(repo_root, name, total, active):
     counts = count_model(cfg)
     assert counts.params_total == pytest.approx(total, rel=2e-3)
     assert counts.params_active == pytest.approx(active, rel=2e-3)
+
+
+def test_tiny_gpt_oss_demo_trains_and_its_loss_falls(repo_root, tmp_path):
+    from tests.trainer_helpers import SMALL_GPT_OSS, small_overrides
+    from train.config import load_config
+    from train.trainer import Trainer
+
+    run = tmp_path / "run"
+    cfg = load_config(repo_root / "configs" / "tiny_gpt_oss.yaml", small_overrides(
+        run, tmp_path / "cache", model=SMALL_GPT_OSS, **{"train.steps": 30, "train.log_interval": 5}))
+    assert cfg.model.family == "gpt_oss" and cfg.model.sliding_window < cfg.train.seq_len
+    history = Trainer(cfg).fit()
+    first = sum(h["loss"] for h in history[:3]) / 3
+    last = sum(h["loss"] for h in history[-3:]) / 3
+    assert last < first - 0.5, (first, last)
+    assert all(h["aux_loss"] > 0 for h in history)
+    assert (run / "checkpoints" / "step_00000030" / "COMPLETE").is_file()
+    assert load_config(run / "config.yaml").model.num_local_experts == 4  # the saved config loads back
