@@ -191,14 +191,20 @@ def layer_activation_bytes(cfg: Config, moe: bool, precision: str) -> float:
     n = 4  # fp32 residual stream and norms
     li = 1 if precision == "fp8" else c  # Linear inputs (FP8 GEMMs save the quantised input)
     H, nh = mc.hidden_size, mc.num_attention_heads
-    dqk, dv, dr = mc.qk_head_dim, mc.v_head_dim, mc.qk_rope_head_dim
-    attn = H * n + H * li  # input norm, normed x (input of q_a / q_proj and kv_a)
-    if mc.q_lora_rank:
-        attn += mc.q_lora_rank * (n + li)  # q_a_layernorm input, q_b_proj input
-    attn += mc.kv_lora_rank * (n + li)  # kv_a_layernorm input, kv_b_proj input
-    attn += (nh * dr + dr) * c  # RoPE inputs
-    attn += (2 * nh * dqk + 2 * nh * dv) * c  # SDPA: q, k, v, output
-    attn += nh * dv * li  # o_proj input
+    attn = H * n + H * li  # input norm, normed x (input of q_a / q_proj and kv_a; gpt-oss: q/k/v_proj)
+    if mc.is_gpt_oss:  # GQA with sinks: q and k rotated, then q, k and v repeated to the q heads, out, lse
+        hd, kv = mc.head_dim, mc.num_key_value_heads
+        attn += (nh + kv) * hd * c  # RoPE inputs
+        attn += (4 * nh * hd) * c + nh * 4  # attention kernel: q, repeated k and v, output; fp32 lse
+        attn += nh * hd * li  # o_proj input
+    else:
+        dqk, dv, dr = mc.qk_head_dim, mc.v_head_dim, mc.qk_rope_head_dim
+        if mc.q_lora_rank:
+            attn += mc.q_lora_rank * (n + li)  # q_a_layernorm input, q_b_proj input
+        attn += mc.kv_lora_rank * (n + li)  # kv_a_layernorm input, kv_b_proj input
+        attn += (nh * dr + dr) * c  # RoPE inputs
+        attn += (2 * nh * dqk + 2 * nh * dv) * c  # SDPA: q, k, v, output
+        attn += nh * dv * li  # o_proj input
     ffn = H * n  # post-attention norm input
     if moe:
         I, k, E = mc.moe_intermediate_size, mc.num_experts_per_tok, mc.n_routed_experts
