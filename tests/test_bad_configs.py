@@ -67,6 +67,7 @@ CASES = {
                                            "at least 4"),
     "unknown_pipeline_schedule": ("tiny", ["parallel.pipeline_schedule=ZigZag"], "parallel.pipeline_schedule",
                                   "choose one of GPipe, 1F1B"),
+    "unknown_data_resume": ("tiny", ["data.resume=continue"], "data.resume", "must be exact|restart"),
     "unknown_data_parallel": ("tiny", ["parallel.data_parallel=ddp"], "parallel.data_parallel", "must be fsdp|zero1"),
     "zero_tp": ("tiny", ["parallel.tp=0"], "parallel.tp", "must be >= 1"),
 }

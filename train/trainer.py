@@ -22,6 +22,7 @@ import torch
 from omegaconf import OmegaConf
 
 from data import TextBatchStream, load_tokenizer
+from data.resume import restore_position
 from models.moe import moe_layers
 from models.moe_state import ExpertLoad, MoEStepState
 from models.transformer import Transformer, combine_losses, target_counts
@@ -30,8 +31,9 @@ from parallel.checkpointing import CheckpointState
 from parallel.parallelize import build_parallel_optimizer, parallelize
 from train import checkpoint as ckpt
 from train.config import Config, ConfigError
+from train.user_errors import HFInitError
 from train.metrics import MetricsLogger, expert_load_stats, memory_mb, peak_flops
-from train.precision import policy_from_config
+from train.precision import policy_from_config, warn_if_slow_bf16
 from train.allocator import retain_freed_memory
 from train.optim import make_adamw, parameter_groups, set_lr
 from train.schedules import Schedules
@@ -70,13 +72,15 @@ class Trainer:
             try:
                 init_from_hf(self.model, cfg.checkpoint.init_from_hf)
             except HFImportError as e:
-                raise ConfigError(f"checkpoint.init_from_hf: {e}") from None
+                raise HFInitError(f"checkpoint.init_from_hf: {e}") from None
         # Precision (train/precision.py) before any wrapping: fp32 routers/norms, FP8 module swaps;
         # FSDP2 then gets the matching MixedPrecisionPolicy (bf16 compute, fp32 masters and reduction).
         try:
             self.precision = policy_from_config(self.model, cfg.train)
         except ValueError as e:
             raise ConfigError(f"train.fp8: {e}") from None
+        if self.ctx.is_main:
+            warn_if_slow_bf16(self.precision, self.device)  # once per run: CPUs that emulate bf16
         # Every rank built the same model from the same seed; the layout is applied from outside.
         self.has_moe = bool(moe_layers(self.model))
         self.pipeline = None
@@ -113,6 +117,7 @@ class Trainer:
         self.flops_per_token = count_model(cfg.model, cfg.train.seq_len).flops_per_token
         self.peak_flops = peak_flops(self.device, cfg.train.precision)
         self._stop_requested = False
+        self.stopped_early = False  # fit() ended on a stop request (SIGTERM), not at train.steps
         self.resumed_from: Optional[Path] = None
         self.resume()
         self.logger = MetricsLogger(cfg, self.run_dir, self.ctx.is_main, cfg.train.steps)
@@ -268,6 +273,7 @@ class Trainer:
                     self.save()
                 if self._stop_agreed():
                     log.warning("SIGTERM received: saving at step %d and exiting", self.step)
+                    self.stopped_early = True
                     if not (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
                         self.save()
                     break
@@ -322,8 +328,8 @@ class Trainer:
         same_layout = meta.get("dp_size") == self.ctx.dp_size and rank_state is not None
         if not same_layout:  # data positions are global: any rank's state describes them
             rank_state = ckpt.read_rank_state(path, 0)
-        if rank_state:
-            self.data.load_state_dict(rank_state["data"])
+        if rank_state:  # data.resume: exact, or restart a changed mixture from its beginning
+            restore_position(self.data, rank_state["data"], self.cfg.data.resume, self.step, self.ctx.is_main)
             if same_layout and "rng_cpu" in rank_state:
                 rng = torch.frombuffer(bytearray(base64.b64decode(rank_state["rng_cpu"])), dtype=torch.uint8)
                 torch.set_rng_state(rng)

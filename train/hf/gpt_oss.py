@@ -29,13 +29,13 @@ from typing import Iterable, Mapping, Optional
 import torch
 
 from models.config import ModelConfig
-from train.hf.mapping import HFTensor, common_config, rope_from_hf
+from train.hf.mapping import MXFP4_QUANT_METHOD, HFTensor, common_config, rope_from_hf
 
 MODEL_TYPE = "gpt_oss"
 MODEL_TYPES = (MODEL_TYPE,)
 REQUIREMENT = "GptOss is model.family=gpt_oss"
 ARCHITECTURE = "GptOssForCausalLM"
-MXFP4_WEIGHTS = ("gate_up_proj", "down_proj")  # the expert tensors the released checkpoints store in MXFP4
+FP8_NOT_CONVERTED = None  # no FP8 release format (train/hf/write.py refuses --dtype fp8); MXFP4 instead
 _EXPERT = re.compile(r"^(?P<prefix>layers\.\d+\.mlp\.experts\.)(?P<which>gate_up_proj|down_proj)(?P<bias>_bias)?$")
 
 
@@ -144,7 +144,7 @@ def config_dict(
 
 def mxfp4_quantization_config(cfg: ModelConfig) -> dict:
     """config.json's quantization_config of an MXFP4 export: every module but the experts stays unquantised."""
-    return {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+    return {"quant_method": MXFP4_QUANT_METHOD, "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
                                                                 "model.embed_tokens", "lm_head"]}
 
 

@@ -11,6 +11,8 @@ import torch
 
 from models.config import ModelConfig, RopeScalingConfig
 
+MXFP4_QUANT_METHOD = "mxfp4"  # config.json quantization_config.quant_method of gpt-oss's MXFP4 experts
+
 
 @dataclass(frozen=True)
 class HFTensor:

@@ -35,9 +35,12 @@ from typing import Optional
 import torch
 
 from models.config import ModelConfig
+from models.fp8 import E4M3
 from models.mxfp4 import dequantize_mxfp4
 from models.transformer import Transformer
+from train.hf import quant_fp8
 from train.hf.families import family_of_config, family_of_model_type
+from train.hf.mapping import MXFP4_QUANT_METHOD, HFTensor
 
 log = logging.getLogger("moeforge.hf.read")
 
@@ -72,7 +75,11 @@ def hf_model_config(hf_dir: str | os.PathLike) -> ModelConfig:
 
 
 class _SafetensorsFiles:
-    """key -> lazily opened safetensors file, from model.safetensors.index.json or *.safetensors."""
+    """key -> lazily opened safetensors file, from model.safetensors.index.json or *.safetensors.
+
+    One file is open at a time (the reader walks the keys in file order, so each shard is opened
+    once), and tensors are read one by one: memory stays about one tensor, whatever the model's size.
+    """
 
     def __init__(self, hf_dir: Path) -> None:
         from safetensors import safe_open
@@ -91,33 +98,70 @@ class _SafetensorsFiles:
                 with self._open(f) as handle:
                     for key in handle.keys():
                         self.file_of[key] = f
-        self._handles: dict[Path, object] = {}
+        self._handle: Optional[tuple[Path, object]] = None
 
     def __contains__(self, key: str) -> bool:
         return key in self.file_of
 
     def get(self, key: str) -> torch.Tensor:
-        return self._handle(key).get_tensor(key)  # type: ignore[attr-defined]
+        return self._file_with(key).get_tensor(key)  # type: ignore[attr-defined]
 
     def get_rows(self, key: str, index: int) -> torch.Tensor:
         """key[index] (along dim 0), read without loading the rest of the tensor."""
-        return self._handle(key).get_slice(key)[index]  # type: ignore[attr-defined]
+        return self._file_with(key).get_slice(key)[index]  # type: ignore[attr-defined]
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handle(key).get_slice(key).get_shape())  # type: ignore[attr-defined]
+        return tuple(self._file_with(key).get_slice(key).get_shape())  # type: ignore[attr-defined]
 
-    def _handle(self, key: str) -> object:
+    def _file_with(self, key: str) -> object:
         f = self.file_of[key]
-        if f not in self._handles:
+        if self._handle is None or self._handle[0] != f:
+            self.close()
             if not f.is_file():
                 raise HFImportError(f"{f}: listed in the index but missing")
-            self._handles[f] = self._open(f).__enter__()
-        return self._handles[f]
+            self._handle = (f, self._open(f).__enter__())
+        return self._handle[1]
 
     def close(self) -> None:
-        for h in self._handles.values():
-            h.__exit__(None, None, None)  # type: ignore[attr-defined]
-        self._handles.clear()
+        if self._handle is not None:
+            self._handle[1].__exit__(None, None, None)  # type: ignore[attr-defined]
+            self._handle = None
+
+
+def _fp8_format(hf_dir: Path, files: _SafetensorsFiles) -> Optional[quant_fp8.Fp8Format]:
+    """The FP8 format of HF_DIR (config.json's quantization_config), None for unquantised weights."""
+    hf_config = read_hf_config(hf_dir) if (hf_dir / "config.json").is_file() else {}
+    if (hf_config.get("quantization_config") or {}).get("quant_method") == MXFP4_QUANT_METHOD:
+        return None  # gpt-oss: MXFP4 experts, read by _load_mxfp4; nothing is FP8
+    try:
+        fmt = quant_fp8.read_quantization_config(hf_config)
+    except ValueError as e:
+        raise HFImportError(f"{hf_dir / 'config.json'}: {e}") from None
+    scales = [k for k in files.file_of if k.endswith(quant_fp8.SCALE_SUFFIX)]
+    if fmt is None and scales:
+        raise HFImportError(f"{hf_dir}: {scales[0]} is an FP8 block scale, but config.json has no "
+                            "quantization_config saying how the weights are quantised")
+    return fmt
+
+
+def _read(files: _SafetensorsFiles, key: str, fmt: Optional[quant_fp8.Fp8Format], used: set[str],
+          hf_dir: Path) -> torch.Tensor:
+    """The tensor `key` of the files, dequantised to fp32 when it is stored as FP8 with block scales."""
+    value = files.get(key)
+    scale_key = quant_fp8.scale_name(key)
+    if value.dtype != E4M3 and scale_key not in files:
+        return value
+    if fmt is None:
+        raise HFImportError(f"{hf_dir}: {key} is float8_e4m3fn, but config.json has no quantization_config "
+                            "saying how the weights are quantised")
+    scale_inv = None
+    if scale_key in files:
+        scale_inv = files.get(scale_key)
+        used.add(scale_key)
+    try:
+        return quant_fp8.dequantize_weight(key, value, scale_inv, fmt)
+    except ValueError as e:
+        raise HFImportError(f"{hf_dir}: {e}") from None
 
 
 _MTP_NAME = re.compile(r"^mtp\.")
@@ -128,13 +172,13 @@ def load_hf_weights(model: Transformer, hf_dir: str | os.PathLike) -> ImportRepo
     """Copy the weights of HF_DIR into `model` (same architecture) in place.
 
     Every tensor of the main model must be present with its exact shape; MTP tensors may be
-    absent. Raises HFImportError naming the first problem.
+    absent. FP8 checkpoints (config.json `quantization_config`, DeepSeek-V3's released format;
+    train/hf/quant_fp8.py) are dequantised tensor by tensor. Raises HFImportError naming the first problem.
     """
     hf_dir = Path(hf_dir)
     cfg = model.cfg
     files = _SafetensorsFiles(hf_dir)
-    if any(k.endswith("weight_scale_inv") for k in files.file_of):
-        raise HFImportError(f"{hf_dir}: FP8 block-quantised weights (weight_scale_inv); dequantise to bf16 first")
+    fmt = _fp8_format(hf_dir, files)
     state = model.state_dict(keep_vars=True)
     shapes = {n: tuple(t.shape) for n, t in state.items()}
     family, model_type = family_of_config(cfg)
@@ -145,10 +189,10 @@ def load_hf_weights(model: Transformer, hf_dir: str | os.PathLike) -> ImportRepo
     missing: list[str] = []
     try:
         for name, hf_key in ((src, key) for key, src in fused.items() if key in files):  # transformers' fused layout
-            _copy(state[name], files.get(hf_key), hf_key, hf_dir)
+            _copy(state[name], _read(files, hf_key, fmt, used, hf_dir), hf_key, hf_dir)
             used.add(hf_key)
             report.loaded += 1
-        fused_loaded = {fused[k] for k in used}
+        fused_loaded = {fused[k] for k in used if k in fused}
         for entry in layout:
             if entry.src in fused_loaded:
                 continue
@@ -163,7 +207,7 @@ def load_hf_weights(model: Transformer, hf_dir: str | os.PathLike) -> ImportRepo
                     missing.append(entry.hf_name)
                 continue
             used.add(entry.hf_name)
-            value = files.get(entry.hf_name)
+            value = _read(files, entry.hf_name, fmt, used, hf_dir)
             if entry.shared:  # the MTP copy of our one embedding / head: check, do not overwrite
                 ours = state[entry.src]
                 if value.shape != ours.shape or not torch.equal(value.to(ours.dtype), ours):
@@ -204,7 +248,7 @@ def _copy(target: torch.Tensor, value: torch.Tensor, key: str, hf_dir: Path) -> 
     target.copy_(value.to(target.dtype))
 
 
-def _load_mxfp4(target: torch.Tensor, files: _SafetensorsFiles, entry, hf_dir: Path) -> tuple[str, str]:
+def _load_mxfp4(target: torch.Tensor, files: _SafetensorsFiles, entry: HFTensor, hf_dir: Path) -> tuple[str, str]:
     """Dequantise `entry`'s MXFP4 blocks / scales into `target`, one expert at a time; returns the keys read.
 
     The packed tensor is the HF tensor [E, a, b] with its last two dims swapped ([E, b, a/32, 16]).
@@ -216,9 +260,10 @@ def _load_mxfp4(target: torch.Tensor, files: _SafetensorsFiles, entry, hf_dir: P
     _check_shape(files.shape(blocks_key), (n_experts, b, a // 32, 16), blocks_key, hf_dir)
     _check_shape(files.shape(scales_key), (n_experts, b, a // 32), scales_key, hf_dir)
     for e in range(n_experts):
-        values = dequantize_mxfp4(files.get_rows(blocks_key, e), files.get_rows(scales_key, e), torch.float32)
+        blocks = files.get_rows(blocks_key, e)
+        values = dequantize_mxfp4(blocks, files.get_rows(scales_key, e), torch.float32)
         hf_expert = values.transpose(0, 1).unsqueeze(0)  # [1, a, b]: expert e of the HF tensor
-        target[e].copy_(entry.from_hf(hf_expert)[0].to(target.dtype))
+        target[e].copy_((entry.from_hf(hf_expert) if entry.from_hf else hf_expert)[0].to(target.dtype))
     return blocks_key, scales_key
 
 

@@ -11,10 +11,6 @@ chunk at a time: under expert parallelism that is one rank's [E/ep, ...] slice) 
 safetensors shards of bounded size, so the model is never materialised whole. Peak memory is
 about one output shard plus the largest saved chunk. Works for any saving layout: DCP
 reassembles FSDP shards, and expert chunks are read by their global offsets.
-
-MXFP4 (`mxfp4=True`, gpt-oss only): the tensors the family marks `mxfp4` (gpt-oss's expert
-weights) are written as `*_blocks` / `*_scales` as in the released checkpoints (models/mxfp4.py),
-everything else in `dtype`, and config.json gets the `quantization_config` transformers reads.
 """
 
 from __future__ import annotations
@@ -25,12 +21,14 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
+from models.fp8 import E4M3
 from models.mxfp4 import quantize_mxfp4
 from train import checkpoint as ckpt
+from train.hf import quant_fp8
 from train.hf.families import family_of_config
 from train.hf.mapping import HFTensor
 
@@ -82,18 +80,42 @@ def _parse_size(text: str | int) -> int:
 # ------------------------------------------------------------------------------------------ export
 
 
-def plan_shards(layout: list[HFTensor], dtype: torch.dtype, max_bytes: int) -> list[list[HFTensor]]:
-    """Consecutive entries grouped into shards of at most max_bytes (a bigger tensor gets its own)."""
+def plan_shards(layout: list[HFTensor], dtype: torch.dtype, max_bytes: int,
+                fp8_not_converted: Optional[Sequence[str]] = None) -> list[list[HFTensor]]:
+    """Consecutive entries grouped into shards of at most max_bytes (a bigger tensor gets its own).
+
+    fp8_not_converted: given for an FP8 export, whose quantised weights take 1 byte per value plus their scales.
+    """
     shards: list[list[HFTensor]] = [[]]
     used = 0
     for entry in layout:
-        nbytes = math.prod(entry.shape) * (4 if entry.keep_fp32 else dtype.itemsize)
+        n = math.prod(entry.shape)
+        if fp8_not_converted is not None and quant_fp8.quantises(entry.hf_name, entry.shape, fp8_not_converted):
+            nbytes = n + 4 * math.prod(quant_fp8.scale_shape(entry.shape))
+        else:
+            nbytes = n * (4 if entry.keep_fp32 else dtype.itemsize)
         if shards[-1] and used + nbytes > max_bytes:
             shards.append([])
             used = 0
         shards[-1].append(entry)
         used += nbytes
     return shards
+
+
+def _stored(entry: HFTensor, t: torch.Tensor, dtype: torch.dtype,
+            fp8_not_converted: Optional[Sequence[str]], mxfp4: bool = False) -> dict[str, torch.Tensor]:
+    """The file tensors of one HF entry: itself in `dtype` (fp32 for router biases), FP8 weight + block scales,
+    or (`mxfp4` and an entry the family stores so) MXFP4 blocks + scales over the tensor's last two dims swapped,
+    the released gpt-oss layout."""
+    if mxfp4 and entry.mxfp4:
+        blocks, scales = quantize_mxfp4(t.transpose(-1, -2).float())
+        return {entry.hf_name + "_blocks": blocks, entry.hf_name + "_scales": scales}
+    if fp8_not_converted is not None and quant_fp8.quantises(entry.hf_name, entry.shape, fp8_not_converted):
+        q, scale_inv = quant_fp8.quantize_weight(t)
+        return {entry.hf_name: q, quant_fp8.scale_name(entry.hf_name): scale_inv}
+    t = t.to(torch.float32 if entry.keep_fp32 else dtype).contiguous()
+    # A tensor that is a view of a cached expert chunk must not share storage in the file.
+    return {entry.hf_name: t.clone() if entry.expert is not None else t}
 
 
 def export_checkpoint(
@@ -107,7 +129,9 @@ def export_checkpoint(
     """Write the HF directory `out` from a moeforge checkpoint; returns `out`.
 
     dtype: of the exported weights (router biases stay fp32); None keeps the checkpoint's.
-    mxfp4: write the family's MXFP4-able tensors (gpt-oss experts) as MXFP4 blocks and scales.
+    torch.float8_e4m3fn writes DeepSeek-V3's released FP8 format (train/hf/quant_fp8.py): the family's
+    quantised Linears as float8_e4m3fn + weight_scale_inv, every other tensor in bf16.
+    mxfp4: write the family's MXFP4 tensors (gpt-oss's expert weights) as MXFP4 blocks and scales, as released.
     """
     from safetensors.torch import save_file
 
@@ -128,13 +152,18 @@ def export_checkpoint(
     if missing:
         raise ckpt.CheckpointError(f"{path}: checkpoint lacks model tensors {missing[:5]}")
     dtype = dtype or saved.dtype("embed_tokens.weight")
+    if dtype == E4M3 and family.FP8_NOT_CONVERTED is None:
+        raise ValueError(f"FP8 export: model_type {model_type} has no released FP8 format (gpt-oss: --dtype mxfp4)")
+    fp8_not_converted = family.FP8_NOT_CONVERTED if dtype == E4M3 else None
+    if fp8_not_converted is not None:
+        dtype = torch.bfloat16  # the release's dtype for what it does not quantise
     source = _ExpertChunks(saved)
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for old in list(out.glob("model-*.safetensors")) + [out / INDEX_FILE, out / "model.safetensors"]:
         old.unlink(missing_ok=True)  # never mix shards of two exports
-    shards = plan_shards(layout, dtype, _parse_size(max_shard_size))
+    shards = plan_shards(layout, dtype, _parse_size(max_shard_size), fp8_not_converted)
     weight_map: dict[str, str] = {}
     total = 0
     for i, entries in enumerate(shards, start=1):
@@ -146,16 +175,9 @@ def export_checkpoint(
                 t = entry.to_hf(t)
             if tuple(t.shape) != entry.shape:
                 raise AssertionError(f"{entry.hf_name}: shape {tuple(t.shape)} != {entry.shape}")
-            if mxfp4 and entry.mxfp4:  # the released layout: the HF tensor's last two dims swapped, then blocked
-                blocks, scales = quantize_mxfp4(t.transpose(-1, -2).float())
-                packed = {entry.hf_name + "_blocks": blocks, entry.hf_name + "_scales": scales}
-            else:
-                t = t.to(torch.float32 if entry.keep_fp32 else dtype).contiguous()
-                # A tensor that is a view of a cached expert chunk must not share storage in the file.
-                packed = {entry.hf_name: t.clone() if entry.expert is not None else t}
-            for key, value in packed.items():
-                tensors[key] = value
-                weight_map[key] = fname
+            for name, value in _stored(entry, t, dtype, fp8_not_converted, mxfp4).items():
+                tensors[name] = value
+                weight_map[name] = fname
                 total += value.numel() * value.element_size()
         save_file(tensors, str(out / fname), metadata={"format": "pt"})
         del tensors
@@ -171,6 +193,8 @@ def export_checkpoint(
     else:
         log.warning("no tokenizer directory at %s; exporting weights and config only", tok_dir)
     config = family.config_dict(cfg, dtype, model_type, **special)
+    if fp8_not_converted is not None:
+        config["quantization_config"] = quant_fp8.quantization_config()
     if mxfp4:
         config["quantization_config"] = family.mxfp4_quantization_config(cfg)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
