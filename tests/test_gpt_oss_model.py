@@ -100,6 +100,21 @@ def test_mxfp4_export_then_import_gives_the_quantised_models_logits(tmp_path):
         init_from_hf(Transformer(tiny_cfg(num_key_value_heads=4)), out)
 
 
+def test_export_cli_dtype_mxfp4_and_fp8_refused(tmp_path):
+    from safetensors import safe_open
+
+    from train.export import main
+
+    _, ckpt_path = save_synthetic_checkpoint(tmp_path / "run", tiny_cfg())
+    assert main(["--checkpoint", str(ckpt_path), "--out", str(tmp_path / "hf"), "--dtype", "mxfp4"]) == 0
+    shard = next((tmp_path / "hf").glob("model-*.safetensors"))
+    with safe_open(str(shard), framework="pt") as f:
+        assert f.get_tensor("model.layers.1.mlp.experts.down_proj_blocks").dtype == torch.uint8
+        assert f.get_tensor("model.layers.1.self_attn.q_proj.weight").dtype == torch.bfloat16  # the rest: bf16
+    with pytest.raises(ValueError, match="model_type gpt_oss has no released FP8 format"):
+        export_checkpoint(ckpt_path, tmp_path / "fp8", torch.float8_e4m3fn)
+
+
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="model.n_routed_experts=8 does not apply to family gpt_oss"):
         tiny_cfg(n_routed_experts=8)
