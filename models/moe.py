@@ -1,5 +1,8 @@
 """DeepSeekMoE layer (V3 eq. 12): h' = h + sum_i FFN^s_i(h) + sum_i g_i FFN^r_i(h).
 
+gpt-oss uses the same layer with its own router (models/topk_softmax_router.py) and biased
+clamped-SwiGLU experts (models/clamped_experts.py), and no shared experts.
+
 The only communication an MoE layer needs, moving token copies to the rank that owns
 their expert and back, goes through a `TokenDispatcher`. `LocalDispatcher` keeps
 everything in-process; `parallel/` swaps in an all-to-all dispatcher under expert
@@ -14,10 +17,12 @@ import torch
 from torch import nn
 
 from models.balance import attach_aux_loss, balance_group_ids, balance_losses
+from models.clamped_experts import ClampedSwiGLUExperts
 from models.config import ModelConfig
 from models.experts import GroupedExperts
 from models.mlp import SwiGLU
 from models.router import Router
+from models.topk_softmax_router import TopKSoftmaxRouter
 
 
 class TokenDispatcher:
@@ -129,10 +134,19 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.layer_idx = layer_idx
-        self.gate = Router(cfg)
-        self.experts = GroupedExperts(
-            cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.experts_implementation
-        )
+        self.gate: nn.Module
+        self.experts: GroupedExperts
+        if cfg.is_gpt_oss:  # HF: mlp.router, mlp.experts (train/hf/gpt_oss.py renames gate)
+            self.gate = TopKSoftmaxRouter(cfg.n_routed_experts, cfg.hidden_size, cfg.num_experts_per_tok)
+            self.experts = ClampedSwiGLUExperts(
+                cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.experts_implementation,
+                cfg.swiglu_limit, cfg.swiglu_alpha,
+            )
+        else:
+            self.gate = Router(cfg)
+            self.experts = GroupedExperts(
+                cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.experts_implementation
+            )
         self.shared_experts = (
             SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
         )

@@ -191,9 +191,9 @@ def apply_expert_parallel(model: nn.Module, ep_rank: int, ep_size: int, group: A
     """Keep only this rank's slice of every MoE layer's experts and dispatch by all-to-all
     (`overlap`: asynchronously, behind the shared experts).
 
-    Rank r keeps experts [r * E/ep, (r+1) * E/ep) as plain parameters (the model was
-    initialised identically on every rank from the same seed, so slicing preserves the
-    single-process initialisation exactly).
+    Rank r keeps experts [r * E/ep, (r+1) * E/ep) of every expert parameter (weights, and
+    gpt-oss's biases) as plain parameters (the model was initialised identically on every rank
+    from the same seed, so slicing preserves the single-process initialisation exactly).
     """
     for layer in model.modules():
         if not isinstance(layer, MoE):
@@ -201,8 +201,7 @@ def apply_expert_parallel(model: nn.Module, ep_rank: int, ep_size: int, group: A
         experts = layer.experts
         n_local = experts.n_experts // ep_size
         lo, hi = ep_rank * n_local, (ep_rank + 1) * n_local
-        for name in ("gate_up_proj", "down_proj"):
-            full = getattr(experts, name)
+        for name, full in list(experts.named_parameters(recurse=False)):  # all [E, ...]
             setattr(experts, name, nn.Parameter(full.detach()[lo:hi].clone(), requires_grad=full.requires_grad))
         experts.n_experts = n_local
         layer.dispatcher = AllToAllDispatcher(layer.cfg.n_routed_experts, ep_size, group, overlap)
