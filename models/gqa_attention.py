@@ -247,9 +247,16 @@ class GroupedQueryAttention(nn.Module):
         nn.init.normal_(self.sinks, std=std)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: Optional[torch.Tensor] = None
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: Optional[torch.Tensor] = None,
+        cache: Optional[object] = None,
     ) -> torch.Tensor:
-        """x [B, S, hidden]; rope = (cos, sin) [S, head_dim/2]; mask [B, 1, S, S] bool or None."""
+        """x [B, S, hidden]; rope = (cos, sin) [S, head_dim/2]; mask [B, 1, S, S] bool or None.
+
+        `cache` is MLA's latent KV cache slot (models/kv_cache.py); GQA has no cached decode path yet.
+        """
+        if cache is not None:
+            raise NotImplementedError("cached decoding is built for MLA (DeepSeek) only; gpt-oss generation "
+                                      "recomputes the prefix (use_cache=False)")
         bsz, seq, _ = x.shape
         q = self.q_proj(x).view(bsz, seq, -1, self.head_dim)  # -1: heads (fewer per rank under TP)
         k = self.k_proj(x).view(bsz, seq, -1, self.head_dim)

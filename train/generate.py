@@ -108,6 +108,7 @@ def generate_batch(
     batch = ids.shape[0]
     new: list[list[int]] = [[] for _ in range(batch)]
     done = [False] * batch
+    use_cache = use_cache and model.cfg.family == "deepseek"  # the latent cache is MLA's; gpt-oss recomputes
     with eval_mode(model):
         if use_cache:
             cache = new_cache(model, pad, ids.shape[1] + max_new_tokens)
