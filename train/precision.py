@@ -41,12 +41,13 @@ from models.experts import GroupedExperts, grouped_mm_applies, looped_linear
 from models.fp8 import Fp8GroupedGemm, Fp8Linear, Fp8Recipe, describe_backend
 from models.norm import RMSNorm
 from models.router import Router
+from models.topk_softmax_router import TopKSoftmaxRouter
 
 log = logging.getLogger("moeforge")
 
 PRECISIONS = ("fp32", "bf16", "fp8")
 # Module types whose forward must not be autocast: their math is fp32 by design.
-FP32_MODULE_TYPES: tuple[type, ...] = (Router, RMSNorm)
+FP32_MODULE_TYPES: tuple[type, ...] = (Router, TopKSoftmaxRouter, RMSNorm)
 
 
 @dataclass
@@ -87,7 +88,7 @@ def mixed_precision_policy(precision: str) -> Any:
 
 def fp32_param_modules(model: nn.Module) -> list[nn.Module]:
     """Modules whose parameters should stay fp32 in compute even under a bf16 FSDP policy (routers)."""
-    return [m for m in model.modules() if isinstance(m, Router)]
+    return [m for m in model.modules() if isinstance(m, (Router, TopKSoftmaxRouter))]
 
 
 class _Fp32Compute:
@@ -145,7 +146,8 @@ class AutocastGroupedGemm:
         return "AutocastGroupedGemm()"
 
 
-def _selected(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+def fp8_selected(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+    """Does module `name` match an include glob (train.fp8.modules) and no exclude glob (train.fp8.exclude)?"""
     return any(fnmatch.fnmatchcase(name, p) for p in include) and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
 
 
@@ -157,7 +159,7 @@ def convert_to_fp8(
     "*.experts"). Returns the converted names. Only Linear and GroupedExperts modules can convert."""
     converted: list[str] = []
     for name, module in list(model.named_modules()):
-        if not name or not _selected(name, include, exclude):
+        if not name or not fp8_selected(name, include, exclude):
             continue
         if isinstance(module, GroupedExperts) and not isinstance(module.gemm, Fp8GroupedGemm):
             module.gemm = Fp8GroupedGemm(recipe)

@@ -23,12 +23,15 @@ from omegaconf import OmegaConf
 
 from data import TextBatchStream, load_tokenizer
 from data.resume import restore_position
+from models.fp8 import release_quantised_weights
 from models.moe import moe_layers
 from models.moe_state import ExpertLoad, MoEStepState
 from models.transformer import Transformer, combine_losses, target_counts
+from parallel.comm_ledger import LEDGER
 from parallel.context import ParallelContext
 from parallel.checkpointing import CheckpointState
 from parallel.parallelize import build_parallel_optimizer, parallelize
+from parallel.recompute import apply_recompute
 from train import checkpoint as ckpt
 from train.config import Config, ConfigError
 from train.user_errors import HFInitError
@@ -81,6 +84,9 @@ class Trainer:
             raise ConfigError(f"train.fp8: {e}") from None
         if self.ctx.is_main:
             warn_if_slow_bf16(self.precision, self.device)  # once per run: CPUs that emulate bf16
+        # Activation recomputation wraps modules of the plain model, inside the layout's wrappers applied below.
+        t = cfg.train
+        self.recompute = apply_recompute(self.model, t.recompute, t.recompute_modules, t.recompute_num_layers)
         # Every rank built the same model from the same seed; the layout is applied from outside.
         self.has_moe = bool(moe_layers(self.model))
         self.pipeline = None
@@ -89,7 +95,7 @@ class Trainer:
 
             self.pipeline = build_pipeline(self.model, cfg.parallel, self.ctx, self.precision.fsdp_policy())
         self.plan = parallelize(self.model, self.ctx, cfg.parallel.data_parallel, self.precision.fsdp_policy(),
-                                pipeline=self.pipeline)
+                                pipeline=self.pipeline, ep_overlap=cfg.parallel.ep_overlap)
         if self.pipeline is not None:
             self.pipeline.build_schedule(cfg.train.grad_accum_steps, cfg.train.micro_batch_size, cfg.train.seq_len,
                                          cfg.model.hidden_size, cfg.model.num_nextn_predict_layers)
@@ -131,8 +137,14 @@ class Trainer:
         return self.precision.autocast(self.device)  # bf16 autocast for bf16 and fp8, nothing for fp32
 
     @contextlib.contextmanager
+    def forward_context(self):
+        """Around every training forward: autocast and recomputation's saved-tensor hook."""
+        with self.precision_context(), self.recompute.context():
+            yield
+
+    @contextlib.contextmanager
     def _pipeline_context(self):
-        with self.loss_context(), self.precision_context():
+        with self.loss_context(), self.forward_context():
             yield
 
     def loss_context(self) -> contextlib.AbstractContextManager:
@@ -155,6 +167,7 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over the global batch; returns the step's metrics."""
         t0 = time.perf_counter()
+        LEDGER.reset()  # the step's collectives, this rank (parallel/comm_ledger.py)
         batches = [next(self.data) for _ in range(self.cfg.train.grad_accum_steps)]
         lm_tokens, mtp_tokens = self.global_token_counts(batches)
         mtp_weight = self.schedules.mtp_weight(self.step, self.tokens_seen)
@@ -162,6 +175,7 @@ class Trainer:
         self.model.train()
         forward_backward = self._forward_backward if self.pipeline is None else self._forward_backward_pipeline
         totals = self.ctx.dp_sum(forward_backward(batches, lm_tokens, mtp_tokens, mtp_weight).to(self.device)).cpu()
+        release_quantised_weights(self.model)  # the step's FP8 weight copies: the weights change next
         lr, gamma, grad_norm, finite = self._update(float(totals[0]))
         load = self.moe_state.end_step(gamma if finite else 0.0, reduce=self.ctx.dp_sum)
         self._raise_if_diverged()
@@ -185,7 +199,7 @@ class Trainer:
         for b in batches:
             b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
             with self.loss_context():
-                with self.precision_context():
+                with self.forward_context():
                     out = self.model(b["input_ids"], b["labels"], b.get("doc_ids"))
                 loss = combine_losses(out, lm_tokens.to(self.device), mtp_tokens.to(self.device), mtp_weight)
                 loss.backward()
@@ -247,6 +261,8 @@ class Trainer:
         if self.peak_flops:
             metrics["mfu"] = achieved / self.peak_flops
         metrics["memory_mb"] = memory_mb(self.device)
+        if self.ctx.distributed:
+            metrics["comm"] = LEDGER.summary()
         if self.skipped_steps:
             metrics["skipped_steps"] = self.skipped_steps
         bad = dict(getattr(self.data, "bad_records", {}) or {})  # data.on_bad_record=skip counts, this rank
