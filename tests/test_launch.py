@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.distributed import run_ranks
 from tests.trainer_helpers import small_overrides
 
 DIST_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -205,3 +206,35 @@ def test_sbatch_script_requires_slurm(repo_root, tmp_path):
                          env=clean_env(SLURM_JOB_ID="1"), capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "usage" in out.stderr
     assert re.search(r"CONFIG", out.stderr)
+
+
+# ---------------------------------------------------------------- teardown
+def gloo_threads() -> int:
+    """This process's gloo worker and transport threads (Linux thread names)."""
+    names = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return sum(name.startswith(("pt_gloo", "gloo_tcp")) for name in names)
+
+
+def run_and_count_gloo_threads(rank: int, overrides: list[str]) -> tuple[int, int]:
+    from train.config import load_config
+    from train.launch import run
+
+    code = run(load_config("configs/tiny.yaml", overrides))
+    return code, gloo_threads()
+
+
+@pytest.mark.multirank
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="thread names from Linux /proc")
+def test_run_ends_its_gloo_threads_before_exit(tmp_path):
+    """launch.run returns with every process group's gloo threads joined: left to interpreter exit,
+    a worker releasing the last collective's tensors needs the GIL and the rank aborts (SIGABRT)."""
+    overrides = small_overrides(tmp_path / "run", tmp_path / "cache", **{
+        "train.steps": 1, "train.micro_batch_size": 2, "checkpoint.at_end": "false",
+        "parallel.dp_shard": 2, "parallel.ep": 2,
+    })
+    assert run_ranks(2, run_and_count_gloo_threads, overrides) == [(0, 0), (0, 0)]

@@ -155,6 +155,12 @@ def _checkpoint_group() -> Optional[Any]:
 _CKPT_GROUP: Optional[tuple[Any, Any]] = None  # (the default group it belongs to, the gloo group)
 
 
+def forget_checkpoint_group() -> None:
+    """Drop the async-save group (at process-group teardown: it must not outlive them)."""
+    global _CKPT_GROUP
+    _CKPT_GROUP = None
+
+
 def step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:08d}"
 
