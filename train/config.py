@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -34,7 +34,7 @@ class RunConfig:
 @dataclass
 class ParallelConfig:
     dp_replicate: int = 1
-    dp_shard: int = 1
+    dp_shard: Union[int, str] = "auto"  # auto: the world size left after pp x dp_replicate x tp (parallel/layout.py)
     tp: int = 1
     pp: int = 1
     ep: int = 1
@@ -139,8 +139,15 @@ class Config:
         dp = self.parallel.dp_replicate * self.parallel.dp_shard
         return self.train.micro_batch_size * self.train.grad_accum_steps * dp
 
-    def validate(self) -> None:
-        """Cross-field checks; raise ConfigError naming the key and the fix."""
+    def validate(self, world_size: Optional[int] = None) -> None:
+        """Cross-field checks; raise ConfigError naming the key and the fix. parallel.dp_shard auto
+        becomes a number here, from `world_size` (None: torchrun's WORLD_SIZE, else one process)."""
+        if world_size is None and os.environ.get("WORLD_SIZE"):
+            world_size = int(os.environ["WORLD_SIZE"])
+        try:
+            self.parallel.dp_shard = layout.resolve_dp_shard(self.parallel, world_size)
+        except layout.LayoutError as e:
+            raise ConfigError(str(e)) from None
         try:
             self.model.validate()
             self.data.validate()
@@ -240,8 +247,10 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
-def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = ()) -> Config:
-    """Schema <- YAML file <- dotlist overrides, validated. Errors name the offending key."""
+def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = (),
+                world_size: Optional[int] = None) -> Config:
+    """Schema <- YAML file <- dotlist overrides, validated (`world_size` resolves dp_shard auto:
+    Config.validate). Errors name the offending key."""
     schema = OmegaConf.structured(Config)
     try:
         layers: list[Any] = [schema]
@@ -259,7 +268,7 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
         raise ConfigError(f"{key}: {_first_line(e)}{_schema_hint(e, key)}") from None
-    cfg.validate()
+    cfg.validate(world_size)
     return cfg
 
 
