@@ -204,18 +204,36 @@ class Pipeline:
         embedding copies are summed.
         """
         device = self.ctx.device
-        depth = len(mtp_tokens)
         self._norm = (lm_tokens.to(device), mtp_tokens.to(device), mtp_weight)
-        self._sums = torch.zeros(2 + depth, dtype=torch.float64)
-        cat = {k: torch.cat([b[k] for b in batches]).to(device) for k in batches[0]}
+        self._sums = torch.zeros(2 + len(mtp_tokens), dtype=torch.float64)
+        ids, kwargs = self._schedule_inputs(batches)
+        self.refresh_embed_copy()
+        with autocast():
+            self.schedule.step(ids, target=kwargs["labels"], return_outputs=False, **kwargs)
+        self.sum_tied_gradients()
+        return self._sums if self.has_last else torch.zeros_like(self._sums)
+
+    def evaluate(self, batches: list[dict[str, torch.Tensor]], mtp_depth: int,
+                 autocast: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
+        """Forward only (the schedule's eval()) of `n_micro` micro-batches: [CE sum, MTP CE sums]
+        summed over them on the rank of the last stage, zeros on the others."""
+        device = self.ctx.device
+        ones = torch.ones(1 + mtp_depth, device=device)
+        self._norm = (ones[0], ones[1:], 0.0)  # the loss_fn's objective is not used; its sums are
+        self._sums = torch.zeros(2 + mtp_depth, dtype=torch.float64)
+        ids, kwargs = self._schedule_inputs(batches)
+        self.refresh_embed_copy()
+        with autocast():
+            self.schedule.eval(ids, target=kwargs["labels"], **kwargs)
+        return self._sums[1:] if self.has_last else torch.zeros(1 + mtp_depth, dtype=torch.float64)
+
+    def _schedule_inputs(self, batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The micro-batches as one batch the schedule chunks: input ids, and tokens / labels / doc_ids for every stage."""
+        cat = {k: torch.cat([b[k] for b in batches]).to(self.ctx.device) for k in batches[0]}
         kwargs = {"tokens": cat["input_ids"], "labels": cat["labels"]}
         if "doc_ids" in cat:
             kwargs["doc_ids"] = cat["doc_ids"]
-        self.refresh_embed_copy()
-        with autocast():
-            self.schedule.step(cat["input_ids"], target=cat["labels"], return_outputs=False, **kwargs)
-        self.sum_tied_gradients()
-        return self._sums if self.has_last else torch.zeros_like(self._sums)
+        return cat["input_ids"], kwargs
 
     def pp_sum(self, t: torch.Tensor) -> torch.Tensor:
         out = t.to(self.ctx.device).clone()

@@ -29,4 +29,6 @@ def train_and_report(rank: int, overrides: list[str]) -> dict:
     return {
         "metrics": {k: [float(h[k]) for h in history] for k in keys},
         "state": state,
+        # held-out evaluations (eval.interval): [step, val_loss, val_mtp_loss]
+        "val": [[float(h["step"]), h["val_loss"], h.get("val_mtp_loss", 0.0)] for h in history if "val_loss" in h],
     }

@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence, Union
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data.config import DataConfig
+from data.config import DataConfig, SourceConfig
 from models.config import ModelConfig
 from parallel import layout
 
@@ -124,6 +124,15 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation during training (train/evaluation.py): the same number under every layout."""
+
+    sources: list[SourceConfig] = field(default_factory=list)  # the schema of data.sources; empty: no evaluation
+    interval: int = 0  # evaluate after every `interval`-th optimizer step; 0: never
+    tokens: int = 65536  # tokens evaluated each time: the first ones of the eval stream, the same every time
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -133,6 +142,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def global_batch_sequences(self) -> int:
@@ -205,7 +215,31 @@ class Config:
         _check(self.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0 (0 = only at the end)")
         _check(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
         _check(t.max_nonfinite_steps >= 0, "train.max_nonfinite_steps", "must be >= 0")
+        _validate_eval(self)
         _validate_layout_and_launch(self)
+
+
+def _validate_eval(cfg: "Config") -> None:
+    """eval.*: sources of data.sources' schema, a held-out share that matches training's for a shared path."""
+    e = cfg.eval
+    _check(e.interval >= 0, "eval.interval", f"must be >= 0 (0 = no evaluation), got {e.interval}")
+    _check(e.tokens > 0, "eval.tokens", f"must be > 0, got {e.tokens}")
+    if e.interval and not e.sources:
+        raise ConfigError(f"eval.sources: eval.interval={e.interval} needs at least one source "
+                          "({path, weight, text_field, holdout}); or set eval.interval=0")
+    if not e.sources:
+        return
+    try:
+        DataConfig(sources=e.sources).validate()
+    except ValueError as err:
+        raise ConfigError(str(err).replace("data.sources", "eval.sources", 1)) from None
+    train_holdout = {src.path: src.holdout for src in cfg.data.sources}
+    for i, src in enumerate(e.sources):
+        if src.path in train_holdout and train_holdout[src.path] != src.holdout:
+            raise ConfigError(
+                f"eval.sources[{i}].holdout: {src.holdout} differs from data.sources' {train_holdout[src.path]} for "
+                f"{src.path!r}; the same share must be held out on both sides, or validation reads training files"
+            )
 
 
 def _validate_layout_and_launch(cfg: "Config") -> None:
