@@ -127,3 +127,12 @@ def test_evaluation_matches_single_process_under_every_layout(tmp_path, cache):
         for rank, got in enumerate(results):
             torch.testing.assert_close(torch.tensor(got["val"]), torch.tensor(ref), rtol=1e-5, atol=1e-7,
                                        msg=lambda m: f"{layout} rank {rank}: {m}")
+
+
+def test_run_prints_train_and_validation_loss(repo_root, tmp_path, cache, capsys):
+    from train.launch import run
+
+    assert run(load_config(repo_root / "configs" / "tiny.yaml", eval_overrides(tmp_path, cache,
+                                                                              **{"train.steps": 2}))) == 0
+    out = capsys.readouterr().out
+    assert "trained steps 1..2: loss" in out and "validation loss at step 2: " in out and ", MTP " in out
