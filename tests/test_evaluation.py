@@ -109,13 +109,16 @@ LAYOUTS = {
     "ep2": (2, 2, {"parallel.ep": 2}),
     "tp2": (2, 1, {"parallel.tp": 2}),
     "pp2": (2, 1, {"parallel.pp": 2}),
+    # V placement (stages 0 and 3 on rank 0): torch's forward-only eval() cannot run it, the stage-by-stage path can
+    "pp2_zbv": (2, 1, {"parallel.pp": 2, "parallel.pipeline_schedule": "ZBVZeroBubble",
+                       "parallel.pipeline_mtp_stage": "true", "train.grad_accum_steps": 4, "train.micro_batch_size": 2}),
 }
 
 
 def parity_overrides(run_dir, cache_dir, dp: int, **extra) -> list[str]:
     return eval_overrides(run_dir, cache_dir, **{
         "train.steps": 2, "eval.interval": 1, "train.micro_batch_size": 4 // dp, "train.grad_accum_steps": 2,
-        **extra})
+        "model.num_hidden_layers": 3, **extra})
 
 
 @pytest.mark.multirank

@@ -276,8 +276,7 @@ class Trainer:
                 if self.pipeline is None:
                     sums += loss_sums(self.model, batches, depth, self.device, self._pipeline_context)
                 else:
-                    with torch.no_grad():
-                        sums += self.pipeline.evaluate(batches, depth, self._pipeline_context)
+                    sums += self.pipeline.evaluate(batches, depth, self._pipeline_context)
         finally:
             self.model.train()
             torch.set_rng_state(rng)
