@@ -3,6 +3,9 @@ stays bf16/fp32 at run time, the FSDP2 policy helper, bf16 AdamW moments, config
 
 from __future__ import annotations
 
+import logging
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,10 +16,13 @@ from models.fp8 import Fp8GroupedGemm, Fp8Linear, fake_quantize
 from models.norm import RMSNorm
 from models.router import Router
 from models.transformer import Transformer
-from tests.trainer_helpers import SMALL_MODEL
+import train.precision as precision
+from tests.trainer_helpers import SMALL_MODEL, small_overrides
 from train.config import ConfigError, OptimConfig, load_config
 from train.optim import AdamWBF16Moments, fused_adamw_applies, make_adamw, parameter_groups
-from train.precision import AutocastGroupedGemm, apply_precision, mixed_precision_policy
+from train.precision import (AutocastGroupedGemm, PrecisionPolicy, apply_precision, bf16_matmul_slowdown, cpu_flags,
+                             mixed_precision_policy, warn_if_slow_bf16)
+from train.trainer import Trainer
 
 
 @pytest.fixture
@@ -202,3 +208,36 @@ def test_make_adamw_fused_for_plain_params_matches_foreach():
     odd = [{"params": [nn.Parameter(torch.zeros(2, dtype=torch.float64))], "weight_decay": 0.0}]
     assert not fused_adamw_applies(odd)
     assert make_adamw(odd, cfg).defaults["foreach"]
+
+
+def test_bf16_warning_on_cpus_without_bf16_instructions(tmp_path):
+    """Only bf16 compute on a CPU whose flags lack avx512_bf16/amx_bf16 warns; the slowdown is measured."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu sse2 avx2 fma\n")
+    flags = cpu_flags(str(cpuinfo))
+    assert flags == {"fpu", "sse2", "avx2", "fma"} and cpu_flags(str(tmp_path / "none")) is None
+    bf16, cpu = PrecisionPolicy("bf16", torch.bfloat16), torch.device("cpu")
+    msg = warn_if_slow_bf16(bf16, cpu, flags)
+    assert msg is not None and "train.precision=bf16" in msg and "avx512_bf16" in msg
+    assert re.search(r"runs [\d.]+x slower than fp32", msg), msg
+    assert warn_if_slow_bf16(bf16, cpu, flags | {"avx512_bf16"}) is None
+    assert warn_if_slow_bf16(bf16, cpu, flags | {"amx_bf16"}) is None
+    assert warn_if_slow_bf16(PrecisionPolicy("fp32", torch.float32), cpu, flags) is None
+    assert bf16_matmul_slowdown(n=64, seconds=0.01) > 0
+
+
+def test_bf16_run_warns_once_on_rank0(repo_root, tmp_path, monkeypatch, caplog):
+    """A real bf16 run on a (mocked) AVX2-only CPU logs the warning once, at start-up."""
+    monkeypatch.setattr(precision, "cpu_flags", lambda cpuinfo="/proc/cpuinfo": {"sse2", "avx2", "fma"})
+    cfg = load_config(repo_root / "configs" / "tiny.yaml",
+                      small_overrides(tmp_path / "run", tmp_path / "cache", **{"train.precision": "bf16",
+                                                                               "train.steps": 2}))
+    with caplog.at_level(logging.WARNING, logger="moeforge"):
+        Trainer(cfg).fit()
+    warnings = [r.getMessage() for r in caplog.records if "without bf16 instructions" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    caplog.clear()
+    monkeypatch.setattr(precision, "cpu_flags", lambda cpuinfo="/proc/cpuinfo": {"avx2", "avx512_bf16"})
+    with caplog.at_level(logging.WARNING, logger="moeforge"):
+        Trainer(cfg)
+    assert not [r for r in caplog.records if "without bf16 instructions" in r.getMessage()]

@@ -18,6 +18,8 @@ dashboard per run without any set-up:
 
 Per-expert histograms come from the step's global token counts (a models.moe_state.ExpertLoad the
 trainer passes to `MetricsLogger.log` beside the metrics); they are not written to metrics.jsonl.
+RUN_DIR/expert_load.json holds the latest logged step's [layer][expert] counts (rewritten at
+each log step; `python -m train.report` draws its histogram from it).
 W&B runs online when an API key is configured (WANDB_API_KEY or a netrc entry) and offline
 otherwise (`wandb sync RUN_DIR/wandb/offline-run-*` uploads later); log.wandb_mode or WANDB_MODE
 override that. The W&B run id is kept in RUN_DIR/wandb_run_id, so a resumed or requeued run
@@ -180,8 +182,9 @@ class MetricsLogger:
         record = {"step": step, **metrics}
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
+        counts, biases = load_on_cpu(load)
+        self._write_expert_load(step, counts)
         if self._wandb is not None or self._tb is not None:
-            counts, biases = load_on_cpu(load)
             scalars = self._scalars(metrics, biases)
             if self._wandb is not None:
                 self._wandb.log({**scalars, **self._wandb_histograms(counts, biases)}, step=step)
@@ -192,6 +195,16 @@ class MetricsLogger:
                 self._tb.flush()
         if self.log_cfg.console:
             print(self._line(step, metrics), flush=True)
+
+    def _write_expert_load(self, step: int, c: Optional[torch.Tensor]) -> None:
+        """RUN_DIR/expert_load.json: this step's token counts per MoE layer and expert (atomic rewrite)."""
+        if c is None:
+            return
+        body = {"step": step, "layers": moe_layer_names(self.cfg, c.shape[0]),
+                "counts": [[round(n) for n in row] for row in c.tolist()]}
+        tmp = self.run_dir / "expert_load.json.tmp"
+        tmp.write_text(json.dumps(body))
+        os.replace(tmp, self.run_dir / "expert_load.json")
 
     # ---------------------------------------------------------------- charts
     def _scalars(self, metrics: dict[str, Any], b: Optional[torch.Tensor]) -> dict[str, float]:

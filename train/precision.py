@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -203,3 +204,54 @@ def policy_from_config(model: nn.Module, train_cfg: Any) -> PrecisionPolicy:
     """apply_precision with the fields of train.config.TrainConfig (train.precision, train.fp8.*)."""
     fp8 = train_cfg.fp8
     return apply_precision(model, train_cfg.precision, fp8.modules, fp8.exclude, fp8.backend)
+
+
+# ---------------------------------------------------------------- bf16 on CPUs without bf16 instructions
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 flags of native bf16 dot products (/proc/cpuinfo)
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> Optional[set[str]]:
+    """The CPU's feature flags (Linux x86 /proc/cpuinfo `flags` line); None where they cannot be read."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return None
+
+
+def bf16_matmul_slowdown(n: int = 256, seconds: float = 0.1) -> float:
+    """Fastest n x n bf16 matmul over the fastest fp32 one, each timed for ~`seconds` (at least twice).
+
+    The minimum over repeats keeps a moment of contention from other processes out of the ratio."""
+    def fastest(dtype: torch.dtype) -> float:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b  # first call: kernel selection, allocation
+        best, repeats, t_end = float("inf"), 0, time.perf_counter() + seconds
+        while repeats < 2 or time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            a @ b
+            best, repeats = min(best, time.perf_counter() - t0), repeats + 1
+        return best
+
+    return fastest(torch.bfloat16) / max(fastest(torch.float32), 1e-9)
+
+
+def warn_if_slow_bf16(policy: PrecisionPolicy, device: torch.device, flags: Optional[set[str]] = None) -> Optional[str]:
+    """Log (and return) one warning when bf16 compute runs on a CPU that has no bf16 instructions.
+
+    Such CPUs emulate bf16 matmuls in software, many times slower than fp32 (27x end to end on an
+    AVX2 machine). The slowdown is measured here with a small matmul so the user sees this machine's."""
+    if policy.compute_dtype != torch.bfloat16 or torch.device(device).type != "cpu":
+        return None
+    flags = cpu_flags() if flags is None else flags
+    if flags is None or any(f in flags for f in BF16_CPU_FLAGS):
+        return None  # native bf16, or a CPU whose flags we cannot read (not x86 Linux): no claim either way
+    slowdown = bf16_matmul_slowdown()
+    msg = (f"train.precision={policy.name} on a CPU without bf16 instructions (no {' or '.join(BF16_CPU_FLAGS)} "
+           f"in /proc/cpuinfo): a bf16 matmul runs {slowdown:.{0 if slowdown >= 10 else 1}f}x slower than fp32 here, so "
+           "training will be many times slower; use train.precision=fp32 on this machine")
+    log.warning(msg)
+    return msg

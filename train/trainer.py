@@ -32,7 +32,7 @@ from train import checkpoint as ckpt
 from train.config import Config, ConfigError
 from train.evaluation import EvalResult, HeldOutData, batch_counts, loss_sums
 from train.metrics import MetricsLogger, expert_load_stats, memory_mb, peak_flops
-from train.precision import policy_from_config
+from train.precision import policy_from_config, warn_if_slow_bf16
 from train.allocator import retain_freed_memory
 from train.optim import make_adamw, parameter_groups, set_lr
 from train.schedules import Schedules
@@ -78,6 +78,8 @@ class Trainer:
             self.precision = policy_from_config(self.model, cfg.train)
         except ValueError as e:
             raise ConfigError(f"train.fp8: {e}") from None
+        if self.ctx.is_main:
+            warn_if_slow_bf16(self.precision, self.device)  # once per run: CPUs that emulate bf16
         # Every rank built the same model from the same seed; the layout is applied from outside.
         self.has_moe = bool(moe_layers(self.model))
         self.pipeline = None
