@@ -87,24 +87,17 @@ def bench_gemms(reps: int) -> None:
 
 # ---------------------------------------------------------------- part B (worker)
 def saved_activation_bytes(trainer) -> int:
-    """Bytes of distinct storages autograd saves for backward in one forward (FP8 caches e4m3)."""
-    seen: dict[int, int] = {}
+    """Bytes of distinct storages autograd saves for backward in one forward, parameters excluded (FP8 caches
+    e4m3; train/memory_probe.py counts them, through the trainer's recomputation hook)."""
+    from train.memory_probe import SavedTensorProbe
 
-    def pack(t):
-        try:
-            st = t.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
-        except Exception:
-            pass
-        return t
-
-    params = {p.untyped_storage().data_ptr() for p in trainer.model.parameters()}
     batch = next(trainer.data)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedTensorProbe(trainer.model, trainer.recompute) as probe:
         with trainer.precision_context():
             out = trainer.model(batch["input_ids"], batch["labels"], batch.get("doc_ids"))
+        counted = probe.result()
     del out
-    return sum(v for p, v in seen.items() if p not in params)
+    return counted.total_activations + counted.weight_copies
 
 
 def worker(config: str, precision: str, steps: int, threads: int, cache: str, run_dir: str) -> dict:

@@ -19,6 +19,7 @@ text source, megatron-core on first read of a .bin/.idx source, `transformers` n
 """
 
 from .config import PYTHON_STDLIB, DataConfig, SourceConfig
+from .errors import DataError, DataFileNotFoundError
 from .loader import TextBatchStream
 from .packing import IGNORE_INDEX, PackedSequence, Packer, pack_documents
 from .sources import BadRecordCounter, SourceReader, expand_source, iter_documents, read_documents, stdlib_files
@@ -28,6 +29,8 @@ __all__ = [
     "PYTHON_STDLIB",
     "DataConfig",
     "SourceConfig",
+    "DataError",
+    "DataFileNotFoundError",
     "TextBatchStream",
     "IGNORE_INDEX",
     "PackedSequence",

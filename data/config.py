@@ -19,6 +19,7 @@ from typing import List, Optional
 PYTHON_STDLIB = "@python-stdlib"
 
 BAD_RECORD_POLICIES = ("error", "skip")
+RESUME_POLICIES = ("exact", "restart")  # data.resume (data/resume.py)
 
 # Byte-level BPE starts from 256 byte tokens plus the two special tokens.
 MIN_TRAINED_VOCAB = 256 + 2
@@ -62,11 +63,17 @@ class DataConfig:
     # DataLoader worker processes that parse and tokenize text; 0 = in the training process.
     # Changing it never changes the stream (and a resumed run may use another value).
     num_workers: int = 0
+    # Resuming from a checkpoint whose data stream differs from this config's (data/resume.py):
+    # exact = refuse; restart = start the new mixture's stream from its beginning (a new phase),
+    # keeping model, optimizer and step.
+    resume: str = "exact"
 
     def validate(self) -> None:
         """Value checks; raise ValueError naming the offending key."""
         if self.on_bad_record not in BAD_RECORD_POLICIES:
             raise ValueError(f"data.on_bad_record: must be error|skip, got {self.on_bad_record!r}")
+        if self.resume not in RESUME_POLICIES:
+            raise ValueError(f"data.resume: must be exact|restart, got {self.resume!r}")
         if not isinstance(self.sources, (list, tuple)) or len(self.sources) == 0:
             raise ValueError("data.sources: needs at least one source ({path, weight, text_field})")
         for i, src in enumerate(self.sources):

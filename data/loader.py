@@ -69,6 +69,7 @@ import numpy as np
 import torch
 
 from .config import DataConfig
+from .errors import DataError
 from .packing import Packer, PackedSequence
 from .sources import (
     R_DOC,
@@ -272,7 +273,7 @@ class TextBatchStream:
         self._expand_counts = self._counter.as_dict()
         kept = [i for i, f in enumerate(self.files) if f]
         if not kept:
-            raise ValueError(f"data.sources: nothing to read (bad paths skipped: {self._expand_counts})")
+            raise DataError(f"data.sources: nothing to read (bad paths skipped: {self._expand_counts})")
         for i, f in enumerate(self.files):
             if not f:
                 logger.warning("data.sources[%d] (%r) has no readable files and is left out of the blend",
@@ -355,7 +356,7 @@ class TextBatchStream:
 
     def _end_epoch(self, lane: _Lane) -> None:
         if lane.epoch_docs == 0:
-            raise ValueError(
+            raise DataError(
                 f"data.sources[{lane.source}]: no usable documents in {len(lane.reader.files)} file(s) of "
                 f"{self.cfg.sources[lane.source].path!r} (bad records skipped so far: {self._counter.as_dict()})"
             )
@@ -483,11 +484,11 @@ class TextBatchStream:
             self._load_v1(state)
             return
         if version != STATE_VERSION:
-            raise ValueError(f"data state: version {version!r}, expected {STATE_VERSION}")
+            raise DataError(f"data state: version {version!r}, expected {STATE_VERSION}")
         mine = self._fingerprint()
         for key, value in mine.items():
             if key in state and state[key] != value:
-                raise ValueError(
+                raise DataError(
                     f"data state: {key} was {state[key]!r} when saved, now {value!r}; "
                     "the data stream would differ, so it cannot be resumed exactly"
                 )
@@ -495,7 +496,7 @@ class TextBatchStream:
         by_source = {l.source: l for l in self._lanes}
         saved = {int(p["source"]): p for p in state["positions"]}
         if set(saved) != set(by_source):
-            raise ValueError(f"data state: sources {sorted(saved)} were read when saved, now {sorted(by_source)}")
+            raise DataError(f"data state: sources {sorted(saved)} were read when saved, now {sorted(by_source)}")
         for i, p in saved.items():
             lane = by_source[i]
             lane.pos = (int(p["epoch"]), int(p["file"]), int(p["record"]))
@@ -522,7 +523,7 @@ class TextBatchStream:
         for key in ("seq_len", "seed", "vocab_size", "eos_id", "sources", "max_files"):
             mine = self._fingerprint()[key]
             if key in state and state[key] != mine:
-                raise ValueError(f"data state: {key} was {state[key]!r} when saved, now {mine!r}")
+                raise DataError(f"data state: {key} was {state[key]!r} when saved, now {mine!r}")
         target = int(state["sequences_consumed"]) * int(state["dp_world"])
         self._reset()
         for _ in range(target):

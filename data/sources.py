@@ -47,6 +47,7 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 
 from .config import PYTHON_STDLIB, SourceConfig
+from .errors import DataError
 from .holdout import split_files
 from .megatron import IndexMismatch, MegatronDocuments, megatron_prefix
 
@@ -199,7 +200,7 @@ def _handle(bad: _Bad, on_bad_record: str, counter: Optional[BadRecordCounter]) 
             raise ValueError("on_bad_record='skip' needs a BadRecordCounter")
         counter.record(bad.reason, bad.where, bad.detail)
         return
-    raise ValueError(
+    raise DataError(
         f"{bad.where}: {bad.reason.replace('_', ' ')}: {bad.detail} "
         "(set data.on_bad_record=skip to count and skip bad records)"
     )
@@ -238,12 +239,12 @@ def expand_source(
         if on_bad_record == "skip" and counter is not None:
             counter.record(reason, where, detail)
         else:
-            raise ValueError(f"{key}: {where}{': ' if where else ''}{detail}")
+            raise DataError(f"{key}: {where}{': ' if where else ''}{detail}")
     kept = split_files(files, src.path, src.holdout, held_out)
     if files and not kept and src.holdout > 0:
         side = "holds out none" if held_out else "holds out all"
-        raise ValueError(f"data.sources[{index}].holdout: {src.holdout} {side} of the source's {len(files)} files; "
-                         f"{'raise' if held_out else 'lower'} it")
+        raise DataError(f"data.sources[{index}].holdout: {src.holdout} {side} of the source's {len(files)} files; "
+                        f"{'raise' if held_out else 'lower'} it")
     return _spread(kept, max_files)
 
 
@@ -547,7 +548,7 @@ class SourceReader:
         by_fmt: Dict[str, List[str]] = {}
         for f, fmt in zip(self.files, self.formats):
             if fmt is None:
-                raise ValueError(f"data.sources[{index}]: {f}: unknown format")
+                raise DataError(f"data.sources[{index}]: {f}: unknown format")
             by_fmt.setdefault(fmt, []).append(f)
         self._streams = {fmt: _StreamingFiles(fs, fmt, text_field) for fmt, fs in by_fmt.items() if fmt != FMT_MEGATRON}
         self._megatron: Dict[str, object] = {}
@@ -689,5 +690,5 @@ def read_documents(
     """Yield the document texts of one file, applying the bad-record policy."""
     fmt = file_format(path)
     if fmt is None or fmt == FMT_MEGATRON:
-        raise ValueError(f"data.sources: {path}: not a text format (supported: {', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES)})")
+        raise DataError(f"data.sources: {path}: not a text format (supported: {', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES)})")
     yield from iter_documents([path], text_field, on_bad_record, counter)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Sequence
 
 from .config import DataConfig
+from .errors import DataError, DataFileNotFoundError
 from .sources import FMT_MEGATRON, BadRecordCounter, expand_source, file_format, is_remote, iter_documents
 
 logger = logging.getLogger(__name__)
@@ -128,11 +129,11 @@ def _load_local(path: str) -> TextTokenizer:
     file = p / "tokenizer.json" if p.is_dir() else p
     if not file.is_file():
         where = f"{p} has no tokenizer.json" if p.is_dir() else f"{path!r} does not exist"
-        raise FileNotFoundError(f"data.tokenizer: {where} (expected a HF tokenizers tokenizer.json or its directory)")
+        raise DataFileNotFoundError(f"data.tokenizer: {where} (expected a HF tokenizers tokenizer.json or its directory)")
     try:
         tok = Tokenizer.from_file(str(file))
     except Exception as e:  # the Rust side raises a plain Exception on bad JSON
-        raise ValueError(f"data.tokenizer: cannot load {file}: {e}") from None
+        raise DataError(f"data.tokenizer: cannot load {file}: {e}") from None
     eos, pad = _special_tokens(tok, file.parent)
     return TextTokenizer(tok, file.parent, eos, pad)
 
@@ -154,7 +155,7 @@ def _special_tokens(tok, directory: Path) -> tuple[str, Optional[str]]:
     if eos is None or tok.token_to_id(eos) is None:
         eos = next((t for t in _EOS_CANDIDATES if tok.token_to_id(t) is not None), None)
     if eos is None:
-        raise ValueError(
+        raise DataError(
             f"data.tokenizer: {directory}: cannot find an end-of-text token "
             f"(tried tokenizer_config.json eos_token and {', '.join(_EOS_CANDIDATES)})"
         )
@@ -214,7 +215,7 @@ def _training_texts(cfg: DataConfig, files: List[str], stats: dict) -> Iterator[
     docs = 0
     src = cfg.sources[0]
     if order and all(file_format(f) == FMT_MEGATRON for f in order):
-        raise ValueError(
+        raise DataError(
             f"data.tokenizer: data.sources[0] ({src.path!r}) is pre-tokenized (.bin/.idx), so no tokenizer can be "
             "trained on it; set data.tokenizer to the tokenizer it was made with"
         )

@@ -90,23 +90,40 @@ class MultiHeadLatentAttention(nn.Module):
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         bsz, seq, _ = x.shape
-        if self.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        out = self.attend(*self.latents(x), rope, mask)
+        return self.o_proj(out.reshape(bsz, seq, -1))
+
+    def latents(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The down-projections: (query input of the up-projection, normed c_KV, raw k^R) (V3 eqs. 1, 3, 6)."""
+        q_in = x if self.q_lora_rank is None else self.q_a_layernorm(self.q_a_proj(x))
+        kv_latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        return q_in, self.kv_a_layernorm(kv_latent), k_pe
+
+    def attend(
+        self, q_in: torch.Tensor, kv_latent: torch.Tensor, k_pe: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor], mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Up-projections and attention core: [B, S, H, Dv] from the latents."""
+        return self.core(*self.up_project(q_in, kv_latent, k_pe, rope), mask)
+
+    def up_project(
+        self, q_in: torch.Tensor, kv_latent: torch.Tensor, k_pe: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q = [q^C; RoPE(q^R)], k = [k^C; RoPE(k^R)], v per head (V3 eqs. 2-5, 7-9)."""
+        bsz, seq, _ = kv_latent.shape
+        q = self.q_proj(q_in) if self.q_lora_rank is None else self.q_b_proj(q_in)
         q = q.view(bsz, seq, -1, self.qk_head_dim)  # -1: heads (fewer per rank under TP)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-
-        kv_latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        kv = self.kv_b_proj(self.kv_a_layernorm(kv_latent))
-        kv = kv.view(bsz, seq, -1, self.qk_nope_head_dim + self.v_head_dim)
+        kv = self.kv_b_proj(kv_latent).view(bsz, seq, -1, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-
         cos, sin = rope
         q_pe = apply_rope(q_pe, cos, sin)
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin)  # one rope key shared by every head
         heads = q.shape[2]
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.expand(-1, -1, heads, -1)], dim=-1)
-        out = attention_core(q, k, v, self.scale, self.impl, mask)
-        return self.o_proj(out.reshape(bsz, seq, -1))
+        return q, k, v
+
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """softmax(q k^T * scale) v (V3 eq. 10)."""
+        return attention_core(q, k, v, self.scale, self.impl, mask)

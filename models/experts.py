@@ -115,12 +115,16 @@ class GroupedExperts(nn.Module):
         """x: [N, H] sorted by expert; counts: [E] rows per expert -> [N, H]."""
         if self.gemm is not None:
             offsets = counts.cumsum(0).to(torch.int32)
-            return self.gemm(swiglu(self.gemm(x, self.gate_up_proj, counts, offsets)), self.down_proj, counts, offsets)
+            return self.gemm(self.activation(self.gemm(x, self.gate_up_proj, counts, offsets)), self.down_proj, counts, offsets)
         if self.resolved_implementation(x) == "grouped_mm":
             offsets = counts.cumsum(0).to(torch.int32)
-            act = swiglu(grouped_linear(x, self.gate_up_proj, offsets))
+            act = self.activation(grouped_linear(x, self.gate_up_proj, offsets))
             # The output is returned unwrapped (not a view): its consumer (gating in combine)
             # always sends a dense gradient, and FSDP2 hooks need a non-view module output.
             return torch._grouped_mm(act, self.down_proj.transpose(-2, -1), offs=offsets)
         sizes = counts.tolist()
-        return looped_linear(swiglu(looped_linear(x, self.gate_up_proj, sizes)), self.down_proj, sizes)
+        return looped_linear(self.activation(looped_linear(x, self.gate_up_proj, sizes)), self.down_proj, sizes)
+
+    def activation(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of the fused [rows, 2I] projection output (the down projection's input)."""
+        return swiglu(gate_up)

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -137,6 +137,65 @@ def dequantize_blocks(q: torch.Tensor, scales: torch.Tensor, block: int = TILE, 
         t = q.to(dtype).view(*lead, n // block, block, k // block, block)
         return (t * scales.to(dtype)[..., :, None, :, None]).view(q.shape)
     return q.to(dtype) * expand_block_scales(scales.to(dtype), n, k, block)
+
+
+class QuantisedWeights:
+    """FP8 copies of weights, made once per weight version and shared by every micro-batch.
+
+    A weight is quantised (128 x 128 blocks) the first time a GEMM needs it after it changed, and the
+    same (q, scales) tensors are then used -- and saved for backward -- by the forward and backward
+    of every micro-batch until the weight changes again: one quantised copy per weight per optimizer
+    step, not one per micro-batch in flight (DESIGN.md 4b). The key is the weight's storage address,
+    layout and autograd version counter; every in-place write (the optimizer step, ZeRO-1's copy of
+    the updated shard, an FSDP2 all-gather, load_state_dict) bumps the version, so a stale copy is
+    never used. `release_quantised_weights` drops all copies after backward, before the optimizer
+    step, so they do not outlive the step. At most `capacity` weights are held (a Linear has one,
+    the routed experts two: gate_up and down); an evicted copy stays alive only in the autograd
+    graphs that saved it. Not copied by deepcopy or pickling (a copy starts empty).
+    """
+
+    def __init__(self, capacity: int = 1) -> None:
+        self.capacity = capacity
+        self._entries: dict[tuple, tuple[int, torch.Tensor, torch.Tensor]] = {}
+
+    @staticmethod
+    def _slot(weight: torch.Tensor, block: int) -> tuple:
+        return (weight.device, weight.data_ptr(), weight.storage_offset(), tuple(weight.shape), tuple(weight.stride()),
+                weight.dtype, block)
+
+    def get(self, weight: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q, scales) of `weight` in block x block blocks, quantised now only if it changed since the last call."""
+        try:
+            version = weight._version
+        except RuntimeError:  # inference tensors have no version counter: nothing to key a copy on
+            return quantize_blocks(weight, block)
+        slot = self._slot(weight, block)
+        hit = self._entries.get(slot)
+        if hit is not None and hit[0] == version:
+            return hit[1], hit[2]
+        with torch.no_grad():
+            q, s = quantize_blocks(weight.detach(), block)
+        self._entries.pop(slot, None)
+        self._entries[slot] = (version, q, s)
+        while len(self._entries) > self.capacity:
+            self._entries.pop(next(iter(self._entries)))
+        return q, s
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The quantised weights and scales held now (for memory accounting)."""
+        return [t for _, q, s in self._entries.values() for t in (q, s)]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __deepcopy__(self, memo: dict) -> "QuantisedWeights":
+        return QuantisedWeights(self.capacity)
+
+    def __getstate__(self) -> dict:
+        return {"capacity": self.capacity, "_entries": {}}
 
 
 def row_tile_ids(counts: Optional[torch.Tensor], n_rows: int, tile: int, device: torch.device) -> tuple[torch.Tensor, int]:
@@ -347,15 +406,17 @@ def describe_backend(recipe: Fp8Recipe, device: torch.device) -> str:
 
 
 class _Fp8LinearFn(torch.autograd.Function):
-    """y = x w^T with FP8 operands in all three GEMMs; caches FP8 x and FP8 w for backward."""
+    """y = x w^T with FP8 operands in all three GEMMs; saves FP8 x and FP8 w for backward
+    (w from `weights`, the step's shared copy, when given)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe, out_dtype: torch.dtype):  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe, out_dtype: torch.dtype,  # type: ignore[override]
+                weights: Optional[QuantisedWeights]):
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
         m, n = x2.shape[0], weight.shape[0]
         xq, xs = quantize_tiles(x2, recipe.tile)
-        wq, ws = quantize_blocks(weight, recipe.block)
+        wq, ws = weights.get(weight, recipe.block) if weights is not None else quantize_blocks(weight, recipe.block)
         backend = resolve_backend(recipe, "fwd", x.device, _blockwise_shape_ok(k, n) and m % 4 == 0)
         y = _gemm(backend, "fwd", xq, xs, wq, ws, recipe, out_dtype)
         ctx.save_for_backward(xq, xs, wq, ws)
@@ -380,7 +441,7 @@ class _Fp8LinearFn(torch.autograd.Function):
             bq, bs, bids = quantize_row_tiles(x, r.tile)
             backend = resolve_backend(r, "wgrad", g.device, _blockwise_shape_ok(m, n, k))
             dw = _gemm(backend, "wgrad", aq, as_, aids, bq, bs, bids, r)
-        return dx, dw, None, None
+        return dx, dw, None, None, None
 
 
 def _autocast_out_dtype(x: torch.Tensor) -> torch.dtype:
@@ -391,11 +452,12 @@ def _autocast_out_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-               recipe: Fp8Recipe = Fp8Recipe()) -> torch.Tensor:
-    """F.linear with the three GEMMs in FP8. Output dtype: the autocast dtype inside autocast, else x's."""
+               recipe: Fp8Recipe = Fp8Recipe(), weights: Optional[QuantisedWeights] = None) -> torch.Tensor:
+    """F.linear with the three GEMMs in FP8. Output dtype: the autocast dtype inside autocast, else x's.
+    `weights`: where the quantised weight is kept for the step (None: quantised on every call)."""
     out_dtype = _autocast_out_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
-        y = _Fp8LinearFn.apply(x, weight, recipe, out_dtype)
+        y = _Fp8LinearFn.apply(x, weight, recipe, out_dtype, weights)
         if bias is not None:
             y = y + bias.to(y.dtype)
     return y
@@ -413,9 +475,16 @@ class Fp8Linear(nn.Linear):
     per shard -- and the output is re-wrapped with the placement the plan implies:
     weight Shard(0) (colwise) -> output Shard(-1), and dx is a partial sum over ranks (the input's
     gradient placement says so, DTensor reduces it); weight Shard(1) (rowwise) -> output Partial.
+    The quantised weight (of the local shard under TP) is made once per weight version and shared by
+    every micro-batch (`quantised_weights`, see QuantisedWeights).
     """
 
     recipe: Fp8Recipe = Fp8Recipe()
+
+    def __init__(self, *args: Any, recipe: Fp8Recipe = Fp8Recipe(), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.recipe = recipe
+        self.quantised_weights = QuantisedWeights(1)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, recipe: Fp8Recipe) -> "Fp8Linear":
@@ -425,12 +494,13 @@ class Fp8Linear(nn.Linear):
         new.weight = linear.weight
         new.bias = linear.bias
         new.recipe = recipe
+        new.quantised_weights = QuantisedWeights(1)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _is_dtensor(self.weight):
             return self._forward_dtensor(x)
-        return fp8_linear(x, self.weight, self.bias, self.recipe)
+        return fp8_linear(x, self.weight, self.bias, self.recipe, self.quantised_weights)
 
     def _forward_dtensor(self, x: torch.Tensor) -> torch.Tensor:
         from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
@@ -454,7 +524,7 @@ class Fp8Linear(nn.Linear):
         else:
             out_placement = Replicate()
             b_local = bias.to_local() if bias is not None else None
-        y = fp8_linear(x_local, w.to_local(), b_local, self.recipe)
+        y = fp8_linear(x_local, w.to_local(), b_local, self.recipe, self.quantised_weights)
         y = DTensor.from_local(y, w.device_mesh, [out_placement], run_check=False)
         if bias is not None and b_local is None:
             y = y.redistribute(placements=[Replicate()]) + bias  # reduce first: bias once, not per rank
@@ -485,9 +555,11 @@ class _Fp8GroupedFn(torch.autograd.Function):
     """out[rows of e] = x[rows of e] @ weight[e]^T for every expert e, FP8 in all three GEMMs."""
 
     @staticmethod
-    def forward(ctx, x, weight, counts, offsets, recipe: Fp8Recipe, out_dtype):  # type: ignore[override]
+    def forward(ctx, x, weight, counts, offsets, recipe: Fp8Recipe, out_dtype,  # type: ignore[override]
+                weights: Optional[QuantisedWeights]):
         xq, xs = quantize_tiles(x, recipe.tile)
-        wq, ws = quantize_blocks(weight, recipe.block)  # [E, O, H], per-expert 128x128 blocks
+        # [E, O, H], per-expert 128x128 blocks; the step's shared copy when `weights` is given
+        wq, ws = weights.get(weight, recipe.block) if weights is not None else quantize_blocks(weight, recipe.block)
         xd = dequantize_tiles(xq, xs, recipe.tile)
         wd = dequantize_blocks(wq, ws, recipe.block)
         y = _grouped_mm_fp32(xd, wd.transpose(-2, -1), offsets, counts).to(out_dtype)
@@ -509,22 +581,41 @@ class _Fp8GroupedFn(torch.autograd.Function):
             g = dequantize_row_tiles(*quantize_row_tiles(grad, r.tile, counts))  # tiles stay inside an expert
             xr = dequantize_row_tiles(*quantize_row_tiles(x, r.tile, counts))
             dw = _grouped_mm_fp32(g.t(), xr, offsets, counts)
-        return dx, dw, None, None, None, None
+        return dx, dw, None, None, None, None, None
 
 
 class Fp8GroupedGemm:
-    """The GroupedExperts GEMM hook: (x [N,H] expert-sorted, weight [E,O,H], counts, offsets) -> [N,O]."""
+    """The GroupedExperts GEMM hook: (x [N,H] expert-sorted, weight [E,O,H], counts, offsets) -> [N,O].
+    Its two weights (gate_up, down) are quantised once per weight version (`quantised_weights`)."""
 
     def __init__(self, recipe: Fp8Recipe) -> None:
         self.recipe = recipe
+        self.quantised_weights = QuantisedWeights(2)
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         out_dtype = _autocast_out_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            return _Fp8GroupedFn.apply(x, weight, counts, offsets, self.recipe, out_dtype)
+            return _Fp8GroupedFn.apply(x, weight, counts, offsets, self.recipe, out_dtype, self.quantised_weights)
 
     def __repr__(self) -> str:
         return f"Fp8GroupedGemm({self.recipe})"
+
+
+def quantised_weight_stores(model: nn.Module) -> list[QuantisedWeights]:
+    """Every QuantisedWeights of a model's FP8 Linears and FP8 expert GEMMs."""
+    stores = []
+    for m in model.modules():
+        if isinstance(m, Fp8Linear):
+            stores.append(m.quantised_weights)
+        elif isinstance(getattr(m, "gemm", None), Fp8GroupedGemm):
+            stores.append(m.gemm.quantised_weights)
+    return stores
+
+
+def release_quantised_weights(model: nn.Module) -> None:
+    """Drop the step's quantised weights (after backward, before the optimizer changes the weights)."""
+    for store in quantised_weight_stores(model):
+        store.clear()
 
 
 def e4m3_error_bound(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -537,4 +628,5 @@ __all__ = [
     "E4M3", "E4M3_MAX", "TILE", "Fp8Recipe", "Fp8Linear", "Fp8GroupedGemm", "fp8_linear",
     "quantize_tiles", "dequantize_tiles", "quantize_blocks", "dequantize_blocks", "quantize_row_tiles",
     "dequantize_row_tiles", "fake_quantize", "resolve_backend", "describe_backend", "e4m3_error_bound",
+    "QuantisedWeights", "quantised_weight_stores", "release_quantised_weights",
 ]

@@ -47,7 +47,16 @@ class Block(nn.Module):
         doc_ids: Optional[torch.Tensor] = None,
         mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask)
+        return self.ffn_residual(self.attention_residual(x, rope, mask), doc_ids)
+
+    def attention_residual(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """x + MLA(norm(x)): the block's first half."""
+        return x + self.self_attn(self.input_layernorm(x), rope, mask)
+
+    def ffn_residual(self, x: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x + FFN(norm(x)), FFN dense or MoE: the block's second half."""
         h = self.post_attention_layernorm(x)
         return x + (self.mlp(h, doc_ids) if isinstance(self.mlp, MoE) else self.mlp(h))
 

@@ -67,8 +67,21 @@ CASES = {
                                            "at least 4"),
     "unknown_pipeline_schedule": ("tiny", ["parallel.pipeline_schedule=ZigZag"], "parallel.pipeline_schedule",
                                   "choose one of GPipe, 1F1B"),
+    "unknown_data_resume": ("tiny", ["data.resume=continue"], "data.resume", "must be exact|restart"),
     "unknown_data_parallel": ("tiny", ["parallel.data_parallel=ddp"], "parallel.data_parallel", "must be fsdp|zero1"),
     "zero_tp": ("tiny", ["parallel.tp=0"], "parallel.tp", "must be >= 1"),
+    # ---- activation recomputation
+    "unknown_recompute_mode": ("tiny", ["train.recompute=partial"], "train.recompute", "must be none|selective|full"),
+    "unknown_recompute_module": ("tiny", ["train.recompute=selective", "train.recompute_modules=[layernorm,softmax]"],
+                                 "train.recompute_modules", "choose from layernorm, mla_up_proj"),
+    "selective_without_modules": ("tiny", ["train.recompute=selective", "train.recompute_modules=[]"],
+                                  "train.recompute_modules", "needs at least one module"),
+    "recompute_module_twice": ("tiny", ["train.recompute=selective", "train.recompute_modules=[mlp,mlp]"],
+                               "train.recompute_modules", "lists a module twice"),
+    "negative_recompute_layers": ("tiny", ["train.recompute=full", "train.recompute_num_layers=-1"],
+                                  "train.recompute_num_layers", "must be >= 0 (0 = every block)"),
+    "recompute_layers_without_full": ("tiny", ["train.recompute_num_layers=2"], "train.recompute_num_layers",
+                                      "set it to 0 or train.recompute=full"),
 }
 
 

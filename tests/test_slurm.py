@@ -180,7 +180,10 @@ def test_sbatch_two_tasks_requeue_resumes_and_completes(slurm, repo_root, tmp_pa
     t_ckpt = time.time() - t0
     slurm.run(["scancel", "--batch", "--signal=USR1", job_id])
 
-    # Requeued jobs wait for a BeginTime (~2 min by default); start it now.
+    # Requeued jobs wait for a BeginTime (~2 min by default); start it sooner, but not within the
+    # second of the requeue: slurmd refuses a batch launch whose credential is not newer than the
+    # revocation of the previous run's (1 s resolution): "Job N already killed, do not launch batch job".
+    pending_since = None
     while True:
         info = slurm.job(job_id)
         state, restarts = info.get("JobState"), int(info.get("Restarts", "0"))
@@ -189,7 +192,9 @@ def test_sbatch_two_tasks_requeue_resumes_and_completes(slurm, repo_root, tmp_pa
         if state in TERMINAL - {"COMPLETED"}:
             fail(f"job ended in {state} before it was requeued")
         if state == "PENDING" and info.get("Reason") == "BeginTime":
-            slurm.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
+            pending_since = pending_since or time.time()
+            if time.time() - pending_since >= 2:
+                slurm.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
         if time.time() > deadline:
             fail("the job did not finish in time")
         time.sleep(0.5)
@@ -202,6 +207,11 @@ def test_sbatch_two_tasks_requeue_resumes_and_completes(slurm, repo_root, tmp_pa
     assert "(restart 0)" in text and "(restart 1)" in text, text[-4000:]
     assert "2 agents x 1 processes = world 2" in text and "rendezvous localhost:" in text
     assert "time limit near" in text
+    # Only the training processes got SIGTERM: the step was not cancelled and no agent was signalled.
+    for symptom in ("forcing job termination", "death signal", "SignalException"):
+        assert symptom not in text, (symptom, text[-4000:])
+    assert not re.search(r"STEP \S+ ON \S+ CANCELLED", text), text[-4000:]  # the job itself is, by the requeue
+    assert re.search(r"SIGTERM to [12] training processes", text), text[-4000:]
     resumed = re.search(r"resumed from \S+step_(\d+) \(step (\d+)\)", text)
     assert resumed, text[-4000:]
     resumed_step = int(resumed.group(2))

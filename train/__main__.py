@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from train.config import ConfigError, load_config
+from train.config import load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,18 +15,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    from train.launch import run
+    from train.user_errors import run_reporting_user_errors
 
-    try:
+    def train() -> int:
+        cfg = load_config(args.config, args.overrides)
+        from train.launch import run
+
         return run(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+
+    return run_reporting_user_errors(train)  # user errors: one line and exit codes 2-7 (train/user_errors.py)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,9 @@ so a truncated checkpoint fails with the file it concerns, on every rank alike.
 Reading without a training process (export, inference): `resolve_checkpoint`, `read_meta`,
 `saved_config` / `saved_model_config`, `SavedModel` (model tensors by name, or dim-0 row
 ranges of them, one at a time) and `describe_error` for DCP's failures.
+
+A save that runs out of disk space raises DiskFullError (train/disk_space.py) naming the
+directory and the bytes needed and free, after removing its partial `.tmp` directory.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from models.config import ModelConfig
 from parallel.checkpointing import CheckpointState
 from train.config import CheckpointConfig, Config
+from train.disk_space import disk_full_reported, state_bytes
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +179,7 @@ class AsyncCheckpoint:
     tmp: Path
     final: Path
     step: int
+    needed_bytes: int = 0  # this rank's shard bytes, for a disk-full report
 
     def done(self) -> bool:
         return self.future.done()
@@ -199,19 +204,24 @@ class Checkpointer:
         published on return, or (async) by a later `finish`."""
         self.finish()  # only here does a step wait for a background write
         final, tmp = self._fresh_tmp_dir(step)
-        _write_json(tmp / f"rank{self.ctx.rank}.json", rank_state)
-        if self.ctx.is_main:
-            _write_json(tmp / "meta.json", meta)
+        state_dict = self.state.state_dict()
+        needed = state_bytes(state_dict)
+        is_main = self.ctx.is_main
+        with disk_full_reported(self.root, tmp, needed, remove_tmp=is_main):
+            _write_json(tmp / f"rank{self.ctx.rank}.json", rank_state)
+            if is_main:
+                _write_json(tmp / "meta.json", meta)
+            if not self.async_save:
+                dcp.save(state_dict, checkpoint_id=str(tmp))
         if self.async_save:
-            response = dcp.async_save(self.state.state_dict(), checkpoint_id=str(tmp),
-                                      process_group=_checkpoint_group())
+            response = dcp.async_save(state_dict, checkpoint_id=str(tmp), process_group=_checkpoint_group())
             future = getattr(response, "upload_completion", response)  # AsyncSaveResponse with async staging
-            self.pending = AsyncCheckpoint(future, tmp, final, step)
+            self.pending = AsyncCheckpoint(future, tmp, final, step, needed)
             return final
-        dcp.save(self.state.state_dict(), checkpoint_id=str(tmp))
         self.ctx.barrier()  # every rank's shards are written
-        if self.ctx.is_main:
-            self._publish(tmp, final, step)
+        if is_main:
+            with disk_full_reported(self.root, tmp, 0, remove_tmp=True):
+                self._publish(tmp, final, step)
         self.ctx.barrier()
         return final
 
@@ -226,12 +236,13 @@ class Checkpointer:
         if pending is None or not (wait or pending.done()):
             return None
         self.pending = None
-        try:
-            pending.future.result()
-        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
-            raise CheckpointError(f"{pending.tmp}: async save failed ({describe_error(e)})") from None
-        if self.ctx.is_main:
-            self._publish(pending.tmp, pending.final, pending.step)
+        with disk_full_reported(self.root, pending.tmp, pending.needed_bytes, remove_tmp=self.ctx.is_main):
+            try:
+                pending.future.result()
+            except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+                raise CheckpointError(f"{pending.tmp}: async save failed ({describe_error(e)})") from None
+            if self.ctx.is_main:
+                self._publish(pending.tmp, pending.final, pending.step)
         return pending.final
 
     def load_latest(self) -> Optional[tuple[Path, dict[str, Any], Optional[dict[str, Any]]]]:

@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from data.config import DataConfig, SourceConfig
 from models.config import ModelConfig
 from parallel import layout
+from parallel.recompute import DEEPSEEK_V3_MODULES, check_recompute
 
 
 class ConfigError(ValueError):
@@ -89,6 +90,12 @@ class TrainConfig:
     grad_accum_steps: int = 1
     precision: str = "fp32"  # fp32 | bf16 | fp8
     fp8: Fp8Config = field(default_factory=Fp8Config)
+    # Activation recomputation (parallel/recompute.py says what each mode and module keeps and recomputes):
+    # none | selective (the modules in recompute_modules) | full (every block, or every N-th: recompute_num_layers)
+    recompute: str = "none"
+    # layernorm | mla_up_proj | moe_act | core_attn | mlp | shared_experts (selective only)
+    recompute_modules: list[str] = field(default_factory=lambda: list(DEEPSEEK_V3_MODULES))
+    recompute_num_layers: int = 0  # full: 0 = every block, N = blocks at model position i with i % N == 0
     log_interval: int = 10
     # V3 §4.2: lambda 0.3 -> 0.1, gamma 0.001 -> 0; empty values = model.mtp_loss_weight / model.bias_update_speed
     mtp_weight: PiecewiseSchedule = field(default_factory=PiecewiseSchedule)
@@ -180,6 +187,10 @@ class Config:
             "train.fp8.backend", f"must be auto|emulate|scaled_mm|blockwise, got {t.fp8.backend!r}",
         )
         _check(bool(t.fp8.modules), "train.fp8.modules", "must list at least one module pattern (\"*\" = all)")
+        try:
+            check_recompute(t.recompute, t.recompute_modules, t.recompute_num_layers)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         _check(t.log_interval > 0, "train.log_interval", "must be > 0")
         _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
         _check(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be in [0, optim.lr={o.lr}], got {o.min_lr}")

@@ -107,8 +107,8 @@ class HeldOutData:
         try:
             self.stream = TextBatchStream(data_cfg, tokenizer, t.seq_len, t.micro_batch_size, dp_rank, dp_size,
                                           held_out=True)
-        except ValueError as e:
-            raise ValueError(str(e).replace("data.sources", "eval.sources")) from None
+        except ValueError as e:  # a DataError stays one: the errors name eval.sources, the section at fault
+            raise type(e)(str(e).replace("data.sources", "eval.sources")) from None
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.micro_batch, self.micro_per_round = t.micro_batch_size, t.grad_accum_steps
         self.sequences = math.ceil(cfg.eval.tokens / t.seq_len)

@@ -1,11 +1,13 @@
 """Export a moeforge checkpoint to a Hugging Face DeepSeek-V3 (or V2) directory.
 
-    python -m train.export --checkpoint RUN_DIR/checkpoints/step_N --out DIR [--dtype bfloat16] [--max-shard-size 5GB]
+    python -m train.export --checkpoint RUN_DIR/checkpoints/step_N --out DIR [--dtype fp32|bf16|fp8] [--max-shard-size 5GB]
 
 `--checkpoint` may also be a run directory or its checkpoints/ directory (the newest complete
 checkpoint is taken). DIR receives config.json, model-0000k-of-0000n.safetensors shards with
 model.safetensors.index.json, and the run's tokenizer files; `transformers.AutoModelForCausalLM`
-and `AutoTokenizer.from_pretrained(DIR)` load it. The writing itself is train/hf/write.py.
+and `AutoTokenizer.from_pretrained(DIR)` load it. `--dtype fp8` writes DeepSeek-V3's released FP8
+format (float8_e4m3fn Linear weights with 128x128-block `weight_scale_inv`, the rest in bf16;
+train/hf/quant_fp8.py). The writing itself is train/hf/write.py.
 """
 
 from __future__ import annotations
@@ -22,14 +24,16 @@ import torch
 from train import checkpoint as ckpt
 from train.hf.write import INDEX_FILE, export_checkpoint
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn,
+          "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="step_N directory, or a run directory (newest checkpoint)")
     p.add_argument("--out", required=True, help="output directory (HF layout)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weight dtype (default: the checkpoint's)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="weight dtype; fp8: the released DeepSeek-V3 FP8 format (default: the checkpoint's)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: RUN_DIR/tokenizer)")
     args = p.parse_args(argv)

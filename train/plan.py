@@ -1,4 +1,4 @@
-"""`python -m train.plan --config FILE [--gpus N] [--gpu-mem-gb 80] [--recompute none|full] [--json] [key=value ...]`
+"""`python -m train.plan --config FILE [--gpus N] [--gpu-mem-gb 80] [--recompute none|selective|full] [--json] [key=value ...]`
 
 Parameters (total, activated per token), training FLOPs per token, and the memory each rank
 needs under the configured layout and precision, with a verdict for a given GPU memory and the
@@ -18,17 +18,21 @@ Memory model (per rank, bytes; GiB = 2**30 in the output), matching what moeforg
   expert-data-parallel ranks (experts). One process, or FSDP without data parallelism, wraps
   nothing: plain AdamW on whole parameters.
 * Precision. Parameters are fp32 masters in every mode, gradients fp32, AdamW moments fp32 (bf16 with
-  optim.bf16_moments). bf16/fp8 add compute copies: FSDP2 gathers two blocks at a time in bf16 (a
-  pipeline stage keeps all of its blocks gathered from forward to backward); replicated parameters
-  get a bf16 autocast copy; FP8 GEMMs keep their quantised (1-byte) weights for the backward pass
-  of every micro-batch in flight.
-* Activations, per token and layer, for flash-style attention (no S x S term): norm inputs and the
-  residual stream fp32; q, k, v, attention output, SwiGLU inputs and expert outputs in the compute
-  dtype; Linear inputs in the compute dtype, or 1 byte under FP8 (quantised inputs are what FP8 GEMMs
-  save). MoE layers hold num_experts_per_tok copies of the token's expert path. The head keeps
-  fp32 logits and their softmax for the main and every MTP depth (one micro-batch at a time).
-  Tensor parallelism is assumed sequence-parallel (activations / tp). `--recompute full` keeps only
-  each layer's input (plus one layer being recomputed); moeforge trains with `none` today.
+  optim.bf16_moments). Weight copies ("bf16/fp8 weight copies"): FSDP2 gathers two blocks at a time in
+  bf16 (a pipeline stage keeps all of its blocks gathered from forward to backward). Without FSDP,
+  autocast casts every Linear / expert weight again in each micro-batch's forward and that graph saves
+  the copy, so bf16 copies count once per micro-batch in flight (the fused head's cast is transient;
+  router and norms stay fp32). FP8 GEMMs share one quantised copy per weight per optimizer step
+  (models.fp8.QuantisedWeights: 1 byte + one fp32 scale per 128 x 128 block), except under FSDP2, whose
+  re-gather writes the weight each micro-batch (a new version, so a new copy per micro-batch in flight).
+* Activations: train/activations.py, term by term what the code saves for backward, per token and
+  layer kind, for fp32 / bf16 / fp8 and every train.recompute mode (parallel/recompute.py's semantics);
+  tests/test_plan_measured.py checks it against the bytes autograd saves on CPU. Tensor parallelism is
+  assumed sequence-parallel (activations / tp). A block recomputed whole keeps its input and, under EP,
+  the rows its all-to-alls moved; one such block's activations live again while it recomputes.
+* Buffers, one micro-batch at a time: the head (final norm, and the fused head+CE's grad_h and fp32
+  weight gradient, for the main head and every MTP depth), the EP all-to-all send and receive rows of
+  one layer, and under fp8 the emulated expert GEMM's transient fp32 gate_up weights of one layer.
 * Micro-batches in flight on a rank: 1 without PP; GPipe all; 1F1B pp - rank; interleaved
   schedules their warm-up depth; V-shaped (DualPipe) pp + 1 (DeepSeek-V3 report, Table 2).
 * Fixed overhead (CUDA context, NCCL and allocator slack): `--overhead-gb`, 3 GiB by default.
@@ -44,6 +48,7 @@ from typing import Any, Optional
 
 from models.accounting import build_meta_model, count_model
 from parallel import layout
+from train.activations import ActivationModel, Recompute
 from train.config import Config, ConfigError, load_config
 
 GiB = 2**30
@@ -60,37 +65,44 @@ class Unit:
     expert: int = 0  # routed-expert parameters
     fp8_dense: int = 0  # of which run their GEMMs in FP8 (train.precision=fp8)
     fp8_expert: int = 0
+    cast: int = 0  # non-expert weights a bf16 GEMM saves a cast copy of (Linears; not the fused head, router, norms)
+    cast_expert: int = 0  # routed-expert weights likewise (all of them)
     moe: bool = False  # a layer with routed experts
     layer: bool = False  # a transformer block (or an MTP module's block)
     mtp: bool = False
+    position: int = -1  # model position of a block: decoder layer i, or L + k for MTP depth k + 1
 
 
 def _is_expert(name: str) -> bool:
     return ".experts." in name  # parallel.expert_parallel.is_expert_param without importing parallel
 
 
+def _fp8_selected(name: str, cfg: Config) -> bool:
+    from train.precision import fp8_selected
+
+    return fp8_selected(name, cfg.train.fp8.modules, cfg.train.fp8.exclude)
+
+
 def model_units(cfg: Config) -> tuple[Unit, list[Unit], Unit, list[Unit]]:
     """(embedding, layers, head, mtp modules) with parameter counts, from the meta-device model."""
-    import fnmatch
-
     from torch import nn
 
     from models.experts import GroupedExperts
+    from models.head_loss import fused_head_applies
 
     model = build_meta_model(cfg.model)
-    fp8 = cfg.train.precision == "fp8"
-    inc, exc = list(cfg.train.fp8.modules), list(cfg.train.fp8.exclude)
     fp8_params: set[int] = set()
-    if fp8:
+    if cfg.train.precision == "fp8":
         for name, module in model.named_modules():
-            if not name or not isinstance(module, (nn.Linear, GroupedExperts)):
-                continue
-            if any(fnmatch.fnmatchcase(name, p) for p in inc) and not any(fnmatch.fnmatchcase(name, p) for p in exc):
+            if name and isinstance(module, (nn.Linear, GroupedExperts)) and _fp8_selected(name, cfg):
                 fp8_params.update(id(p) for p in module.parameters(recurse=False))
+    cast_params = {id(p) for name, m in model.named_modules() if isinstance(m, (nn.Linear, GroupedExperts))
+                   and not (name == "lm_head" and fused_head_applies(m)) for p in m.parameters(recurse=False)}
 
     embed, head = Unit("embedding"), Unit("head")
-    layers = [Unit(f"layer {i}", moe=cfg.model.is_moe_layer(i), layer=True) for i in range(cfg.model.num_hidden_layers)]
-    mtps = [Unit(f"mtp {k + 1}", moe=cfg.model.is_moe_layer(cfg.model.num_hidden_layers + k), layer=True, mtp=True)
+    L = cfg.model.num_hidden_layers
+    layers = [Unit(f"layer {i}", moe=cfg.model.is_moe_layer(i), layer=True, position=i) for i in range(L)]
+    mtps = [Unit(f"mtp {k + 1}", moe=cfg.model.is_moe_layer(L + k), layer=True, mtp=True, position=L + k)
             for k in range(cfg.model.num_nextn_predict_layers)]
     seen: set[int] = set()
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -108,9 +120,11 @@ def model_units(cfg: Config) -> tuple[Unit, list[Unit], Unit, list[Unit]]:
             unit = head
         n = p.numel()
         if _is_expert(name):
+            unit.cast_expert += n if id(p) in cast_params else 0
             unit.expert += n
             unit.fp8_expert += n if id(p) in fp8_params else 0
         else:
+            unit.cast += n if id(p) in cast_params else 0
             unit.dense += n
             unit.fp8_dense += n if id(p) in fp8_params else 0
     return embed, layers, head, mtps
@@ -183,51 +197,6 @@ def in_flight(cfg: Config, rank: int) -> float:
     return float(max(1, min(m, p.pp - rank)))  # 1F1B
 
 
-# ---------------------------------------------------------------- activations
-def layer_activation_bytes(cfg: Config, moe: bool, precision: str) -> float:
-    """Bytes one transformer block saves for backward, per token (before the /tp split)."""
-    mc = cfg.model
-    c = 4 if precision == "fp32" else 2  # compute dtype
-    n = 4  # fp32 residual stream and norms
-    li = 1 if precision == "fp8" else c  # Linear inputs (FP8 GEMMs save the quantised input)
-    H, nh = mc.hidden_size, mc.num_attention_heads
-    dqk, dv, dr = mc.qk_head_dim, mc.v_head_dim, mc.qk_rope_head_dim
-    attn = H * n + H * li  # input norm, normed x (input of q_a / q_proj and kv_a)
-    if mc.q_lora_rank:
-        attn += mc.q_lora_rank * (n + li)  # q_a_layernorm input, q_b_proj input
-    attn += mc.kv_lora_rank * (n + li)  # kv_a_layernorm input, kv_b_proj input
-    attn += (nh * dr + dr) * c  # RoPE inputs
-    attn += (2 * nh * dqk + 2 * nh * dv) * c  # SDPA: q, k, v, output
-    attn += nh * dv * li  # o_proj input
-    ffn = H * n  # post-attention norm input
-    if moe:
-        I, k, E = mc.moe_intermediate_size, mc.num_experts_per_tok, mc.n_routed_experts
-        ffn += H * 4 + E * 4  # router: fp32 input and scores
-        per_expert = H * li + 2 * I * c + I * li + H * c  # input, gate/up out, down input, output (combine)
-        ffn += k * per_expert
-        if mc.n_shared_experts:
-            Is = mc.n_shared_experts * I
-            ffn += H * li + 2 * Is * c + Is * li
-    else:
-        Id = mc.intermediate_size
-        ffn += H * li + 2 * Id * c + Id * li
-    return float(attn + ffn)
-
-
-def head_activation_bytes(cfg: Config, precision: str) -> float:
-    """Per token: final norm, head input, logits (compute dtype), fp32 logits and softmax, x (1 + MTP depth)."""
-    mc = cfg.model
-    c = 4 if precision == "fp32" else 2
-    logits = mc.vocab_size * (c + 8) if precision != "fp32" else mc.vocab_size * 8
-    return float((mc.hidden_size * (4 + c) + logits) * (1 + mc.num_nextn_predict_layers))
-
-
-def mtp_extra_bytes(cfg: Config, precision: str) -> float:
-    """An MTP module besides its block: enorm/hnorm inputs and the eh_proj input, per token."""
-    li = 1 if precision == "fp8" else (4 if precision == "fp32" else 2)
-    return float(2 * cfg.model.hidden_size * (4 + li) + cfg.model.hidden_size * 4)
-
-
 # ---------------------------------------------------------------- memory per rank
 @dataclass
 class RankMemory:
@@ -263,7 +232,7 @@ def data_parallel_mode(cfg: Config) -> str:
     return p.data_parallel
 
 
-def rank_memory(cfg: Config, rank: int, units: list[Unit], recompute: str, overhead_gb: float) -> RankMemory:
+def rank_memory(cfg: Config, rank: int, units: list[Unit], recompute: Recompute, overhead_gb: float) -> RankMemory:
     p, t, mc = cfg.parallel, cfg.train, cfg.model
     precision = t.precision
     tp, ep = p.tp, p.ep
@@ -291,40 +260,50 @@ def rank_memory(cfg: Config, rank: int, units: list[Unit], recompute: str, overh
     layer_units = [u for u in units if u.layer]
     tokens = t.micro_batch_size * t.seq_len
     flight = in_flight(cfg, rank)
+    # Micro-batches whose graphs keep a unit's weight copies: a block recomputed whole keeps none between
+    # its forward and its backward, only while it recomputes (one at a time).
+    unit_flight = [1.0 if u.layer and recompute.full_block(u.position) else flight for u in units]
+    quantised = fp8_w * (1 + 4 / 128**2)  # E4M3 weights + one fp32 scale per 128 x 128 block
     compute = 0.0
-    if precision != "fp32" or mode == "fsdp":
-        if mode == "fsdp":
+    if mode == "fsdp":
+        if precision != "fp32" or p.pp > 1:
             c = 4 if precision == "fp32" else 2
             if p.pp > 1:  # stage roots stay unsharded from forward to backward (parallel/pipeline.py)
                 compute = c * (dense + expert)
             else:  # two blocks gathered at a time (current + prefetch), compute dtype
                 biggest = sorted((u.dense / tp + u.expert / ep for u in units), reverse=True)[:2]
                 compute = c * sum(biggest)
-        else:  # autocast copies of the replicated weights (not of the embedding: a lookup, never cast)
-            embedding = sum(u.dense for u in units if u.name == "embedding") / tp
-            compute = 2 * (dense + expert - embedding - fp8_w)
-    if precision == "fp8":  # quantised weights saved by each FP8 GEMM for its micro-batch's backward
-        compute += 1 * fp8_w * (flight if recompute == "none" else 1)
+        if precision == "fp8":  # every re-gather writes the weight (a new version): quantised per micro-batch
+            compute += quantised * flight
+    elif precision != "fp32":
+        # autocast casts each weight again in every micro-batch's forward, and that graph saves the copy;
+        # FP8 GEMMs instead share one quantised copy per weight per step (models.fp8.QuantisedWeights)
+        fp8 = precision == "fp8"
+        compute = sum(2 * ((u.cast - (u.fp8_dense if fp8 else 0)) / tp + (u.cast_expert - (u.fp8_expert if fp8 else 0)) / ep)
+                      * f for u, f in zip(units, unit_flight))
+        compute += quantised if fp8 else 0.0
 
-    per_token = 0.0
-    biggest_layer = 0.0
+    fp8_head = precision == "fp8" and _fp8_selected("lm_head", cfg)
+    am = ActivationModel(mc, precision, recompute, t.micro_batch_size, tp, fp8_head)
+    per_token, recomputing = 0.0, 0.0
     for u in layer_units:
-        b = layer_activation_bytes(cfg, u.moe, precision) + (mtp_extra_bytes(cfg, precision) if u.mtp else 0.0)
-        biggest_layer = max(biggest_layer, b)
-        per_token += b if recompute == "none" else mc.hidden_size * 4  # full: only the block's input
-    if recompute == "full":
-        per_token_flight = per_token * flight + biggest_layer  # one block's activations while it recomputes
-    else:
-        per_token_flight = per_token * flight
-    activations = tokens * per_token_flight / tp
+        extra = am.mtp_extra() if u.mtp else 0.0
+        per_token += am.block(u.moe, u.position, u.mtp) + extra
+        if recompute.full_block(u.position):  # one block's activations while it recomputes
+            recomputing = max(recomputing, am.block_whole(u.moe, u.mtp))
+    names = {u.name for u in units}
+    per_token += 8.0 * ("embedding" in names) + 8.0 * sum(u.mtp for u in units)  # token ids the lookups save
+    activations = tokens * (per_token * flight + recomputing) / tp
 
     buffers = 0.0
-    if any(u.name == "head" for u in units):
+    if "head" in names:  # one micro-batch at a time: its backward follows its forward on the last stage
         head_mb = (t.grad_accum_steps if (p.pp > 1 and p.pipeline_schedule == "GPipe") else 1)
-        buffers += tokens * head_activation_bytes(cfg, precision) * head_mb / tp
+        buffers += (tokens * am.head_per_token() / tp + am.head_per_micro_batch()) * head_mb
     if ep > 1 and any(u.moe for u in layer_units):  # all-to-all send + receive of one layer, compute dtype
         c = 4 if precision == "fp32" else 2
         buffers += 2 * tokens * mc.num_experts_per_tok * mc.hidden_size * c / tp
+    if precision == "fp8":  # the emulated expert GEMM dequantises one layer's gate_up weights to fp32 (transient)
+        buffers += 4 * max((u.fp8_expert / ep for u in layer_units), default=0.0) * 2 / 3
     overhead = overhead_gb * GiB
     rm = RankMemory(
         rank=rank, units=[u.name for u in units], params=int(dense + expert), weights=weights, grads=grads,
@@ -407,8 +386,27 @@ def check_layout(cfg: Config, gpus: Optional[int]) -> tuple[list[str], list[str]
 
 
 # ---------------------------------------------------------------- the plan
-def plan(cfg: Config, gpus: Optional[int] = None, gpu_mem_gb: float = 80.0, recompute: str = "none",
+def recompute_of(cfg: Config, mode: Optional[str] = None) -> Recompute:
+    """train.recompute* of the config, or `mode` (none | selective | full) with the config's modules / N."""
+    t = cfg.train
+    mode = mode or t.recompute
+    if mode == "selective":
+        return Recompute("selective", frozenset(t.recompute_modules))
+    return Recompute(mode, num_layers=t.recompute_num_layers if mode == "full" else 0)
+
+
+def describe_recompute(rc: Recompute) -> str:
+    if rc.mode == "selective":
+        return "selective (" + ", ".join(sorted(rc.modules)) + ")"
+    if rc.mode == "full" and rc.num_layers:
+        return f"full (every {rc.num_layers}-th block)"
+    return rc.mode
+
+
+def plan(cfg: Config, gpus: Optional[int] = None, gpu_mem_gb: float = 80.0, recompute: Optional[str] = None,
          overhead_gb: float = 3.0) -> dict[str, Any]:
+    """The plan as one dict (see the module doc). recompute: none | selective | full, default train.recompute."""
+    rc = recompute_of(cfg, recompute)
     counts = count_model(cfg.model, cfg.train.seq_len)
     out: dict[str, Any] = asdict(counts)
     tokens_per_step = cfg.global_batch_sequences * cfg.train.seq_len
@@ -423,11 +421,11 @@ def plan(cfg: Config, gpus: Optional[int] = None, gpu_mem_gb: float = 80.0, reco
     out["layout"] = {
         "pp": p.pp, "dp_replicate": p.dp_replicate, "dp_shard": p.dp_shard, "tp": p.tp, "ep": p.ep,
         "edp": max(1, p.dp_shard // p.ep), "data_parallel": data_parallel_mode(cfg), "pipeline_schedule": p.pipeline_schedule,
-        "microbatches": microbatches(cfg), "precision": cfg.train.precision, "recompute": recompute,
+        "microbatches": microbatches(cfg), "precision": cfg.train.precision, "recompute": describe_recompute(rc),
     }
     errors, warnings = check_layout(cfg, gpus)
     ranks, chunk_layers = stage_units(cfg)
-    mems = [rank_memory(cfg, r, units, recompute, overhead_gb) for r, units in enumerate(ranks)]
+    mems = [rank_memory(cfg, r, units, rc, overhead_gb) for r, units in enumerate(ranks)]
     worst = max(mems, key=lambda m: m.total)
     budget = gpu_mem_gb * GiB
     fits = worst.total <= budget
@@ -437,12 +435,13 @@ def plan(cfg: Config, gpus: Optional[int] = None, gpu_mem_gb: float = 80.0, reco
         verdict = "fits" if worst.total <= 0.9 * budget else "fits (tight: over 90%)"
     else:
         verdict = "does not fit"
-    if not fits and recompute == "none":
-        full = max(rank_memory(cfg, r, u, "full", overhead_gb).total for r, u in enumerate(ranks))
+    if not fits and rc.mode != "full":
+        full = max(rank_memory(cfg, r, u, Recompute("full"), overhead_gb).total for r, u in enumerate(ranks))
         if full <= budget:
             warnings.append(
-                f"needs {worst.total / GiB:.1f} GiB on pipeline rank {worst.rank} with every activation kept; "
-                f"full activation recomputation would bring it to {full / GiB:.1f} GiB (--recompute full)"
+                f"needs {worst.total / GiB:.1f} GiB on pipeline rank {worst.rank} with recompute "
+                f"{describe_recompute(rc)}; full activation recomputation would bring it to {full / GiB:.1f} GiB "
+                "(train.recompute=full)"
             )
     out["memory"] = {
         "gpu_mem_gb": gpu_mem_gb,
@@ -452,6 +451,12 @@ def plan(cfg: Config, gpus: Optional[int] = None, gpu_mem_gb: float = 80.0, reco
         "per_rank_gb": worst.gib(),
         "ranks": [m.gib() for m in mems],
         "layers_per_stage": chunk_layers,
+    }
+    am = ActivationModel(cfg.model, cfg.train.precision, rc, cfg.train.micro_batch_size, p.tp,
+                         cfg.train.precision == "fp8" and _fp8_selected("lm_head", cfg))
+    out["memory"]["activation_terms_per_token"] = {  # bytes per token of one block part (before /tp)
+        "attention": am.attention_terms(4),
+        "moe": am.moe_terms(4) if cfg.model.n_routed_experts else {},
     }
     out["errors"] = errors
     out["warnings"] = warnings
@@ -488,6 +493,11 @@ def print_plan(result: dict[str, Any], config: str) -> None:
     print(f"  {'total':<26}{w['total']:>9.2f} of {mem['gpu_mem_gb']:g} -> {mem['verdict']}")
     if len(mem["ranks"]) > 1:
         print("  per pipeline rank: " + " ".join(f"{r['total']:.1f}" for r in mem["ranks"]))
+    if not mem["fits"]:
+        terms = [(f"{part}: {name}", b) for part, ts in mem["activation_terms_per_token"].items() for name, b in ts.items()]
+        top = sorted(terms, key=lambda t: -t[1])[:5]
+        print(f"  largest activation terms (bytes per token of one block part, x {w['in_flight']:g} micro-batches "
+              "x layers x tokens): " + "; ".join(f"{n} {b / 1024:.1f} KiB" for n, b in top))
     for wmsg in result["warnings"]:
         print(f"warning: {wmsg}")
     for e in result["errors"]:
@@ -499,8 +509,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--gpus", type=int, default=None, help="number of GPUs (default: the layout's product)")
     p.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory per GPU in GiB (default 80)")
-    p.add_argument("--recompute", choices=("none", "full"), default="none",
-                   help="activation recomputation to assume (moeforge trains with none)")
+    p.add_argument("--recompute", choices=("none", "selective", "full"), default=None,
+                   help="activation recomputation to assume (default: the config's train.recompute; selective "
+                        "uses its train.recompute_modules)")
     p.add_argument("--overhead-gb", type=float, default=3.0, help="fixed per-GPU overhead in GiB (default 3)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("overrides", nargs="*")

@@ -145,7 +145,8 @@ class AutocastGroupedGemm:
         return "AutocastGroupedGemm()"
 
 
-def _selected(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+def fp8_selected(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+    """Does module `name` match an include glob (train.fp8.modules) and no exclude glob (train.fp8.exclude)?"""
     return any(fnmatch.fnmatchcase(name, p) for p in include) and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
 
 
@@ -157,7 +158,7 @@ def convert_to_fp8(
     "*.experts"). Returns the converted names. Only Linear and GroupedExperts modules can convert."""
     converted: list[str] = []
     for name, module in list(model.named_modules()):
-        if not name or not _selected(name, include, exclude):
+        if not name or not fp8_selected(name, include, exclude):
             continue
         if isinstance(module, GroupedExperts) and not isinstance(module.gemm, Fp8GroupedGemm):
             module.gemm = Fp8GroupedGemm(recipe)

@@ -22,15 +22,19 @@ import torch
 from omegaconf import OmegaConf
 
 from data import TextBatchStream, load_tokenizer
+from data.resume import restore_position
+from models.fp8 import release_quantised_weights
 from models.moe import moe_layers
 from models.moe_state import ExpertLoad, MoEStepState
 from models.transformer import Transformer, combine_losses, target_counts
 from parallel.context import ParallelContext
 from parallel.checkpointing import CheckpointState
 from parallel.parallelize import build_parallel_optimizer, parallelize
+from parallel.recompute import apply_recompute
 from train import checkpoint as ckpt
 from train.config import Config, ConfigError
 from train.evaluation import EvalResult, HeldOutData, batch_counts, loss_sums
+from train.user_errors import HFInitError
 from train.metrics import MetricsLogger, expert_load_stats, memory_mb, peak_flops
 from train.precision import policy_from_config, warn_if_slow_bf16
 from train.allocator import retain_freed_memory
@@ -71,7 +75,7 @@ class Trainer:
             try:
                 init_from_hf(self.model, cfg.checkpoint.init_from_hf)
             except HFImportError as e:
-                raise ConfigError(f"checkpoint.init_from_hf: {e}") from None
+                raise HFInitError(f"checkpoint.init_from_hf: {e}") from None
         # Precision (train/precision.py) before any wrapping: fp32 routers/norms, FP8 module swaps;
         # FSDP2 then gets the matching MixedPrecisionPolicy (bf16 compute, fp32 masters and reduction).
         try:
@@ -80,6 +84,9 @@ class Trainer:
             raise ConfigError(f"train.fp8: {e}") from None
         if self.ctx.is_main:
             warn_if_slow_bf16(self.precision, self.device)  # once per run: CPUs that emulate bf16
+        # Activation recomputation wraps modules of the plain model, inside the layout's wrappers applied below.
+        t = cfg.train
+        self.recompute = apply_recompute(self.model, t.recompute, t.recompute_modules, t.recompute_num_layers)
         # Every rank built the same model from the same seed; the layout is applied from outside.
         self.has_moe = bool(moe_layers(self.model))
         self.pipeline = None
@@ -106,10 +113,7 @@ class Trainer:
         )
         self.held_out = None  # eval.sources' batches for the periodic evaluation (train/evaluation.py)
         if cfg.eval.interval and cfg.eval.sources:
-            try:
-                self.held_out = HeldOutData(cfg, self.tokenizer, self.ctx.dp_rank, self.ctx.dp_size)
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
+            self.held_out = HeldOutData(cfg, self.tokenizer, self.ctx.dp_rank, self.ctx.dp_size)
         self.step = 0  # optimizer steps completed
         self.tokens_seen = 0
         self.skipped_steps = 0
@@ -122,6 +126,7 @@ class Trainer:
         self.flops_per_token = count_model(cfg.model, cfg.train.seq_len).flops_per_token
         self.peak_flops = peak_flops(self.device, cfg.train.precision)
         self._stop_requested = False
+        self.stopped_early = False  # fit() ended on a stop request (SIGTERM), not at train.steps
         self.resumed_from: Optional[Path] = None
         self.resume()
         self.logger = MetricsLogger(cfg, self.run_dir, self.ctx.is_main, cfg.train.steps)
@@ -135,8 +140,14 @@ class Trainer:
         return self.precision.autocast(self.device)  # bf16 autocast for bf16 and fp8, nothing for fp32
 
     @contextlib.contextmanager
+    def forward_context(self):
+        """Around every training forward: autocast and recomputation's saved-tensor hook."""
+        with self.precision_context(), self.recompute.context():
+            yield
+
+    @contextlib.contextmanager
     def _pipeline_context(self):
-        with self.loss_context(), self.precision_context():
+        with self.loss_context(), self.forward_context():
             yield
 
     def loss_context(self) -> contextlib.AbstractContextManager:
@@ -166,6 +177,7 @@ class Trainer:
         self.model.train()
         forward_backward = self._forward_backward if self.pipeline is None else self._forward_backward_pipeline
         totals = self.ctx.dp_sum(forward_backward(batches, lm_tokens, mtp_tokens, mtp_weight).to(self.device)).cpu()
+        release_quantised_weights(self.model)  # the step's FP8 weight copies: the weights change next
         lr, gamma, grad_norm, finite = self._update(float(totals[0]))
         load = self.moe_state.end_step(gamma if finite else 0.0, reduce=self.ctx.dp_sum)
         self._raise_if_diverged()
@@ -189,7 +201,7 @@ class Trainer:
         for b in batches:
             b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
             with self.loss_context():
-                with self.precision_context():
+                with self.forward_context():
                     out = self.model(b["input_ids"], b["labels"], b.get("doc_ids"))
                 loss = combine_losses(out, lm_tokens.to(self.device), mtp_tokens.to(self.device), mtp_weight)
                 loss.backward()
@@ -280,6 +292,7 @@ class Trainer:
                 else:
                     sums += self.pipeline.evaluate(batches, depth, self._pipeline_context)
         finally:
+            release_quantised_weights(self.model)  # FP8 weight copies made for the evaluation
             self.model.train()
             torch.set_rng_state(rng)
         if self.pipeline is not None:
@@ -308,6 +321,7 @@ class Trainer:
                     self.save()
                 if self._stop_agreed():
                     log.warning("SIGTERM received: saving at step %d and exiting", self.step)
+                    self.stopped_early = True
                     if not (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
                         self.save()
                     break
@@ -362,8 +376,8 @@ class Trainer:
         same_layout = meta.get("dp_size") == self.ctx.dp_size and rank_state is not None
         if not same_layout:  # data positions are global: any rank's state describes them
             rank_state = ckpt.read_rank_state(path, 0)
-        if rank_state:
-            self.data.load_state_dict(rank_state["data"])
+        if rank_state:  # data.resume: exact, or restart a changed mixture from its beginning
+            restore_position(self.data, rank_state["data"], self.cfg.data.resume, self.step, self.ctx.is_main)
             if same_layout and "rng_cpu" in rank_state:
                 rng = torch.frombuffer(bytearray(base64.b64decode(rank_state["rng_cpu"])), dtype=torch.uint8)
                 torch.set_rng_state(rng)

@@ -40,6 +40,9 @@ V3, V2 = "deepseek_v3", "deepseek_v2"
 MODEL_TYPES = (V3, V2)
 REQUIREMENT = "DeepseekV3 is sigmoid + noaux_tc, DeepseekV2 is softmax + greedy/group_limited_greedy"
 ARCHITECTURES = {V3: "DeepseekV3ForCausalLM", V2: "DeepseekV2ForCausalLM"}
+# Linears DeepSeek-V3's FP8 release keeps in bf16 (train/hf/quant_fp8.py quantises every other 2-D weight):
+# the embeddings and output heads (the MTP copies too), the router gate, and MTP's eh_proj.
+FP8_NOT_CONVERTED = ("embed_tokens", "lm_head", "shared_head.head", "mlp.gate", "eh_proj")
 _EXPERT_STACK = re.compile(r"^(?P<prefix>.*mlp\.experts\.)(?P<which>gate_up_proj|down_proj)$")
 
 

@@ -20,6 +20,7 @@ from train.hf.mapping import HFTensor
 class HFFamily(Protocol):
     MODEL_TYPES: tuple[str, ...]  # the config.json model_type values the module reads and writes
     REQUIREMENT: str  # which of our configs it takes, for the error when no family does
+    FP8_NOT_CONVERTED: tuple[str, ...]  # module-name suffixes an FP8 export keeps unquantised (train/hf/quant_fp8.py)
 
     def model_type_for(self, cfg: ModelConfig) -> Optional[str]:
         """The model_type written for `cfg`; None when `cfg` is not of this family."""

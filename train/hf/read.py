@@ -31,7 +31,9 @@ from typing import Optional
 import torch
 
 from models.config import ModelConfig
+from models.fp8 import E4M3
 from models.transformer import Transformer
+from train.hf import quant_fp8
 from train.hf.families import family_of_config, family_of_model_type
 
 log = logging.getLogger("moeforge.hf.read")
@@ -67,7 +69,11 @@ def hf_model_config(hf_dir: str | os.PathLike) -> ModelConfig:
 
 
 class _SafetensorsFiles:
-    """key -> lazily opened safetensors file, from model.safetensors.index.json or *.safetensors."""
+    """key -> lazily opened safetensors file, from model.safetensors.index.json or *.safetensors.
+
+    One file is open at a time (the reader walks the keys in file order, so each shard is opened
+    once), and tensors are read one by one: memory stays about one tensor, whatever the model's size.
+    """
 
     def __init__(self, hf_dir: Path) -> None:
         from safetensors import safe_open
@@ -86,23 +92,58 @@ class _SafetensorsFiles:
                 with self._open(f) as handle:
                     for key in handle.keys():
                         self.file_of[key] = f
-        self._handles: dict[Path, object] = {}
+        self._handle: Optional[tuple[Path, object]] = None
 
     def __contains__(self, key: str) -> bool:
         return key in self.file_of
 
     def get(self, key: str) -> torch.Tensor:
         f = self.file_of[key]
-        if f not in self._handles:
+        if self._handle is None or self._handle[0] != f:
+            self.close()
             if not f.is_file():
                 raise HFImportError(f"{f}: listed in the index but missing")
-            self._handles[f] = self._open(f).__enter__()
-        return self._handles[f].get_tensor(key)  # type: ignore[attr-defined]
+            self._handle = (f, self._open(f).__enter__())
+        return self._handle[1].get_tensor(key)  # type: ignore[attr-defined]
 
     def close(self) -> None:
-        for h in self._handles.values():
-            h.__exit__(None, None, None)  # type: ignore[attr-defined]
-        self._handles.clear()
+        if self._handle is not None:
+            self._handle[1].__exit__(None, None, None)  # type: ignore[attr-defined]
+            self._handle = None
+
+
+def _fp8_format(hf_dir: Path, files: _SafetensorsFiles) -> Optional[quant_fp8.Fp8Format]:
+    """The FP8 format of HF_DIR (config.json's quantization_config), None for unquantised weights."""
+    hf_config = read_hf_config(hf_dir) if (hf_dir / "config.json").is_file() else {}
+    try:
+        fmt = quant_fp8.read_quantization_config(hf_config)
+    except ValueError as e:
+        raise HFImportError(f"{hf_dir / 'config.json'}: {e}") from None
+    scales = [k for k in files.file_of if k.endswith(quant_fp8.SCALE_SUFFIX)]
+    if fmt is None and scales:
+        raise HFImportError(f"{hf_dir}: {scales[0]} is an FP8 block scale, but config.json has no "
+                            "quantization_config saying how the weights are quantised")
+    return fmt
+
+
+def _read(files: _SafetensorsFiles, key: str, fmt: Optional[quant_fp8.Fp8Format], used: set[str],
+          hf_dir: Path) -> torch.Tensor:
+    """The tensor `key` of the files, dequantised to fp32 when it is stored as FP8 with block scales."""
+    value = files.get(key)
+    scale_key = quant_fp8.scale_name(key)
+    if value.dtype != E4M3 and scale_key not in files:
+        return value
+    if fmt is None:
+        raise HFImportError(f"{hf_dir}: {key} is float8_e4m3fn, but config.json has no quantization_config "
+                            "saying how the weights are quantised")
+    scale_inv = None
+    if scale_key in files:
+        scale_inv = files.get(scale_key)
+        used.add(scale_key)
+    try:
+        return quant_fp8.dequantize_weight(key, value, scale_inv, fmt)
+    except ValueError as e:
+        raise HFImportError(f"{hf_dir}: {e}") from None
 
 
 _MTP_NAME = re.compile(r"^mtp\.")
@@ -113,13 +154,13 @@ def load_hf_weights(model: Transformer, hf_dir: str | os.PathLike) -> ImportRepo
     """Copy the weights of HF_DIR into `model` (same architecture) in place.
 
     Every tensor of the main model must be present with its exact shape; MTP tensors may be
-    absent. Raises HFImportError naming the first problem.
+    absent. FP8 checkpoints (config.json `quantization_config`, DeepSeek-V3's released format;
+    train/hf/quant_fp8.py) are dequantised tensor by tensor. Raises HFImportError naming the first problem.
     """
     hf_dir = Path(hf_dir)
     cfg = model.cfg
     files = _SafetensorsFiles(hf_dir)
-    if any(k.endswith("weight_scale_inv") for k in files.file_of):
-        raise HFImportError(f"{hf_dir}: FP8 block-quantised weights (weight_scale_inv); dequantise to bf16 first")
+    fmt = _fp8_format(hf_dir, files)
     state = model.state_dict(keep_vars=True)
     shapes = {n: tuple(t.shape) for n, t in state.items()}
     family, model_type = family_of_config(cfg)
@@ -130,10 +171,10 @@ def load_hf_weights(model: Transformer, hf_dir: str | os.PathLike) -> ImportRepo
     missing: list[str] = []
     try:
         for name, hf_key in ((src, key) for key, src in fused.items() if key in files):  # transformers' fused layout
-            _copy(state[name], files.get(hf_key), hf_key, hf_dir)
+            _copy(state[name], _read(files, hf_key, fmt, used, hf_dir), hf_key, hf_dir)
             used.add(hf_key)
             report.loaded += 1
-        fused_loaded = {fused[k] for k in used}
+        fused_loaded = {fused[k] for k in used if k in fused}
         for entry in layout:
             if entry.src in fused_loaded:
                 continue
@@ -144,7 +185,7 @@ def load_hf_weights(model: Transformer, hf_dir: str | os.PathLike) -> ImportRepo
                     missing.append(entry.hf_name)
                 continue
             used.add(entry.hf_name)
-            value = files.get(entry.hf_name)
+            value = _read(files, entry.hf_name, fmt, used, hf_dir)
             if entry.shared:  # the MTP copy of our one embedding / head: check, do not overwrite
                 ours = state[entry.src]
                 if value.shape != ours.shape or not torch.equal(value.to(ours.dtype), ours):

@@ -21,11 +21,13 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
+from models.fp8 import E4M3
 from train import checkpoint as ckpt
+from train.hf import quant_fp8
 from train.hf.families import family_of_config
 from train.hf.mapping import HFTensor
 
@@ -77,18 +79,37 @@ def _parse_size(text: str | int) -> int:
 # ------------------------------------------------------------------------------------------ export
 
 
-def plan_shards(layout: list[HFTensor], dtype: torch.dtype, max_bytes: int) -> list[list[HFTensor]]:
-    """Consecutive entries grouped into shards of at most max_bytes (a bigger tensor gets its own)."""
+def plan_shards(layout: list[HFTensor], dtype: torch.dtype, max_bytes: int,
+                fp8_not_converted: Optional[Sequence[str]] = None) -> list[list[HFTensor]]:
+    """Consecutive entries grouped into shards of at most max_bytes (a bigger tensor gets its own).
+
+    fp8_not_converted: given for an FP8 export, whose quantised weights take 1 byte per value plus their scales.
+    """
     shards: list[list[HFTensor]] = [[]]
     used = 0
     for entry in layout:
-        nbytes = math.prod(entry.shape) * (4 if entry.keep_fp32 else dtype.itemsize)
+        n = math.prod(entry.shape)
+        if fp8_not_converted is not None and quant_fp8.quantises(entry.hf_name, entry.shape, fp8_not_converted):
+            nbytes = n + 4 * math.prod(quant_fp8.scale_shape(entry.shape))
+        else:
+            nbytes = n * (4 if entry.keep_fp32 else dtype.itemsize)
         if shards[-1] and used + nbytes > max_bytes:
             shards.append([])
             used = 0
         shards[-1].append(entry)
         used += nbytes
     return shards
+
+
+def _stored(entry: HFTensor, t: torch.Tensor, dtype: torch.dtype,
+            fp8_not_converted: Optional[Sequence[str]]) -> dict[str, torch.Tensor]:
+    """The file tensors of one HF entry: itself in `dtype` (fp32 for router biases), or FP8 weight + block scales."""
+    if fp8_not_converted is not None and quant_fp8.quantises(entry.hf_name, entry.shape, fp8_not_converted):
+        q, scale_inv = quant_fp8.quantize_weight(t)
+        return {entry.hf_name: q, quant_fp8.scale_name(entry.hf_name): scale_inv}
+    t = t.to(torch.float32 if entry.keep_fp32 else dtype).contiguous()
+    # A tensor that is a view of a cached expert chunk must not share storage in the file.
+    return {entry.hf_name: t.clone() if entry.expert is not None else t}
 
 
 def export_checkpoint(
@@ -101,6 +122,8 @@ def export_checkpoint(
     """Write the HF directory `out` from a moeforge checkpoint; returns `out`.
 
     dtype: of the exported weights (router biases stay fp32); None keeps the checkpoint's.
+    torch.float8_e4m3fn writes DeepSeek-V3's released FP8 format (train/hf/quant_fp8.py): the family's
+    quantised Linears as float8_e4m3fn + weight_scale_inv, every other tensor in bf16.
     """
     from safetensors.torch import save_file
 
@@ -119,13 +142,16 @@ def export_checkpoint(
     if missing:
         raise ckpt.CheckpointError(f"{path}: checkpoint lacks model tensors {missing[:5]}")
     dtype = dtype or saved.dtype("embed_tokens.weight")
+    fp8_not_converted = family.FP8_NOT_CONVERTED if dtype == E4M3 else None
+    if fp8_not_converted is not None:
+        dtype = torch.bfloat16  # the release's dtype for what it does not quantise
     source = _ExpertChunks(saved)
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for old in list(out.glob("model-*.safetensors")) + [out / INDEX_FILE, out / "model.safetensors"]:
         old.unlink(missing_ok=True)  # never mix shards of two exports
-    shards = plan_shards(layout, dtype, _parse_size(max_shard_size))
+    shards = plan_shards(layout, dtype, _parse_size(max_shard_size), fp8_not_converted)
     weight_map: dict[str, str] = {}
     total = 0
     for i, entries in enumerate(shards, start=1):
@@ -133,13 +159,12 @@ def export_checkpoint(
         tensors = {}
         for entry in entries:
             t = source.get(entry)
-            t = t.to(torch.float32 if entry.keep_fp32 else dtype).contiguous()
             if tuple(t.shape) != entry.shape:
                 raise AssertionError(f"{entry.hf_name}: shape {tuple(t.shape)} != {entry.shape}")
-            # A tensor that is a view of a cached expert chunk must not share storage in the file.
-            tensors[entry.hf_name] = t.clone() if entry.expert is not None else t
-            weight_map[entry.hf_name] = fname
-            total += t.numel() * t.element_size()
+            for name, value in _stored(entry, t, dtype, fp8_not_converted).items():
+                tensors[name] = value
+                weight_map[name] = fname
+                total += value.numel() * value.element_size()
         save_file(tensors, str(out / fname), metadata={"format": "pt"})
         del tensors
     (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
@@ -154,6 +179,8 @@ def export_checkpoint(
     else:
         log.warning("no tokenizer directory at %s; exporting weights and config only", tok_dir)
     config = family.config_dict(cfg, dtype, model_type, **special)
+    if fp8_not_converted is not None:
+        config["quantization_config"] = quant_fp8.quantization_config()
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     gen = {k: v for k, v in special.items() if v is not None}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
