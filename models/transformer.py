@@ -1,4 +1,9 @@
-"""The DeepSeek-V3 language model as plain modules: embedding, blocks, norm, head, MTP.
+"""The language model as plain modules: embedding, blocks, norm, head, MTP (DeepSeek-V3 and gpt-oss).
+
+The two families (models/config.py `family`) share everything but the block's choices: DeepSeek
+blocks use MLA and DeepSeekMoE (dense first layers, MTP modules); gpt-oss blocks use grouped-query
+attention with sinks, sliding-window on the layers layer_types marks, and the same MoE layer with
+gpt-oss's router and biased clamped-SwiGLU experts (no shared experts, no MTP).
 
 Layers live in an nn.ModuleDict keyed by their index so that pipeline stages can
 delete the layers they do not own without renaming the rest (checkpoint keys stay
@@ -17,6 +22,7 @@ from torch import nn
 
 from models.attention import MultiHeadLatentAttention
 from models.config import ModelConfig
+from models.gqa_attention import GroupedQueryAttention
 from models.head_loss import IGNORE_INDEX, cross_entropy_sum, head_cross_entropy_sum
 from models.mlp import SwiGLU
 from models.moe import MoE
@@ -30,13 +36,24 @@ __all__ = [
 ]
 
 
+def attention_of(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    """MLA (DeepSeek) or GQA with sinks, windowed on gpt-oss's sliding_attention layers."""
+    if not cfg.is_gpt_oss:
+        return MultiHeadLatentAttention(cfg)
+    window = cfg.sliding_window if cfg.is_sliding_layer(layer_idx) else None
+    return GroupedQueryAttention(
+        cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, window,
+        cfg.attention_bias, cfg.attn_implementation,
+    )
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block: h + MLA(norm(h)), then + FFN(norm(h)) (dense or MoE)."""
+    """Pre-norm transformer block: h + Attn(norm(h)), then + FFN(norm(h)) (dense or MoE)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MultiHeadLatentAttention(cfg)
+        self.self_attn = attention_of(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp: nn.Module = MoE(cfg, layer_idx) if cfg.is_moe_layer(layer_idx) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
@@ -168,7 +185,9 @@ class Transformer(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.rope = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        truncate = cfg.rope_scaling is None or cfg.rope_scaling.truncate
+        self.rope = RotaryEmbedding(cfg.rope_head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling,
+                                    truncate)
         self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.num_hidden_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -182,7 +201,7 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """N(0, initializer_range) for every matrix, ones for norms, zero router biases."""
+        """N(0, initializer_range) for every matrix (and gpt-oss sinks), ones for norms, zero linear biases."""
         std = self.cfg.initializer_range
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -191,7 +210,7 @@ class Transformer(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, (RMSNorm, RotaryEmbedding)):
                 module.reset_parameters()
-            elif isinstance(module, MoE):
+            elif isinstance(module, (MoE, GroupedQueryAttention)):
                 module.reset_parameters(std)
 
     def forward(

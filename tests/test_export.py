@@ -72,6 +72,8 @@ def save_synthetic_checkpoint(run_dir: Path, cfg: ModelConfig, seed: int = 0) ->
                 t.add_(0.1 * torch.randn_like(t))
             elif name.endswith("e_score_correction_bias") and cfg.topk_method == "noaux_tc":
                 t.copy_(0.05 * torch.randn_like(t))
+            elif cfg.is_gpt_oss and (name.endswith("bias") or name.endswith("sinks")):  # zero-initialised
+                t.copy_(0.1 * torch.randn_like(t))
     meta = {"step": 1, "config": {"model": OmegaConf.to_container(OmegaConf.structured(cfg))}}
     state = CheckpointState(model, None, ParallelContext.single())
     with warnings.catch_warnings():  # DCP: "torch.distributed is disabled ... single process"
