@@ -34,11 +34,14 @@ class SourceConfig:
     line), .parquet, .txt / .py (one document per file), .bin + .idx (Megatron
     pre-tokenized). `weight`: this source's share of the training tokens in a
     blend (relative; normalised over all sources). `text_field`: the field
-    holding the document text in .jsonl and .parquet files."""
+    holding the document text in .jsonl and .parquet files. `holdout`: the share of
+    the source's files (chosen by a hash of each path, data/holdout.py) that training
+    never reads; the same source in `eval.sources` reads only those."""
 
     path: str
     weight: float = 1.0
     text_field: str = "text"
+    holdout: float = 0.0
 
 
 @dataclass
@@ -82,6 +85,9 @@ class DataConfig:
             w = src.weight
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
                 raise ValueError(f"{key}.weight: must be a finite number > 0, got {w!r}")
+            h = src.holdout
+            if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0 <= h < 1:
+                raise ValueError(f"{key}.holdout: must be a share of the files in [0, 1), got {h!r}")
             if not isinstance(src.text_field, str) or not src.text_field:
                 raise ValueError(f"{key}.text_field: must be a non-empty field name, got {src.text_field!r}")
         if self.tokenizer is not None and (not isinstance(self.tokenizer, str) or not self.tokenizer.strip()):

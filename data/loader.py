@@ -243,7 +243,10 @@ class TextBatchStream:
         dp_rank: int = 0,
         dp_world: int = 1,
         num_workers: Optional[int] = None,
+        held_out: bool = False,
     ):
+        """`held_out`: read the held-out side of sources with a `holdout` share (data/holdout.py),
+        the evaluation stream; by default the training side."""
         cfg.validate()
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
@@ -264,7 +267,8 @@ class TextBatchStream:
         self.num_workers = cfg.num_workers if num_workers is None else int(num_workers)
         self._counter = BadRecordCounter(log=dp_rank == 0)
         self.files: List[List[str]] = [
-            expand_source(src, i, cfg.max_files, cfg.on_bad_record, self._counter) for i, src in enumerate(cfg.sources)
+            expand_source(src, i, cfg.max_files, cfg.on_bad_record, self._counter, held_out)
+            for i, src in enumerate(cfg.sources)
         ]
         self._expand_counts = self._counter.as_dict()
         kept = [i for i, f in enumerate(self.files) if f]
@@ -301,6 +305,10 @@ class TextBatchStream:
         self._global_index = 0  # global sequences out of the shuffle (all ranks)
         self.sequences_consumed = 0  # by this rank
         self._workers = _Workers(self, self.num_workers) if self.num_workers > 0 else None
+
+    def rewind(self) -> None:
+        """Back to the stream's first sequence (a fresh stream's state)."""
+        self._reset()
 
     def close(self) -> None:
         """Stop the worker processes (they restart on the next batch)."""

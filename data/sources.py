@@ -48,6 +48,7 @@ import numpy as np
 
 from .config import PYTHON_STDLIB, SourceConfig
 from .errors import DataError
+from .holdout import split_files
 from .megatron import IndexMismatch, MegatronDocuments, megatron_prefix
 
 logger = logging.getLogger(__name__)
@@ -220,8 +221,11 @@ def expand_source(
     max_files: Optional[int] = None,
     on_bad_record: str = "error",
     counter: Optional[BadRecordCounter] = None,
+    held_out: bool = False,
 ) -> List[str]:
     """The sorted file entries of one source. `index` names it in errors (data.sources[i]).
+    With `src.holdout` > 0 they are the training side of the source's files, or with `held_out`
+    the held-out side (data/holdout.py).
 
     Megatron ``.bin/.idx`` pairs appear once, as ``PREFIX.bin``. Problems (a path
     that does not exist, a glob matching nothing, an unsupported file in a glob,
@@ -236,7 +240,12 @@ def expand_source(
             counter.record(reason, where, detail)
         else:
             raise DataError(f"{key}: {where}{': ' if where else ''}{detail}")
-    return _spread(files, max_files)
+    kept = split_files(files, src.path, src.holdout, held_out)
+    if files and not kept and src.holdout > 0:
+        side = "holds out none" if held_out else "holds out all"
+        raise DataError(f"data.sources[{index}].holdout: {src.holdout} {side} of the source's {len(files)} files; "
+                        f"{'raise' if held_out else 'lower'} it")
+    return _spread(kept, max_files)
 
 
 def _expand(path: str, key: str, problems: list) -> List[str]:

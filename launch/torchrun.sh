@@ -3,7 +3,7 @@
 #
 #   launch/torchrun.sh CONFIG [key=value ...]
 #   NPROC=8 launch/torchrun.sh configs/deepseek_v3_16b.yaml parallel.ep=8 parallel.dp_shard=8
-#   NPROC=2 launch/torchrun.sh configs/tiny.yaml parallel.dp_shard=2 parallel.ep=2   # CPU, gloo
+#   NPROC=2 launch/torchrun.sh configs/tiny.yaml parallel.ep=2   # CPU, gloo (dp_shard auto = 2)
 #
 # Environment:
 #   NPROC          processes on this node (default: number of GPUs from nvidia-smi, else 1)

@@ -175,13 +175,51 @@ def check_microbatches(parallel, n_micro: int, key: str = "parallel.pipeline_mic
 def fsdp_applies(parallel) -> bool:
     """Whether FSDP2 wraps the model: data_parallel=fsdp with more than one data-parallel rank or
     with tensor parallelism (a pipeline-only layout has nothing to shard and skips it)."""
-    return parallel.data_parallel == "fsdp" and (parallel.dp_replicate * parallel.dp_shard > 1 or parallel.tp > 1)
+    dp = parallel.dp_replicate * resolve_dp_shard(parallel, None)
+    return parallel.data_parallel == "fsdp" and (dp > 1 or parallel.tp > 1)
+
+
+# ------------------------------------------------------------------------------------------ dp_shard: auto
+AUTO = "auto"
+
+
+def resolve_dp_shard(parallel, world_size: Optional[int]) -> int:
+    """parallel.dp_shard as a number: an explicit value as it is; "auto" (the default) takes whatever
+    the world size leaves after pp x dp_replicate x tp (torchtitan's -1), and 1 when no world size is
+    known (one process)."""
+    d = parallel.dp_shard
+    if d != AUTO:
+        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+            raise LayoutError(f"parallel.dp_shard: must be auto or an integer >= 1, got {d!r}")
+        return d
+    if world_size is None:
+        return 1
+    rest = parallel.pp * parallel.dp_replicate * parallel.tp
+    if world_size % rest:
+        raise LayoutError(
+            f"parallel.dp_shard: auto takes what WORLD_SIZE={world_size} leaves after pp({parallel.pp}) x "
+            f"dp_replicate({parallel.dp_replicate}) x tp({parallel.tp}) = {rest}, which does not divide it; "
+            f"launch a multiple of {rest} processes or set parallel.dp_shard"
+        )
+    return world_size // rest
+
+
+def resolved(parallel, world_size: Optional[int] = None):
+    """A copy of the parallel config with dp_shard a number (resolve_dp_shard); itself when it already is."""
+    dp_shard = resolve_dp_shard(parallel, world_size)
+    if parallel.dp_shard == dp_shard:
+        return parallel
+    import copy
+
+    out = copy.copy(parallel)
+    out.dp_shard = dp_shard
+    return out
 
 
 # ------------------------------------------------------------------------------------------ checks
 def layout_size(parallel) -> int:
-    """Processes the layout needs: pp x dp_replicate x dp_shard x tp (ep folds into dp_shard)."""
-    return parallel.pp * parallel.dp_replicate * parallel.dp_shard * parallel.tp
+    """Processes the layout needs: pp x dp_replicate x dp_shard x tp (ep folds into dp_shard; dp_shard auto: 1)."""
+    return parallel.pp * parallel.dp_replicate * resolve_dp_shard(parallel, None) * parallel.tp
 
 
 def check_world_size(parallel, world_size: int) -> None:
@@ -208,9 +246,10 @@ def check_expert_parallel(parallel, model: "ModelConfig") -> None:
             f"parallel.ep: model.n_routed_experts={n} cannot be split evenly over ep={p.ep} ranks; "
             f"use an ep that divides it ({', '.join(map(str, divisors[:12]))})"
         )
-    if p.dp_shard % p.ep:
+    dp_shard = resolve_dp_shard(p, None)
+    if dp_shard % p.ep:
         raise LayoutError(
-            f"parallel.ep: ep={p.ep} must divide parallel.dp_shard={p.dp_shard} (experts are split over the sharded "
+            f"parallel.ep: ep={p.ep} must divide parallel.dp_shard={dp_shard} (experts are split over the sharded "
             "data-parallel ranks); set dp_shard to a multiple of ep"
         )
 
@@ -260,7 +299,9 @@ def check_pipeline(parallel, model: "ModelConfig") -> None:
 
 
 def check(parallel, model: "ModelConfig", world_size: Optional[int] = None) -> None:
-    """Every layout rule the runtime needs; `world_size` None skips the process-count rule."""
+    """Every layout rule the runtime needs; `world_size` None skips the process-count rule
+    (dp_shard auto then counts as 1)."""
+    parallel = resolved(parallel, world_size)
     if world_size is not None:
         check_world_size(parallel, world_size)
     check_expert_parallel(parallel, model)

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 def init_distributed(parallel, model: "ModelConfig") -> ParallelContext:
     """Initialise the default process group from torchrun's env and build the mesh."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    parallel = layout.resolved(parallel, world_size)  # dp_shard auto: what the other degrees leave
     layout.check(parallel, model, world_size)
     if world_size == 1 and not dist.is_initialized():
         return ParallelContext.single()

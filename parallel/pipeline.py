@@ -205,18 +205,54 @@ class Pipeline:
         embedding copies are summed.
         """
         device = self.ctx.device
-        depth = len(mtp_tokens)
         self._norm = (lm_tokens.to(device), mtp_tokens.to(device), mtp_weight)
-        self._sums = torch.zeros(2 + depth, dtype=torch.float64)
-        cat = {k: torch.cat([b[k] for b in batches]).to(device) for k in batches[0]}
+        self._sums = torch.zeros(2 + len(mtp_tokens), dtype=torch.float64)
+        ids, kwargs = self._schedule_inputs(batches)
+        self.refresh_embed_copy()
+        with autocast():
+            self.schedule.step(ids, target=kwargs["labels"], return_outputs=False, **kwargs)
+        self.sum_tied_gradients()
+        return self._sums if self.has_last else torch.zeros_like(self._sums)
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[dict[str, torch.Tensor]], mtp_depth: int,
+                 autocast: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
+        """Forward only: each micro-batch through the stages in order, activations sent point-to-point
+        between pipeline ranks (the schedule is not used: torch's forward-only eval() cannot run the V
+        schedules). Returns [CE sum, MTP CE sums] over the micro-batches on the last stage's rank, zeros
+        elsewhere."""
+        me, group = self.ctx.pp_rank, self.ctx.pp_group
+        owner = [stage_to_rank(s, self.parallel.pp, self.style) for s in range(self.n_stages)]
+        stage = dict(zip(self.stage_ids, self.modules))
+        sums = torch.zeros(1 + mtp_depth, dtype=torch.float64)
+        self.refresh_embed_copy()
+        for b in batches:
+            ids, kwargs = self._schedule_inputs([b])
+            h = ids
+            with autocast():
+                for s in range(self.n_stages):
+                    prev = owner[s - 1] if s else None  # the rank that ran the stage before
+                    if owner[s] != me:
+                        if prev == me:
+                            dist.send(h.contiguous(), dst=dist.get_global_rank(group, owner[s]), group=group)
+                        continue
+                    if prev not in (None, me):
+                        h = torch.empty(*ids.shape, self.model.cfg.hidden_size, dtype=stage[s].act_dtype,
+                                        device=ids.device)
+                        dist.recv(h, src=dist.get_global_rank(group, prev), group=group)
+                    h = stage[s](h, **kwargs)
+            if self.has_last:
+                sums += h.double().cpu()
+        return sums
+
+    def _schedule_inputs(self, batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The micro-batches as one batch (the schedule chunks it): input ids, and tokens / labels / doc_ids
+        for every stage."""
+        cat = {k: torch.cat([b[k] for b in batches]).to(self.ctx.device) for k in batches[0]}
         kwargs = {"tokens": cat["input_ids"], "labels": cat["labels"]}
         if "doc_ids" in cat:
             kwargs["doc_ids"] = cat["doc_ids"]
-        self.refresh_embed_copy()
-        with autocast():
-            self.schedule.step(cat["input_ids"], target=cat["labels"], return_outputs=False, **kwargs)
-        self.sum_tied_gradients()
-        return self._sums if self.has_last else torch.zeros_like(self._sums)
+        return cat["input_ids"], kwargs
 
     def pp_sum(self, t: torch.Tensor) -> torch.Tensor:
         out = t.to(self.ctx.device).clone()

@@ -33,4 +33,9 @@ def train_and_report(rank: int, overrides: list[str], config: str = "tiny.yaml")
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    return {"metrics": history_metrics(history), "state": state}
+    return {
+        "metrics": history_metrics(history),
+        "state": state,
+        # held-out evaluations (eval.interval): [step, val_loss, val_mtp_loss]
+        "val": [[float(h["step"]), h["val_loss"], h.get("val_mtp_loss", 0.0)] for h in history if "val_loss" in h],
+    }

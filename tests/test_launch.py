@@ -89,11 +89,11 @@ def test_torchrun_sh_usage_errors(repo_root, args, env, message):
 
 @pytest.mark.multirank
 def test_torchrun_sh_two_processes(repo_root, tmp_path):
-    """NPROC=2 on this CPU machine: gloo, EP=2 over dp_shard=2; only rank 0 logs."""
+    """NPROC=2 on this CPU machine: gloo, EP=2 over dp_shard auto (= 2); only rank 0 logs."""
     run_dir = tmp_path / "run"
     overrides = small_overrides(run_dir, tmp_path / "cache", **{
         "train.steps": 4, "train.micro_batch_size": 2, "train.threads": 1, "checkpoint.at_end": "false",
-        "parallel.dp_shard": 2, "parallel.ep": 2,
+        "parallel.ep": 2,  # no parallel.dp_shard: auto fills the 2 processes
     })
     out = torchrun_sh(repo_root, "configs/tiny.yaml", *overrides, NPROC="2", OMP_NUM_THREADS="1",
                       PYTHONUNBUFFERED="1")
@@ -103,6 +103,7 @@ def test_torchrun_sh_two_processes(repo_root, tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(math.isfinite(r["loss"]) for r in records)
     assert out.stdout.count("trained steps") == 1
+    assert "dp_shard: 2" in (run_dir / "config.yaml").read_text()  # the run records the resolved degree
 
 
 def test_torchrun_sh_config_error_exits_2(repo_root, tmp_path):

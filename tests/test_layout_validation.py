@@ -111,3 +111,59 @@ def test_config_load_and_runtime_refuse_with_the_same_message(repo_root, overrid
     with pytest.raises(ConfigError) as loaded:
         load_config(repo_root / "configs" / "tiny.yaml", ["train.grad_accum_steps=8", *dotlist])
     assert str(loaded.value) == str(runtime.value)
+
+
+# ---------------------------------------------------------------- parallel.dp_shard: auto
+@pytest.mark.parametrize("degrees,world,expected", [
+    (dict(), 1, 1),
+    (dict(), 4, 4),  # plain torchrun --nproc-per-node 4: 4-way data parallel
+    (dict(pp=2), 4, 2),
+    (dict(tp=2, dp_replicate=2), 8, 2),
+    (dict(ep=2), 2, 2),
+    (dict(dp_shard=2), 4, 2),  # an explicit value stays as it is (the process-count rule then refuses it)
+])
+def test_dp_shard_auto_takes_what_the_world_size_leaves(degrees, world, expected):
+    from parallel.layout import resolve_dp_shard
+
+    assert ParallelConfig().dp_shard == "auto"  # the default
+    assert resolve_dp_shard(ParallelConfig(**degrees), world) == expected
+
+
+def test_dp_shard_auto_that_cannot_divide_and_bad_values_are_refused():
+    from parallel.layout import resolve_dp_shard
+
+    with pytest.raises(LayoutError, match=r"parallel.dp_shard: auto .*WORLD_SIZE=3.* = 2, which does not divide"):
+        resolve_dp_shard(ParallelConfig(pp=2), 3)
+    for bad in ("two", 0, True):
+        with pytest.raises(LayoutError, match="parallel.dp_shard: must be auto or an integer >= 1"):
+            resolve_dp_shard(ParallelConfig(dp_shard=bad), 2)
+    with pytest.raises(LayoutError, match=r"dp_shard\(2\) x tp\(1\) = 2, but WORLD_SIZE is 4"):
+        check(ParallelConfig(dp_shard=2), moe_model(), 4)  # explicit values keep today's message
+    check(ParallelConfig(ep=2), moe_model(), 2)  # auto: ep=2 over the 2 processes left
+
+
+def test_load_config_resolves_dp_shard_auto(repo_root, monkeypatch):
+    from train.config import ConfigError, load_config
+
+    tiny = repo_root / "configs" / "tiny.yaml"
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert load_config(tiny).parallel.dp_shard == 1  # one process
+    assert load_config(tiny, ["parallel.ep=2"], world_size=4).parallel.dp_shard == 4
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun
+    cfg = load_config(tiny)
+    assert cfg.parallel.dp_shard == 2 and cfg.global_batch_sequences == 2 * cfg.train.micro_batch_size
+    with pytest.raises(ConfigError, match="parallel.dp_shard: auto"):
+        load_config(tiny, ["parallel.tp=4"], world_size=6)
+    with pytest.raises(ConfigError, match="parallel.dp_shard: must be auto or an integer"):
+        load_config(tiny, ["parallel.dp_shard=many"])
+
+
+def test_planner_fills_dp_shard_auto_from_gpus(repo_root, capsys):
+    from train.plan import main
+
+    assert main(["--config", str(repo_root / "configs" / "tiny.yaml"), "--gpus", "4", "--json",
+                 "parallel.ep=2"]) == 0
+    import json
+
+    layout = json.loads(capsys.readouterr().out)["layout"]
+    assert (layout["dp_shard"], layout["ep"], layout["edp"]) == (4, 2, 2)

@@ -41,6 +41,7 @@ def observed_run(repo_root, tmp_path_factory):
         for steps in (4, 6):  # the second Trainer resumes from the first's final checkpoint
             cfg = load_config(repo_root / "configs" / "tiny.yaml", small_overrides(
                 run_dir, tmp / "cache", **{"train.steps": steps, "log.wandb": "true", "log.tensorboard": "true",
+                                           "eval.interval": 3, "eval.tokens": 128,  # held-out loss at 3 and 6
                                            "log.wandb_project": "moeforge-test", "run.name": "observed"}))
             histories.append(Trainer(cfg).fit())
     finally:
@@ -80,6 +81,12 @@ def test_wandb_offline_run_is_written_and_holds_the_metrics(observed_run):
         assert row["expert_load/layer_01/bins"][0] == -0.5 and len(row["expert_load/layer_01/bins"]) == N_EXPERTS + 1
         assert sum(row["expert_load/layer_01/values"]) == pytest.approx(1.0)
         assert row["router_bias/mtp_1/_type"] == "histogram"
+    val = {r["_step"]: r for r in rows if "val/val_loss" in r}
+    assert sorted(val) == [3, 6]
+    for rec in records:
+        if rec["step"] in val:
+            assert val[rec["step"]]["val/val_loss"] == pytest.approx(rec["val_loss"])
+            assert val[rec["step"]]["val/val_mtp_loss_depth_1"] == pytest.approx(rec["val_mtp_loss"])
     # Histograms are not copied into metrics.jsonl; the per-layer scalars are.
     assert "expert_load" not in records[0] and len(records[0]["load_max_mean_per_layer"]) == 2
 
@@ -95,6 +102,9 @@ def test_tensorboard_event_files_read_back(observed_run):
     for tag in ("train/loss", "train/mtp_loss", "optim/lr", "optim/grad_norm", "perf/tokens_per_s", "perf/mfu",
                 "system/memory_mb", "moe/load_max_mean", "moe/router_bias_std", "moe_layers/load_max_mean/layer_01"):
         assert tag in tags["scalars"], (tag, tags["scalars"])
+    val = {e.step: e.value for e in acc.Scalars("val/val_loss")}
+    assert val == pytest.approx({r["step"]: r["val_loss"] for r in records if "val_loss" in r}, rel=1e-6)
+    assert sorted(val) == [3, 6] and "val/val_mtp_loss" in tags["scalars"]
     losses = {e.step: e.value for e in acc.Scalars("train/loss")}
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     for r in records:

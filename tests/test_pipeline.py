@@ -10,7 +10,8 @@ import torch
 
 from models.config import ModelConfig
 from models.transformer import Transformer
-from parallel.layout import SCHEDULES, LayoutError, check, check_microbatches, split_layers, stage_to_rank
+from parallel.layout import (SCHEDULES, LayoutError, check, check_microbatches, layout_size, split_layers,
+                             stage_to_rank)
 from parallel.pipeline import StageModule, prune_model
 from train.config import ConfigError, ParallelConfig
 
@@ -77,7 +78,7 @@ INVALID = {
 def test_invalid_pipeline_layout(case):
     parallel, layers, mtp, words, *model_extra = INVALID[case]
     p = ParallelConfig(**parallel)
-    world = p.pp * p.dp_replicate * p.dp_shard * p.tp
+    world = layout_size(p)
     with pytest.raises(LayoutError) as err:
         check(p, model_cfg(layers, mtp, **(model_extra[0] if model_extra else {})), world)
         if p.pipeline_microbatches is not None:

@@ -38,7 +38,7 @@ def runs(repo_root, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
     bad = tmp / "bad"
     bad.mkdir()
-    (bad / "x.jsonl").write_text(('{"text": "def f(x):\\n    return x + 1\\n"}\n{oops\n' * 40))
+    (bad / "x.jsonl").write_text(('{oops\n{"text": "def f(x):\\n    return x + 1\\n"}\n' * 40))  # a bad line first: counted at step 1
     faulty = _train(repo_root, tmp / "faulty", tmp / "cache", bad_dir=bad, nan_step=3,
                     **{"train.steps": 8, "run.name": "faulty"})
     plain = _train(repo_root, tmp / "plain", tmp / "cache", **{"train.steps": 5, "run.name": "plain"})

@@ -60,6 +60,7 @@ def small_overrides(run_dir: Path, cache_dir: Path, model: list[str] = SMALL_MOD
         "train.sample_prompt=''",
         "optim.warmup_steps=2",
         "checkpoint.interval=0",
+        "eval.interval=0",  # tests that evaluate ask for it
         "log.progress=false",
     ]
     return base + [f"{k}={v}" for k, v in extra.items()]

@@ -10,12 +10,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data.config import DataConfig
+from data.config import DataConfig, SourceConfig
 from models.config import ModelConfig
 from parallel import layout
 from parallel.recompute import DEEPSEEK_V3_MODULES, check_recompute
@@ -35,7 +35,7 @@ class RunConfig:
 @dataclass
 class ParallelConfig:
     dp_replicate: int = 1
-    dp_shard: int = 1
+    dp_shard: Union[int, str] = "auto"  # auto: the world size left after pp x dp_replicate x tp (parallel/layout.py)
     tp: int = 1
     pp: int = 1
     ep: int = 1
@@ -132,6 +132,15 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation during training (train/evaluation.py): the same number under every layout."""
+
+    sources: list[SourceConfig] = field(default_factory=list)  # the schema of data.sources; empty: no evaluation
+    interval: int = 0  # evaluate after every `interval`-th optimizer step; 0: never
+    tokens: int = 65536  # tokens evaluated each time: the first ones of the eval stream, the same every time
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -141,14 +150,22 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def global_batch_sequences(self) -> int:
         dp = self.parallel.dp_replicate * self.parallel.dp_shard
         return self.train.micro_batch_size * self.train.grad_accum_steps * dp
 
-    def validate(self) -> None:
-        """Cross-field checks; raise ConfigError naming the key and the fix."""
+    def validate(self, world_size: Optional[int] = None) -> None:
+        """Cross-field checks; raise ConfigError naming the key and the fix. parallel.dp_shard auto
+        becomes a number here, from `world_size` (None: torchrun's WORLD_SIZE, else one process)."""
+        if world_size is None and os.environ.get("WORLD_SIZE"):
+            world_size = int(os.environ["WORLD_SIZE"])
+        try:
+            self.parallel.dp_shard = layout.resolve_dp_shard(self.parallel, world_size)
+        except layout.LayoutError as e:
+            raise ConfigError(str(e)) from None
         try:
             self.model.validate()
             self.data.validate()
@@ -210,7 +227,31 @@ class Config:
         _check(self.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0 (0 = only at the end)")
         _check(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
         _check(t.max_nonfinite_steps >= 0, "train.max_nonfinite_steps", "must be >= 0")
+        _validate_eval(self)
         _validate_layout_and_launch(self)
+
+
+def _validate_eval(cfg: "Config") -> None:
+    """eval.*: sources of data.sources' schema, a held-out share that matches training's for a shared path."""
+    e = cfg.eval
+    _check(e.interval >= 0, "eval.interval", f"must be >= 0 (0 = no evaluation), got {e.interval}")
+    _check(e.tokens > 0, "eval.tokens", f"must be > 0, got {e.tokens}")
+    if e.interval and not e.sources:
+        raise ConfigError(f"eval.sources: eval.interval={e.interval} needs at least one source "
+                          "({path, weight, text_field, holdout}); or set eval.interval=0")
+    if not e.sources:
+        return
+    try:
+        DataConfig(sources=e.sources).validate()
+    except ValueError as err:
+        raise ConfigError(str(err).replace("data.sources", "eval.sources", 1)) from None
+    train_holdout = {src.path: src.holdout for src in cfg.data.sources}
+    for i, src in enumerate(e.sources):
+        if src.path in train_holdout and train_holdout[src.path] != src.holdout:
+            raise ConfigError(
+                f"eval.sources[{i}].holdout: {src.holdout} differs from data.sources' {train_holdout[src.path]} for "
+                f"{src.path!r}; the same share must be held out on both sides, or validation reads training files"
+            )
 
 
 def _validate_layout_and_launch(cfg: "Config") -> None:
@@ -252,8 +293,10 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
-def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = ()) -> Config:
-    """Schema <- YAML file <- dotlist overrides, validated. Errors name the offending key."""
+def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = (),
+                world_size: Optional[int] = None) -> Config:
+    """Schema <- YAML file <- dotlist overrides, validated (`world_size` resolves dp_shard auto:
+    Config.validate). Errors name the offending key."""
     schema = OmegaConf.structured(Config)
     try:
         layers: list[Any] = [schema]
@@ -271,7 +314,7 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
         raise ConfigError(f"{key}: {_first_line(e)}{_schema_hint(e, key)}") from None
-    cfg.validate()
+    cfg.validate(world_size)
     return cfg
 
 

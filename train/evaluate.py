@@ -21,13 +21,13 @@ from typing import Optional
 from data.config import DataConfig, SourceConfig
 from data.loader import TextBatchStream
 from train import checkpoint as ckpt
-from train.evaluation import EvalLoss, evaluate_loss
+from train.evaluation import EvalResult, evaluate_loss
 from train.inference import load_for_inference
 
 
 def evaluate_checkpoint(checkpoint: Path, source: str, tokens: int, text_field: str = "text",
-                        seq_len: Optional[int] = None, batch_size: int = 1) -> EvalLoss:
-    """evaluate_loss of `checkpoint` over the first ceil(tokens / seq_len) sequences of `source`."""
+                        seq_len: Optional[int] = None, batch_size: int = 1) -> tuple[EvalResult, int]:
+    """(evaluate_loss of `checkpoint` over the first ceil(tokens / seq_len) sequences of `source`, batches)."""
     if tokens < 1:
         raise ValueError(f"--tokens must be >= 1, got {tokens}")
     checkpoint = ckpt.resolve_checkpoint(checkpoint)
@@ -38,7 +38,8 @@ def evaluate_checkpoint(checkpoint: Path, source: str, tokens: int, text_field: 
     stream = TextBatchStream(data_cfg, tokenizer, seq_len, batch_size)
     try:
         n_batches = math.ceil(tokens / (seq_len * batch_size))
-        return evaluate_loss(model, itertools.islice(stream, n_batches))
+        batches = list(itertools.islice(stream, n_batches))
+        return evaluate_loss(model, batches, run_cfg.model.num_nextn_predict_layers), len(batches)
     finally:
         stream.close()
 
@@ -53,13 +54,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--batch-size", type=int, default=1)
     args = p.parse_args(argv)
     try:
-        result = evaluate_checkpoint(Path(args.checkpoint), args.data, args.tokens, args.text_field,
+        result, n_batches = evaluate_checkpoint(Path(args.checkpoint), args.data, args.tokens, args.text_field,
                                      args.seq_len, args.batch_size)
     except (ckpt.CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     report = {"loss": result.loss, "perplexity": result.perplexity, "tokens": result.tokens,
-              "batches": result.batches}
+              "batches": n_batches}
     if result.mtp_losses:
         report["mtp_losses"] = result.mtp_losses
     print(json.dumps(report))

@@ -41,6 +41,12 @@ def _train(cfg: Config, ctx: ParallelContext) -> int:
             first, last = history[0], history[-1]
             print(f"trained steps {first['step']}..{last['step']}: loss {first['loss']:.4f} -> {last['loss']:.4f}; "
                   f"run dir {cfg.run.dir}", flush=True)
+            evaluated = [m for m in history if "val_loss" in m]
+            if evaluated:
+                m = evaluated[-1]
+                mtp = f", MTP {m['val_mtp_loss']:.4f}" if "val_mtp_loss" in m else ""
+                print(f"validation loss at step {m['step']}: {m['val_loss']:.4f}{mtp} "
+                      f"({m['val_tokens']:,} held-out tokens)", flush=True)
             # A stop request (SIGTERM) gets the remainder of the step and the save, nothing more.
             if cfg.train.sample_prompt and ctx.world_size == 1 and not trainer.stopped_early:
                 print("---- sample ----")

@@ -9,6 +9,7 @@ dashboard per run without any set-up:
   optim/       lr, grad_norm, skipped_steps
   perf/        tokens_per_s, step_time_s, tokens, model_flops_per_s, mfu
   system/      memory_mb (peak; GPU: max allocated), and on CUDA allocated/reserved now
+  val/         val_loss, val_mtp_loss (held-out evaluation, train/evaluation.py), val_mtp_loss_depth_<k>, val_tokens
   moe/         load_max_mean (mean over layers), load_max_mean_worst, load_min_mean, experts_idle,
                router_bias_absmax, router_bias_std, bias_update_speed, dropped_tokens (V2 capacity)
   moe_layers/  per MoE layer: load_max_mean/<layer>, bias_absmax/<layer>, bias_std/<layer>
@@ -52,6 +53,7 @@ SECTIONS = {
     "load_max_mean": "moe", "load_max_mean_worst": "moe", "load_min_mean": "moe", "experts_idle": "moe",
     "router_bias_absmax": "moe", "router_bias_std": "moe", "bias_update_speed": "moe", "dropped_tokens": "moe",
     "bad_records": "data",
+    "val_loss": "val", "val_mtp_loss": "val", "val_tokens": "val",
 }
 
 
@@ -210,6 +212,8 @@ class MetricsLogger:
     def _scalars(self, metrics: dict[str, Any], b: Optional[torch.Tensor]) -> dict[str, float]:
         out = {chart_name(k): v for k, v in metrics.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        for k, v in enumerate(metrics.get("val_mtp_loss_by_depth") or [], 1):
+            out[f"val/val_mtp_loss_depth_{k}"] = v
         comm = metrics.get("comm")
         if comm:
             out["comm/bytes"], out["comm/calls"] = comm["bytes"], comm["calls"]
@@ -279,6 +283,8 @@ class MetricsLogger:
             parts.append(f"mtp {m['mtp_loss']:.4f}")
         if m.get("aux_loss"):
             parts.append(f"aux {m['aux_loss']:.2e}")
+        if "val_loss" in m:
+            parts.append(f"val {m['val_loss']:.4f}" + (f" val mtp {m['val_mtp_loss']:.4f}" if "val_mtp_loss" in m else ""))
         parts += [f"lr {m['lr']:.2e}", f"gnorm {m['grad_norm']:.3f}", f"{m['tokens_per_s']:,.0f} tok/s"]
         if "mfu" in m:
             parts.append(f"mfu {100 * m['mfu']:.1f}%")

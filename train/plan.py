@@ -526,7 +526,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.gpus is not None and args.gpus < 1:
         p.error("--gpus must be >= 1")
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, world_size=args.gpus)  # dp_shard auto fills --gpus
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -34,6 +34,7 @@ from parallel.parallelize import build_parallel_optimizer, parallelize
 from parallel.recompute import apply_recompute
 from train import checkpoint as ckpt
 from train.config import Config, ConfigError
+from train.evaluation import EvalResult, HeldOutData, batch_counts, loss_sums
 from train.user_errors import HFInitError
 from train.metrics import MetricsLogger, expert_load_stats, memory_mb, peak_flops
 from train.precision import policy_from_config, warn_if_slow_bf16
@@ -111,6 +112,9 @@ class Trainer:
         self.data = data if data is not None else TextBatchStream(
             cfg.data, self.tokenizer, cfg.train.seq_len, cfg.train.micro_batch_size, self.ctx.dp_rank, self.ctx.dp_size
         )
+        self.held_out = None  # eval.sources' batches for the periodic evaluation (train/evaluation.py)
+        if cfg.eval.interval and cfg.eval.sources:
+            self.held_out = HeldOutData(cfg, self.tokenizer, self.ctx.dp_rank, self.ctx.dp_size)
         self.step = 0  # optimizer steps completed
         self.tokens_seen = 0
         self.skipped_steps = 0
@@ -271,6 +275,35 @@ class Trainer:
             metrics["bad_records_by_reason"] = bad
         return metrics
 
+    # ---------------------------------------------------------------- held-out evaluation
+    def evaluation_due(self) -> bool:
+        return self.held_out is not None and self.step % self.cfg.eval.interval == 0
+
+    def evaluate(self) -> dict[str, Any]:
+        """Mean CE of the main head and each MTP depth over the held-out batches, forward only, summed over
+        every rank (the single process's number). The training stream, the RNG, the router biases and the
+        load counts are left as they were."""
+        depth = self.cfg.model.num_nextn_predict_layers
+        sums = torch.zeros(1 + depth, dtype=torch.float64)
+        counts = torch.zeros(1 + depth, dtype=torch.float64)
+        rng = torch.get_rng_state()
+        self.model.eval()  # MoE layers record no routing in eval mode
+        try:
+            for batches in self.held_out:
+                counts += batch_counts(batches, depth)
+                if self.pipeline is None:
+                    sums += loss_sums(self.model, batches, depth, self.device, self._pipeline_context)
+                else:
+                    sums += self.pipeline.evaluate(batches, depth, self._pipeline_context)
+        finally:
+            release_quantised_weights(self.model)  # FP8 weight copies made for the evaluation
+            self.model.train()
+            torch.set_rng_state(rng)
+        if self.pipeline is not None:
+            sums = self.pipeline.pp_sum(sums)
+        sums, counts = self.ctx.dp_sum(sums.to(self.device)).cpu(), self.ctx.dp_sum(counts.to(self.device)).cpu()
+        return EvalResult.from_sums(sums, counts).metrics()
+
     # ---------------------------------------------------------------- loop
     def fit(self) -> list[dict[str, Any]]:
         """Train until train.steps (or SIGTERM); returns the logged metrics."""
@@ -280,10 +313,13 @@ class Trainer:
         try:
             while self.step < cfg.train.steps:
                 metrics = self.train_step()
+                if self.evaluation_due():
+                    metrics.update(self.evaluate())
                 self.checkpointer.finish(wait=False)  # publish an async checkpoint whose write has finished
                 history.append({"step": self.step, **metrics})
                 self.logger.progress(self.step)
-                if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.steps or self.step == 1:
+                if (self.step % cfg.train.log_interval == 0 or self.step == cfg.train.steps or self.step == 1
+                        or "val_loss" in metrics):
                     self.logger.log(self.step, metrics, self.expert_load)
                 if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                     self.save()
