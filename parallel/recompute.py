@@ -16,7 +16,10 @@ Selective modules (train.recompute_modules), what is kept and what recomputed:
                   application: their outputs q, k, v (the attention core's inputs) are dropped and recomputed
                   from the latents (the normed q / kv latents and the raw RoPE key), which stay kept (§3.2.3).
   moe_act         the routed experts' SwiGLU: its input (the gate|up projection output, [rows, 2I]) is kept,
-                  its output ([rows, I], the down projection's input) dropped and recomputed (§3.3).
+                  its output ([rows, I], the down projection's input) dropped and recomputed (§3.3). Under
+                  fp8 the input is kept in FP8 (1x128 tiles) by the expert GEMM hook itself
+                  (models/fp8.py's down_of_swiglu, which needs no collective): neither the bf16 input nor
+                  the FP8 output stays.
   core_attn       the attention core softmax(q k^T) v: kept q, k, v; dropped everything the kernel saves
                   beyond them (output, log-sum-exp, CPU's padded v, the eager path's probabilities).
                   With mla_up_proj too, the region starts at the latents: kept are the latents only.
@@ -38,13 +41,14 @@ are kept as they are: a consumer that saves its own copy keeps that copy. Per pr
   fp32  everything above is dropped as stated.
   bf16  a Linear under autocast saves its own bf16 copy of its input: layernorm then drops the norm's
         fp32 internals but not the bf16 copy of its output that the next projection keeps.
-  fp8   an FP8 Linear / expert GEMM saves its FP8-quantised input: layernorm as under bf16, and moe_act
-        drops nothing (the down projection keeps the FP8 copy of the SwiGLU output; the SwiGLU input stays
-        at the activation dtype). Caching the SwiGLU input in FP8 (report §3.3) is not implemented.
+  fp8   an FP8 Linear / expert GEMM saves its FP8-quantised input: layernorm as under bf16; moe_act keeps
+        only an FP8 copy of the SwiGLU input (report §3.3.3) and recomputes the output and its FP8
+        quantisation for the down projection in backward.
   any   CPU SDPA pads v when d_v < d_qk and saves the padded copy: mla_up_proj keeps it, core_attn drops it.
 Measured on tests/test_recompute.py's small model (bytes kept for backward, relative to none):
   fp32  layernorm 0.85, mla_up_proj 0.93, moe_act 0.99, core_attn 0.98, mlp 0.90, shared_experts 0.95,
-        all six 0.51, full 0.24 (every 2nd block 0.50); bf16: all six 0.50, full 0.31; fp8: all six 0.48, full 0.37.
+        all six 0.51, full 0.24 (every 2nd block 0.50); bf16: all six 0.50, full 0.31; fp8: moe_act 0.98, all six 0.46
+        (0.48 before moe_act kept the SwiGLU input in FP8), full 0.37.
 
 Never a collective twice:
   - the MoE token dispatch and combine (the EP all-to-alls and their split exchange) run in MoE.forward,
@@ -78,6 +82,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models.attention import MultiHeadLatentAttention
 from models.experts import GroupedExperts
+from models.fp8 import Fp8GroupedGemm
 from models.mlp import SwiGLU
 from models.moe import MoE
 from models.norm import RMSNorm
@@ -405,7 +410,10 @@ def apply_recompute(model: nn.Module, mode: str = "none", modules: Sequence[str]
             elif "core_attn" in chosen_modules:
                 _wrap(m, core=REGION)
         elif isinstance(m, GroupedExperts) and "moe_act" in chosen_modules:
-            _wrap(m, activation=DROP_OUTPUT)
+            if isinstance(m.gemm, Fp8GroupedGemm):  # FP8 (precision is applied first): SwiGLU input cached in FP8
+                m.gemm.swiglu_recomputed = True
+            else:
+                _wrap(m, activation=DROP_OUTPUT)
         elif isinstance(m, Block) and isinstance(m.mlp, SwiGLU) and "mlp" in chosen_modules:
             _wrap(m.mlp, forward=REGION)
         elif isinstance(m, MoE) and "shared_experts" in chosen_modules:

@@ -47,8 +47,8 @@ Recomputation (parallel/recompute.py's semantics, train.recompute):
   core_attn      the core's output, log-sum-exp and padded v are recomputed; q, k and the unpadded v (a
                  view of kv_b's output: that whole storage) are kept. With mla_up_proj: nothing of it kept.
   moe_act        the routed SwiGLU output is recomputed from the kept gate|up output (c bytes). Under fp8
-                 it saves nothing: the FP8 down projection keeps its own quantised copy of that output,
-                 and the gate|up output stays bf16 (the report caches it in FP8, §3.3.3: not done yet).
+                 the kept gate|up output is its FP8 copy (2I + sc(2I), report §3.3.3) and the down
+                 projection's FP8 copy of the SwiGLU output is recomputed too.
   mlp            a dense MLP keeps only its normed input.
   shared_experts the shared experts keep only their (already saved) normed input.
   full           a recomputed block keeps its input (H r); a MoE block, split at the dispatcher so that no
@@ -187,10 +187,12 @@ class ActivationModel:
              "router": router_input + 4 * E + 8 * k + 4 * k + 4,  # input, scores, top-k ids, weights, their sum
              "dispatch/combine indices": 24 * k + 4 * k}  # three int64 index vectors, row gates
         t["routed rows (grouped GEMM input)"] = k * (H + self._sc(H) if self.fp8 else H * c)
-        t["routed SwiGLU input"] = k * 2 * I * c  # the gate|up output
-        # moe_act drops the SwiGLU output; under fp8 the down projection saves its own FP8 copy, so nothing goes
-        if not self.rc.has("moe_act") or self.fp8:
-            t["routed SwiGLU output"] = k * (I + self._sc(I) if self.fp8 else I * c)
+        if self.rc.has("moe_act") and self.fp8:  # only the FP8 copy of the gate|up output (models/fp8.py)
+            t["routed SwiGLU input"] = k * (2 * I + self._sc(2 * I))
+        else:  # the gate|up output; the SwiGLU output unless moe_act recomputes it
+            t["routed SwiGLU input"] = k * 2 * I * c
+            if not self.rc.has("moe_act"):
+                t["routed SwiGLU output"] = k * (I + self._sc(I) if self.fp8 else I * c)
         t["routed outputs (combine)"] = k * H * c
         if mc.n_shared_experts and not self.rc.has("shared_experts"):
             # fp32: gate/up read the router's input storage (counted); else each its cast / FP8 copy
