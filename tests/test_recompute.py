@@ -215,3 +215,30 @@ def _within_fp8_error(ref: dict, got: dict, label: str) -> None:
         err = float((got["state"][name].double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30))
         assert err < 0.1, (label, name, err)
     assert got["collectives"] == ref["collectives"], label
+
+
+def test_mla_up_proj_drops_the_padded_v(single_thread):
+    """CPU SDPA takes v padded from d_v 16 to d_qk 24; under mla_up_proj that copy is re-padded in backward.
+    Zero beyond d_v are that copy and the kernel's output (kept: core_attn recomputes it)."""
+    cfg = small_model_cfg()
+
+    def padded_copies(mode: str, modules=()) -> int:
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        recompute = apply_recompute(model, mode, modules)
+        found: list[torch.Tensor] = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if type(t) is torch.Tensor and t.dim() == 4 and t.shape[-1] == cfg.qk_head_dim and t.is_floating_point():
+                if not t[..., cfg.v_head_dim:].any():  # zero beyond d_v
+                    found.append(t)
+            return t
+
+        ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))
+        with recompute.context(pack):
+            model(ids, ids).loss(0.3)
+        return len({t.untyped_storage().data_ptr() for t in found})
+
+    blocks = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    assert padded_copies("none") == 2 * blocks
+    assert padded_copies("selective", ("mla_up_proj",)) == blocks

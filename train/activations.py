@@ -41,8 +41,8 @@ Recomputation (parallel/recompute.py's semantics, train.recompute):
   layernorm      a norm keeps only its input (its own bytes); its output and internals are recomputed, so a
                  projection that saves the output as it is keeps nothing, one that saves its own copy
                  (a bf16 cast, an FP8 quantised input) keeps that copy.
-  mla_up_proj    q, k, v of the attention core are recomputed from the latents: kept are the core's own
-                 padded v, RoPE's tables, the raw RoPE key (kv_a's output) and the latents themselves
+  mla_up_proj    q, k, v of the attention core (and v's padded copy) are recomputed from the latents: kept
+                 are RoPE's tables, the raw RoPE key (kv_a's output) and the latents themselves
                  where no projection saves them as they are (FP8 saves quantised copies).
   core_attn      the core's output, log-sum-exp and padded v are recomputed; q, k and the unpadded v (a
                  view of kv_b's output: that whole storage) are kept. With mla_up_proj: nothing of it kept.
@@ -141,11 +141,9 @@ class ActivationModel:
         up_proj, core = self.rc.has("mla_up_proj"), self.rc.has("core_attn")
         v_bytes = nh * (dqk if padded else dn + dv) * c  # padded: its own storage; else a view of kv_b's output
         t["RoPE tables"] = 2 * 4 * dr / self.micro_batch_size  # complex64 cos/sin [S, dr/2] of q and k
-        if up_proj:  # q, k, v recomputed from the latents; the core's own padded copy of v stays
+        if up_proj:  # q, k, v and the core's padded copy of v recomputed from the latents
             if c != 4 and not self.rc.has("layernorm"):  # (fp32 / layernorm: the kv norm keeps that storage)
                 t["raw RoPE key (kv_a output)"] = (kv + dr) * c
-            if padded and not core:
-                t["core v"] = v_bytes
             if not self.rc.has("layernorm"):  # the recomputation's inputs, where no projection saves them as they are
                 latents = ((mc.q_lora_rank, c) if mc.q_lora_rank else (H, r), (kv, c))
                 t["up-projection inputs"] = sum(w * nb for w, nb in latents if self.fp8 or nb != c)
