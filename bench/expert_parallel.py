@@ -9,7 +9,7 @@ full training steps from the real Trainer: forward, backward, clipping, AdamW, b
 Each rank runs in its own process (tests.distributed.run_ranks: torch.multiprocessing
 spawn with torchrun's environment variables). Inside the bench process only, without
 touching library code, the following are wrapped with timers:
-  dispatch   TokenDispatcher.dispatch  (LocalDispatcher / AllToAllDispatcher), fwd + bwd
+  dispatch   TokenDispatcher.start + finish (LocalDispatcher / AllToAllDispatcher), fwd + bwd
   experts    GroupedExperts.forward                                             fwd + bwd
   combine    TokenDispatcher.combine                                            fwd + bwd
   a2a        torch.distributed.all_to_all_single (part of dispatch + combine:
@@ -32,6 +32,7 @@ python bench/expert_parallel.py [--steps 6] [--warmup 2] [--repeats 2] [--json F
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -106,11 +107,17 @@ def install_timers() -> None:
     from parallel.expert_parallel import AllToAllDispatcher
 
     for cls in (LocalDispatcher, AllToAllDispatcher):
-        dispatch, combine = cls.dispatch, cls.combine
+        start, finish, combine = cls.start, cls.finish, cls.combine
 
-        def timed_dispatch(self, x, topk_idx, keep, _f=dispatch):
+        def timed_start(self, x, topk_idx, keep, _f=start):
             t = time.perf_counter()
             out = _f(self, _boundary(x, "dispatch", None), topk_idx, keep)
+            TIMERS.total["dispatch_fwd"] += time.perf_counter() - t
+            return out
+
+        def timed_finish(self, pending, _f=finish):
+            t = time.perf_counter()
+            out = _f(self, pending)
             TIMERS.total["dispatch_fwd"] += time.perf_counter() - t
             return out
 
@@ -120,7 +127,7 @@ def install_timers() -> None:
             TIMERS.total["combine_fwd"] += time.perf_counter() - t
             return out
 
-        cls.dispatch, cls.combine = timed_dispatch, timed_combine
+        cls.start, cls.finish, cls.combine = timed_start, timed_finish, timed_combine
 
     forward = GroupedExperts.forward
 
@@ -144,11 +151,25 @@ def install_timers() -> None:
 
 
 # ----------------------------------------------------------------------------- one rank
-def bench_rank(rank: int, ep: int, threads: int, steps: int, warmup: int, run_dir: str) -> dict:
+@contextlib.contextmanager
+def tiny_trainer(overrides: list[str]):
+    """A Trainer on configs/tiny.yaml with `overrides`, in this rank's process group (torn down after)."""
     from parallel.mesh import init_distributed
     from train.config import load_config
     from train.trainer import Trainer
 
+    cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
+    ctx = init_distributed(cfg.parallel, cfg.model)
+    try:
+        trainer = Trainer(cfg, ctx)
+        yield trainer
+        trainer.logger.close()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def bench_rank(rank: int, ep: int, threads: int, steps: int, warmup: int, run_dir: str) -> dict:
     install_timers()
     overrides = [
         f"run.dir={run_dir}",
@@ -167,11 +188,8 @@ def bench_rank(rank: int, ep: int, threads: int, steps: int, warmup: int, run_di
     ]
     if ep > 1:
         overrides += [f"parallel.dp_shard={ep}", f"parallel.ep={ep}", "parallel.data_parallel=fsdp"]
-    cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
-    ctx = init_distributed(cfg.parallel, cfg.model)
-    try:
-        trainer = Trainer(cfg, ctx)
-        per_step = []
+    per_step = []
+    with tiny_trainer(overrides) as trainer:
         for i in range(warmup + steps):
             TIMERS.reset()
             m = trainer.train_step()
@@ -181,10 +199,6 @@ def bench_rank(rank: int, ep: int, threads: int, steps: int, warmup: int, run_di
                             ("dispatch_fwd", "dispatch_bwd", "experts_fwd", "experts_bwd",
                              "combine_fwd", "combine_bwd", "a2a")})
                 per_step.append(row)
-        trainer.logger.close()
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
     return {k: statistics.median(r[k] for r in per_step) for k in per_step[0]}
 
 

@@ -15,6 +15,12 @@ top-4 in 4 groups (2 kept), 1 shared, MLA ranks 128/64, seq 256, micro-batch 8),
   moeforge-trainer-bf16 the trainer step with train.precision=bf16 (autocast, fp32 master weights);
                     not a like-for-like peer of fp32 HF: it shows what bf16 hardware (AVX512-BF16,
                     AMX, GPUs) gives; on AVX2-only CPUs bf16 is several times slower than fp32
+  hf-gpt-oss        HF GptOssForCausalLM on configs/tiny_gpt_oss.yaml's model (vocab 4096, hidden 256,
+                    4 layers alternating window 64 / full, GQA 8/2 heads of 32 with sinks, 16 biased
+                    experts of 128 top-4), seq 256, micro-batch 8, fp32, eager attention (the sinks'
+                    reference path), fwd + bwd + fused AdamW, moeforge's allocator setting
+  moeforge-gpt-oss  our Transformer on the same model and batch, same step (CPU sink attention kernel,
+                    grouped GEMM experts); its ratio is to hf-gpt-oss
 Prints tokens/s, ratio to HF, peak RSS, achieved model FLOP/s next to the machine's
 measured fp32 matmul FLOP/s. The machine load during each measurement is printed too:
 numbers taken while other jobs run are not comparable across runs, only within one.
@@ -40,7 +46,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-CONTENDERS = ["hf", "hf-retain", "moeforge", "moeforge-trainer", "moeforge-trainer-mtp", "moeforge-trainer-bf16"]
+CONTENDERS = ["hf", "hf-retain", "moeforge", "moeforge-trainer", "moeforge-trainer-mtp", "moeforge-trainer-bf16",
+              "hf-gpt-oss", "moeforge-gpt-oss"]
+GPT_OSS = "-gpt-oss"  # contenders on the tiny gpt-oss shapes; compared with hf-gpt-oss
 
 
 def _load() -> float:
@@ -73,6 +81,63 @@ def _our_config(mtp: int):
                        routed_scaling_factor=2.5, initializer_range=0.02)
 
 
+def _gpt_oss_config():
+    from train.config import load_config
+
+    return load_config(REPO / "configs" / "tiny_gpt_oss.yaml").model
+
+
+def _gpt_oss_step(name: str):
+    """One training step of HF's GptOssForCausalLM or of our Transformer on the tiny gpt-oss shapes."""
+    import torch
+
+    from bench.hf_baseline import TINY_V3, make_batch
+    from models.head_loss import IGNORE_INDEX
+    from train.allocator import retain_freed_memory
+
+    retain_freed_memory()
+    cfg = _gpt_oss_config()
+    torch.manual_seed(0)
+    ids, _ = make_batch(TINY_V3)
+    if name.startswith("hf"):
+        import transformers
+
+        from train.hf import gpt_oss
+
+        d = gpt_oss.config_dict(cfg, torch.float32, gpt_oss.MODEL_TYPE)
+        d.pop("architectures"), d.pop("model_type")
+        hf_cfg = transformers.GptOssConfig(**d)
+        hf_cfg._attn_implementation = "eager"
+        model = transformers.GptOssForCausalLM(hf_cfg).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+
+        def loss():
+            return model(input_ids=ids, labels=ids, use_cache=False).loss
+    else:
+        from models import Transformer
+        from models.moe import moe_layers
+        from models.moe_state import MoEStepState
+        from train.config import OptimConfig
+        from train.optim import make_adamw, parameter_groups
+
+        model = Transformer(cfg)
+        labels = torch.cat([ids[:, 1:], torch.full((ids.shape[0], 1), IGNORE_INDEX)], dim=1)
+        opt = make_adamw(parameter_groups(model, 0.1), OptimConfig(lr=3e-4, betas=[0.9, 0.95]))
+        moe_state = MoEStepState(moe_layers(model))
+
+        def loss():
+            out = model(ids, labels).loss(0.0)
+            moe_state.end_step(0.0)
+            return out
+
+    def step():
+        loss().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 def worker(name: str, steps: int, warmup: int, threads: int) -> dict:
     import torch
 
@@ -81,7 +146,9 @@ def worker(name: str, steps: int, warmup: int, threads: int) -> dict:
 
     tokens = TINY_V3["seq_len"] * TINY_V3["micro_batch"]
     load0 = _load()
-    if name.startswith("hf"):
+    if name.endswith(GPT_OSS):
+        times = _time_steps(_gpt_oss_step(name), steps, warmup)
+    elif name.startswith("hf"):
         if name == "hf-retain":
             from train.allocator import retain_freed_memory
 
@@ -168,6 +235,7 @@ def main() -> None:
     from models.accounting import count_model
 
     flops_per_token = count_model(_our_config(mtp=0), 256).flops_per_token
+    gpt_oss_flops_per_token = count_model(_gpt_oss_config(), 256).flops_per_token
     peak = matmul_flops(args.threads)
     names = args.only.split(",")
     runs: dict[str, list[dict]] = {name: [] for name in names}
@@ -188,13 +256,17 @@ def main() -> None:
                                  per_round=[round(r["tokens_per_s"]) for r in runs[name]])
     hf = results.get("hf", {}).get("tokens_per_s")
     hf_retain = results.get("hf-retain", {}).get("tokens_per_s")
+    hf_gpt_oss = results.get("hf" + GPT_OSS, {}).get("tokens_per_s")
     print(f"fp32 matmul peak (1024^3, {args.threads} threads): {peak / 1e9:.1f} GFLOP/s; "
-          f"model FLOPs/token (no MTP, seq 256): {flops_per_token / 1e6:.1f} M")
+          f"model FLOPs/token (no MTP, seq 256): {flops_per_token / 1e6:.1f} M (tiny-v3), "
+          f"{gpt_oss_flops_per_token / 1e6:.1f} M (tiny gpt-oss)")
     print(f"{'contender':24s} {'tokens/s':>10s} {'vs HF':>7s} {'vs HF-r':>7s} {'GFLOP/s':>8s} {'of peak':>8s} {'peak RSS':>9s} {'load':>5s}")
     for name, r in results.items():
-        achieved = flops_per_token * r["tokens_per_s"]
-        ratio = f"{r['tokens_per_s'] / hf:.2f}x" if hf else "-"
-        ratio_r = f"{r['tokens_per_s'] / hf_retain:.2f}x" if hf_retain else "-"
+        gpt_oss = name.endswith(GPT_OSS)  # its peer is hf-gpt-oss (allocator setting as moeforge's) in both columns
+        achieved = (gpt_oss_flops_per_token if gpt_oss else flops_per_token) * r["tokens_per_s"]
+        ref, ref_r = (hf_gpt_oss, hf_gpt_oss) if gpt_oss else (hf, hf_retain)
+        ratio = f"{r['tokens_per_s'] / ref:.2f}x" if ref else "-"
+        ratio_r = f"{r['tokens_per_s'] / ref_r:.2f}x" if ref_r else "-"
         print(f"{name:24s} {r['tokens_per_s']:10.0f} {ratio:>7s} {ratio_r:>7s} {achieved / 1e9:8.1f} {achieved / peak:8.0%} "
               f"{r['peak_rss_mb']:8.0f}M {r['load_avg']:5.1f}  rounds: {r['per_round']}")
 

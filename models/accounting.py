@@ -8,6 +8,9 @@ whole embedding table would give 37.6B and 2.66B).
 FLOPs per token follow the PaLM appendix B convention: 6 x (activated matmul
 parameters) for forward + backward, plus attention 6 * S * heads * (d_qk + d_v)
 per layer (no causal discount), with MTP depths counted as extra layers + head.
+gpt-oss: expert biases count with their expert (published 20.9B total / 3.61B active for
+gpt-oss-20b, 116.8B / 5.13B for gpt-oss-120b), and a sliding-window layer's queries attend at
+most sliding_window keys.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from models.config import ModelConfig
+from models.moe import moe_layers
 from models.transformer import Transformer
 
 
@@ -41,7 +45,8 @@ def count_model(cfg: ModelConfig, seq_len: int | None = None) -> ModelCounts:
     seq_len = seq_len or min(cfg.max_position_embeddings, 4096)
     total = sum(p.numel() for p in model.parameters())
     mtp = sum(p.numel() for p in model.mtp.parameters())
-    expert_params = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    moes = moe_layers(model)
+    expert_params = sum(p[0].numel() for p in moes[0].experts.parameters()) if moes else 0  # one expert, biases too
     inactive_per_moe_layer = (cfg.n_routed_experts - cfg.num_experts_per_tok) * expert_params
     n_moe_main = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     n_moe_mtp = sum(cfg.is_moe_layer(cfg.num_hidden_layers + k) for k in range(cfg.num_nextn_predict_layers))
@@ -57,8 +62,9 @@ def count_model(cfg: ModelConfig, seq_len: int | None = None) -> ModelCounts:
     matmul_active = active - embedding_row - norms
     if cfg.num_nextn_predict_layers:
         matmul_active += cfg.num_nextn_predict_layers * cfg.vocab_size * cfg.hidden_size  # shared head reused per depth
-    n_attn_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
-    attn = 6 * seq_len * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * n_attn_layers
+    attn = 6 * cfg.num_attention_heads * sum(attended_keys(cfg, i, seq_len) for i in range(cfg.num_hidden_layers))
+    attn += 6 * cfg.num_attention_heads * seq_len * cfg.num_nextn_predict_layers
+    attn *= cfg.head_dim * 2 if cfg.is_gpt_oss else cfg.qk_head_dim + cfg.v_head_dim
     return ModelCounts(
         params_total=total,
         params_total_no_mtp=total - mtp,
@@ -67,3 +73,8 @@ def count_model(cfg: ModelConfig, seq_len: int | None = None) -> ModelCounts:
         params_embedding=embedding,
         flops_per_token=float(6 * matmul_active + attn),
     )
+
+
+def attended_keys(cfg: ModelConfig, layer_idx: int, seq_len: int) -> int:
+    """Keys a query of layer `layer_idx` is counted to attend (no causal discount): the window on sliding layers."""
+    return min(seq_len, cfg.sliding_window) if cfg.is_sliding_layer(layer_idx) else seq_len

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig
+from models.kv_cache import LayerCache
 from models.norm import RMSNorm
 from models.rope import apply_rope
 
@@ -103,10 +104,23 @@ class MultiHeadLatentAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * cfg.v_head_dim, h, bias=bias)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: Optional[torch.Tensor] = None
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: Optional[torch.Tensor] = None,
+        cache: Optional[LayerCache] = None,
     ) -> torch.Tensor:
+        """x [B, S, H]. With a `cache`, the new tokens' latents are stored; an empty cache (prefill) runs
+        the training path, a filled one (decode) the absorbed path over every cached token."""
         bsz, seq, _ = x.shape
-        out = self.attend(*self.latents(x), rope, mask)
+        q_in, kv_latent, k_pe = self.latents(x)
+        if cache is None:
+            out = self.attend(q_in, kv_latent, k_pe, rope, mask)
+        elif cache.start == 0:
+            cache.append(kv_latent, self.rope_key(k_pe, rope).squeeze(2))
+            out = self.attend(q_in, kv_latent, k_pe, rope, mask)
+        else:
+            out = self.attend_absorbed(q_in, *cache.append(kv_latent, self.rope_key(k_pe, rope).squeeze(2)), rope, mask)
         return self.o_proj(out.reshape(bsz, seq, -1))
 
     def latents(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -122,23 +136,53 @@ class MultiHeadLatentAttention(nn.Module):
         """Up-projections and attention core: [B, S, H, Dv] from the latents."""
         return self.core(*self.up_project(q_in, kv_latent, k_pe, rope), mask)
 
+    def queries(self, q_in: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """q^C [B, S, h, d_nope] and RoPE(q^R) [B, S, h, d_rope] (V3 eqs. 7-8)."""
+        bsz, seq, _ = q_in.shape
+        q = self.q_proj(q_in) if self.q_lora_rank is None else self.q_b_proj(q_in)
+        q = q.view(bsz, seq, -1, self.qk_head_dim)  # -1: heads (fewer per rank under TP)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        return q_nope, apply_rope(q_pe, *rope)
+
+    def rope_key(self, k_pe: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """RoPE(k^R) [B, S, 1, d_rope]: one rope key shared by every head (V3 eq. 3)."""
+        return apply_rope(k_pe.unsqueeze(2), *rope)
+
     def up_project(
         self, q_in: torch.Tensor, kv_latent: torch.Tensor, k_pe: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q = [q^C; RoPE(q^R)], k = [k^C; RoPE(k^R)], v per head (V3 eqs. 2-5, 7-9)."""
         bsz, seq, _ = kv_latent.shape
-        q = self.q_proj(q_in) if self.q_lora_rank is None else self.q_b_proj(q_in)
-        q = q.view(bsz, seq, -1, self.qk_head_dim)  # -1: heads (fewer per rank under TP)
-        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_nope, q_pe = self.queries(q_in, rope)
         kv = self.kv_b_proj(kv_latent).view(bsz, seq, -1, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        cos, sin = rope
-        q_pe = apply_rope(q_pe, cos, sin)
-        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin)  # one rope key shared by every head
-        heads = q.shape[2]
+        heads = q_nope.shape[2]
         q = torch.cat([q_nope, q_pe], dim=-1)
-        k = torch.cat([k_nope, k_pe.expand(-1, -1, heads, -1)], dim=-1)
+        k = torch.cat([k_nope, self.rope_key(k_pe, rope).expand(-1, -1, heads, -1)], dim=-1)
         return q, k, v
+
+    def attend_absorbed(
+        self, q_in: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+        mask: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        """Attention over cached latents (DeepSeek-V2 §2.1.2): q^C k^C = (W_UK^T q^C) c_KV, o = W_UV (p c_KV).
+
+        q_in [B, S, d_q] (the new tokens); latent [B, T, d_c] and k_pe [B, T, d_rope] (rotated), every cached
+        token; mask [B, 1, S, T] (True = attend), None = causal with the S new tokens last. -> [B, S, h, d_v].
+        """
+        q_nope, q_pe = self.queries(q_in, rope)
+        seq = q_nope.shape[1]
+        w = self.kv_b_proj.weight.view(-1, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_uk, w_uv = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # [h, d_nope, d_c], [h, d_v, d_c]
+        q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # W_UK folded into the query
+        scores = torch.einsum("bshc,btc->bhst", q_latent, latent) + torch.einsum("bshd,btd->bhst", q_pe, k_pe)
+        scores = scores.float() * self.scale
+        if mask is None:
+            total = latent.shape[1]
+            mask = torch.ones(seq, total, dtype=torch.bool, device=latent.device).tril(total - seq)
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(latent.dtype)
+        out_latent = torch.einsum("bhst,btc->bshc", probs, latent)
+        return torch.einsum("bshc,hvc->bshv", out_latent, w_uv)  # W_UV folded into the output
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """softmax(q k^T * scale) v (V3 eq. 10)."""

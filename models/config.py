@@ -1,14 +1,21 @@
-"""Model configuration with the field names of Hugging Face's ``DeepseekV3Config``.
+"""Model configuration with the field names of Hugging Face's ``DeepseekV3Config`` / ``GptOssConfig``.
 
 Keeping HF's names makes export a rename rather than a translation. Fields that HF
 does not have (balancing speeds, capacity factor, attention backend) are moeforge's
 own and are documented where they are declared.
+
+Two families share the one dataclass (`family`): "deepseek" (DeepSeek-V3 / V2) and "gpt_oss".
+A gpt_oss config is written with GptOssConfig's names (num_local_experts, intermediate_size as
+the expert width, num_key_value_heads, head_dim, sliding_window, layer_types, router_aux_loss_coef,
+swiglu_limit); the DeepSeek-named fields the shared parts read (n_routed_experts,
+moe_intermediate_size, no shared experts, no MTP, ...) are then derived from them
+(`gpt_oss_derived`), and setting one of those to something else is an error.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 
@@ -23,12 +30,19 @@ class RopeScalingConfig:
     beta_slow: float = 1.0
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
+    # Round YaRN's correction range to whole dimensions (DeepSeek, HF's default); gpt-oss: false.
+    truncate: bool = True
+
+
+FAMILIES = ("deepseek", "gpt_oss")
+LAYER_TYPES = ("sliding_attention", "full_attention")  # HF GptOssConfig.layer_types values
 
 
 @dataclass
 class ModelConfig:
-    """A DeepSeek-V2/V3 architecture. Defaults are DeepSeek-V3 (671B) shapes."""
+    """A DeepSeek-V2/V3 or gpt-oss architecture. Defaults are DeepSeek-V3 (671B) shapes."""
 
+    family: str = "deepseek"  # "deepseek" (MLA, DeepSeekMoE, MTP) | "gpt_oss" (GQA + sinks, biased experts)
     vocab_size: int = 129280
     hidden_size: int = 7168
     intermediate_size: int = 18432  # dense MLP width (first_k_dense_replace layers)
@@ -79,6 +93,35 @@ class ModelConfig:
     attn_implementation: str = "auto"
     # Routed experts kernel: "auto" picks the fastest correct path for the device.
     experts_implementation: str = "auto"
+    # gpt-oss (HF GptOssConfig names; read when family is gpt_oss, where intermediate_size is the
+    # width of each expert). Attention: GQA with sinks, `sliding_window` on the layers that
+    # layer_types marks "sliding_attention" (default: even layers, as HF).
+    num_local_experts: Optional[int] = None
+    num_key_value_heads: Optional[int] = None
+    head_dim: int = 64
+    sliding_window: Optional[int] = None
+    layer_types: Optional[list[str]] = None
+    router_aux_loss_coef: float = 0.9  # Switch load-balancing loss coefficient (per MoE layer)
+    swiglu_limit: float = 7.0
+    swiglu_alpha: float = 1.702
+
+    def __post_init__(self) -> None:
+        if self.family == "gpt_oss":
+            for key, value in gpt_oss_derived(self).items():
+                setattr(self, key, value)
+
+    @property
+    def is_gpt_oss(self) -> bool:
+        return self.family == "gpt_oss"
+
+    @property
+    def rope_head_dim(self) -> int:
+        """Dimensions RoPE rotates per head: the decoupled key (MLA) or the whole head (gpt-oss)."""
+        return self.head_dim if self.is_gpt_oss else self.qk_rope_head_dim
+
+    def is_sliding_layer(self, layer_idx: int) -> bool:
+        """gpt-oss: whether layer `layer_idx` attends within sliding_window (layer_types)."""
+        return bool(self.layer_types) and self.layer_types[layer_idx] == "sliding_attention"
 
     @property
     def qk_head_dim(self) -> int:
@@ -100,6 +143,10 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the field when the architecture is inconsistent."""
+        if self.family not in FAMILIES:
+            raise ValueError(f"model.family={self.family!r} must be one of {', '.join(FAMILIES)}")
+        if self.is_gpt_oss:
+            self._validate_gpt_oss()
         checks = [
             (self.hidden_size > 0, "hidden_size must be positive"),
             (self.num_hidden_layers > 0, "num_hidden_layers must be positive"),
@@ -110,7 +157,10 @@ class ModelConfig:
                 self.topk_method in ("noaux_tc", "greedy", "group_limited_greedy"),
                 "topk_method must be 'noaux_tc', 'greedy' or 'group_limited_greedy'",
             ),
-            (self.attn_implementation in ("auto", "sdpa", "eager", "flash"), "attn_implementation must be auto|sdpa|eager|flash"),
+            (
+                self.attn_implementation in (GPT_OSS_ATTENTION if self.is_gpt_oss else ("auto", "sdpa", "eager", "flash")),
+                "attn_implementation must be " + ("|".join(GPT_OSS_ATTENTION) if self.is_gpt_oss else "auto|sdpa|eager|flash"),
+            ),
             (
                 self.experts_implementation in ("auto", "grouped_mm", "loop"),
                 "experts_implementation must be auto|grouped_mm|loop",
@@ -156,6 +206,80 @@ class ModelConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"model.{msg}")
+
+    def _validate_gpt_oss(self) -> None:
+        n_layers, kv = self.num_hidden_layers, self.num_key_value_heads
+        checks = [
+            (self.num_local_experts is not None and self.num_local_experts > 0,
+             "num_local_experts must be a positive number of experts (family gpt_oss)"),
+            (kv is not None and kv > 0, "num_key_value_heads must be positive (family gpt_oss)"),
+            (kv is None or kv <= 0 or self.num_attention_heads % kv == 0,
+             f"num_attention_heads={self.num_attention_heads} must be a multiple of num_key_value_heads={kv}"),
+            (self.head_dim > 0 and self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be positive and even"),
+            (self.sliding_window is None or self.sliding_window > 0, "sliding_window must be positive or null"),
+            (self.layer_types is not None and len(self.layer_types) == n_layers,
+             f"layer_types needs one entry per layer ({n_layers}), got "
+             f"{None if self.layer_types is None else len(self.layer_types)}"),
+            (all(t in LAYER_TYPES for t in self.layer_types or ()),
+             f"layer_types entries must be {' or '.join(LAYER_TYPES)}, got {self.layer_types}"),
+            (self.sliding_window is not None or "sliding_attention" not in (self.layer_types or ()),
+             "layer_types has sliding_attention layers but sliding_window is null"),
+            (self.router_aux_loss_coef >= 0, "router_aux_loss_coef must be >= 0"),
+            (self.swiglu_limit > 0 and self.swiglu_alpha > 0, "swiglu_limit and swiglu_alpha must be positive"),
+            (self.capacity_factor is None, "capacity_factor: gpt-oss routing is dropless; set it to null"),
+            (self.rope_scaling is None or self.rope_scaling.mscale == 0 and self.rope_scaling.mscale_all_dim == 0,
+             "rope_scaling.mscale and mscale_all_dim must be 0 for gpt_oss (HF's YaRN attention factor "
+             "0.1 ln(factor) + 1; DeepSeek's mscale ratio does not apply)"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"model.{msg}")
+
+
+GPT_OSS_ATTENTION = ("auto", "cpu_flash", "flex", "eager")  # models.gqa_attention.SINK_ATTENTION_IMPLEMENTATIONS
+
+
+def gpt_oss_derived(cfg: ModelConfig) -> dict:
+    """The DeepSeek-named fields a gpt_oss config implies (what the shared MoE, planner and layouts read).
+
+    Raises ValueError when one of them was set to something else (e.g. n_routed_experts instead
+    of num_local_experts): a gpt_oss config takes GptOssConfig's names.
+    """
+    derived = {
+        "n_routed_experts": cfg.num_local_experts or 0,
+        "moe_intermediate_size": cfg.intermediate_size,
+        "n_shared_experts": 0,
+        "first_k_dense_replace": 0,
+        "num_nextn_predict_layers": 0,
+        "n_group": 1,
+        "topk_group": 1,
+        "scoring_func": "softmax",
+        "topk_method": "greedy",
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 1.0,
+        "bias_update_speed": 0.0,
+        # The Switch loss coef * E * sum_i f_i P_i is models/balance.py's expert-level loss with
+        # alpha = coef * K (see models/topk_softmax_router.py), here per sequence (per document when
+        # packed) and averaged: that does not depend on how the batch is split over ranks and
+        # micro-batches (HF pools f and P over its whole batch and all layers).
+        "aux_loss_alpha": cfg.router_aux_loss_coef * cfg.num_experts_per_tok,
+        "seq_aux": True,
+        "device_aux_loss_alpha": 0.0,
+        "comm_aux_loss_alpha": 0.0,
+        "qk_rope_head_dim": cfg.head_dim,
+    }
+    defaults = {f.name: f.default for f in fields(ModelConfig)}
+    for key, value in derived.items():
+        current = getattr(cfg, key)
+        if current != value and current != defaults[key]:
+            raise ValueError(
+                f"model.{key}={current!r} does not apply to family gpt_oss (it is derived: {value!r}); "
+                "a gpt_oss config uses GptOssConfig's fields (num_local_experts, intermediate_size, "
+                "router_aux_loss_coef, ...)"
+            )
+    if cfg.layer_types is None:  # HF GptOssConfig's default: sliding on even layers, full on odd ones
+        derived["layer_types"] = [LAYER_TYPES[i % 2] for i in range(cfg.num_hidden_layers)]
+    return derived
 
 
 def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:

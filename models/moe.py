@@ -1,5 +1,8 @@
 """DeepSeekMoE layer (V3 eq. 12): h' = h + sum_i FFN^s_i(h) + sum_i g_i FFN^r_i(h).
 
+gpt-oss uses the same layer with its own router (models/topk_softmax_router.py) and biased
+clamped-SwiGLU experts (models/clamped_experts.py), and no shared experts.
+
 The only communication an MoE layer needs, moving token copies to the rank that owns
 their expert and back, goes through a `TokenDispatcher`. `LocalDispatcher` keeps
 everything in-process; `parallel/` swaps in an all-to-all dispatcher under expert
@@ -14,21 +17,34 @@ import torch
 from torch import nn
 
 from models.balance import attach_aux_loss, balance_group_ids, balance_losses
+from models.clamped_experts import ClampedSwiGLUExperts
 from models.config import ModelConfig
 from models.experts import GroupedExperts
 from models.mlp import SwiGLU
 from models.router import Router
+from models.topk_softmax_router import TopKSoftmaxRouter
 
 
 class TokenDispatcher:
-    """Moves routed token copies to experts (dispatch) and their outputs back (combine)."""
+    """Moves routed token copies to experts (dispatch) and their outputs back (combine).
+
+    Dispatch comes in two halves so that work independent of the routed rows (the shared
+    experts) can run while a distributed dispatcher's exchange is in flight: `start` may
+    return before the rows arrive, `finish` waits for them."""
+
+    def start(self, x: torch.Tensor, topk_idx: torch.Tensor, keep: Optional[torch.Tensor]) -> Any:
+        """Begin dispatching x [T, H] by topk_idx [T, K]; returns what `finish` needs."""
+        raise NotImplementedError
+
+    def finish(self, pending: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """-> (rows for this rank's experts in expert-major order, rows per local expert [E_local],
+        context for combine)."""
+        raise NotImplementedError
 
     def dispatch(
         self, x: torch.Tensor, topk_idx: torch.Tensor, keep: Optional[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """x [T, H], topk_idx [T, K] -> (rows for this rank's experts in expert-major order,
-        rows per local expert [E_local], context for combine)."""
-        raise NotImplementedError
+        return self.finish(self.start(x, topk_idx, keep))
 
     def combine(self, y: torch.Tensor, topk_weight: torch.Tensor, ctx: Any) -> torch.Tensor:
         """Expert outputs -> [T, H]: each token's outputs weighted by its gates and summed."""
@@ -94,10 +110,13 @@ class LocalDispatcher(TokenDispatcher):
     def __init__(self, n_experts: int) -> None:
         self.n_experts = n_experts
 
-    def dispatch(self, x, topk_idx, keep):
+    def start(self, x, topk_idx, keep):
         order, counts = permute_by_expert(topk_idx, keep, self.n_experts)
         token_of = order // topk_idx.shape[1]
         return x.index_select(0, token_of), counts, order
+
+    def finish(self, pending):
+        return pending
 
     def combine(self, y, topk_weight, ctx):
         return unpermute_and_combine(y, ctx, topk_weight, topk_weight.shape[0], y.dtype)
@@ -115,10 +134,19 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.layer_idx = layer_idx
-        self.gate = Router(cfg)
-        self.experts = GroupedExperts(
-            cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.experts_implementation
-        )
+        self.gate: nn.Module
+        self.experts: GroupedExperts
+        if cfg.is_gpt_oss:  # HF: mlp.router, mlp.experts (train/hf/gpt_oss.py renames gate)
+            self.gate = TopKSoftmaxRouter(cfg.n_routed_experts, cfg.hidden_size, cfg.num_experts_per_tok)
+            self.experts = ClampedSwiGLUExperts(
+                cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.experts_implementation,
+                cfg.swiglu_limit, cfg.swiglu_alpha,
+            )
+        else:
+            self.gate = Router(cfg)
+            self.experts = GroupedExperts(
+                cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.experts_implementation
+            )
         self.shared_experts = (
             SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
         )
@@ -129,9 +157,11 @@ class MoE(nn.Module):
         bsz, seq, hidden = x.shape
         flat = x.reshape(-1, hidden)
         routing = self.gate(flat)
-        rows, counts, ctx = self.dispatcher.dispatch(flat, routing.topk_idx, routing.keep)
+        pending = self.dispatcher.start(flat, routing.topk_idx, routing.keep)
+        shared = None if self.shared_experts is None else self.shared_experts(flat)  # while the rows travel
+        rows, counts, ctx = self.dispatcher.finish(pending)
         routed = self.dispatcher.combine(self.experts(rows, counts), routing.topk_weight, ctx)
-        out = routed if self.shared_experts is None else routed + self.shared_experts(flat)
+        out = routed if shared is None else routed + shared
         out = out.view(bsz, seq, hidden)
         if self.training:
             aux = self._aux_loss(routing.scores, routing.topk_idx, bsz, seq, doc_ids)

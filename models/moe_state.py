@@ -56,7 +56,7 @@ class MoEStepState:
 
     def _clear(self) -> None:
         n_experts = self.layers[0].cfg.n_routed_experts if self.layers else 0
-        device = self.layers[0].gate.e_score_correction_bias.device if self.layers else torch.device("cpu")
+        device = self.layers[0].gate.weight.device if self.layers else torch.device("cpu")
         self._counts = torch.zeros(len(self.layers), n_experts, device=device)
         self._dropped = torch.zeros(len(self.layers), device=device)
         self._aux = torch.zeros((), dtype=torch.float64, device=device)

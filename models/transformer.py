@@ -1,4 +1,9 @@
-"""The DeepSeek-V3 language model as plain modules: embedding, blocks, norm, head, MTP.
+"""The language model as plain modules: embedding, blocks, norm, head, MTP (DeepSeek-V3 and gpt-oss).
+
+The two families (models/config.py `family`) share everything but the block's choices: DeepSeek
+blocks use MLA and DeepSeekMoE (dense first layers, MTP modules); gpt-oss blocks use grouped-query
+attention with sinks, sliding-window on the layers layer_types marks, and the same MoE layer with
+gpt-oss's router and biased clamped-SwiGLU experts (no shared experts, no MTP).
 
 Layers live in an nn.ModuleDict keyed by their index so that pipeline stages can
 delete the layers they do not own without renaming the rest (checkpoint keys stay
@@ -17,7 +22,9 @@ from torch import nn
 
 from models.attention import MultiHeadLatentAttention
 from models.config import ModelConfig
+from models.gqa_attention import GroupedQueryAttention
 from models.head_loss import IGNORE_INDEX, cross_entropy_sum, head_cross_entropy_sum
+from models.kv_cache import LatentKVCache, LayerCache
 from models.mlp import SwiGLU
 from models.moe import MoE
 from models.norm import RMSNorm
@@ -25,18 +32,29 @@ from models.rope import RotaryEmbedding
 
 __all__ = [
     "Block", "MTPModule", "ModelOutput", "ModelParts", "Transformer", "IGNORE_INDEX", "combine_losses",
-    "cross_entropy_sum", "embed", "losses", "mtp_labels", "output_logits", "run_layers",
+    "cross_entropy_sum", "embed", "losses", "mtp_labels", "mtp_states", "output_logits", "run_layers",
     "shift_left", "target_counts",
 ]
 
 
+def attention_of(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    """MLA (DeepSeek) or GQA with sinks, windowed on gpt-oss's sliding_attention layers."""
+    if not cfg.is_gpt_oss:
+        return MultiHeadLatentAttention(cfg)
+    window = cfg.sliding_window if cfg.is_sliding_layer(layer_idx) else None
+    return GroupedQueryAttention(
+        cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, window,
+        cfg.attention_bias, cfg.attn_implementation,
+    )
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block: h + MLA(norm(h)), then + FFN(norm(h)) (dense or MoE)."""
+    """Pre-norm transformer block: h + Attn(norm(h)), then + FFN(norm(h)) (dense or MoE)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MultiHeadLatentAttention(cfg)
+        self.self_attn = attention_of(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp: nn.Module = MoE(cfg, layer_idx) if cfg.is_moe_layer(layer_idx) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
@@ -46,14 +64,16 @@ class Block(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         doc_ids: Optional[torch.Tensor] = None,
         mask: Optional[torch.Tensor] = None,
+        cache: Optional[LayerCache] = None,
     ) -> torch.Tensor:
-        return self.ffn_residual(self.attention_residual(x, rope, mask), doc_ids)
+        return self.ffn_residual(self.attention_residual(x, rope, mask, cache), doc_ids)
 
     def attention_residual(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: Optional[torch.Tensor] = None
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: Optional[torch.Tensor] = None,
+        cache: Optional[LayerCache] = None,
     ) -> torch.Tensor:
         """x + MLA(norm(x)): the block's first half."""
-        return x + self.self_attn(self.input_layernorm(x), rope, mask)
+        return x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
 
     def ffn_residual(self, x: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x + FFN(norm(x)), FFN dense or MoE: the block's second half."""
@@ -64,8 +84,16 @@ class Block(nn.Module):
 class MTPModule(nn.Module):
     """Multi-token prediction depth k (V3 §2.2, eqs. 21-23).
 
-    h'_i = eh_proj([enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)])   (concatenation order of the released weights)
-    h^k  = Block(h'),  logits = head(norm(h^k)) predicting t_{i+k+1}; embedding and head shared with the model.
+    h'_i = eh_proj([enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)])   (eq. 21, concatenation order of the released weights)
+    h^k  = norm(Block(h'))                                     (eq. 22; norm is HF's shared_head.norm)
+    logits = lm_head(h^k) predicting t_{i+k+1}                 (eq. 23; embedding and head shared with the model)
+
+    h^0 is the main model's output after its final norm (what the main head reads). For k > 1 the
+    depth is fed h^{k-1} = the previous depth's normed output, the tensor its head reads: Megatron-Core's
+    MultiTokenPredictionLayer applies its final_layernorm before returning and chains that output, and
+    transformers' MtpModel (post_norm) does the same. vLLM's DeepSeek drafter reuses one module for
+    k > 1 and feeds back the un-normed block output; DeepSeek released depth 1 only, so no released
+    weights decide k > 1.
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
@@ -83,11 +111,11 @@ class MTPModule(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         doc_ids: Optional[torch.Tensor],
         mask: Optional[torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (h^k for the next depth, norm(h^k) for the shared output head)."""
+        cache: Optional[LayerCache] = None,
+    ) -> torch.Tensor:
+        """h^k [B, S, H] from h^{k-1} (normed) and the embeddings of the tokens shifted by k."""
         x = self.eh_proj(torch.cat([self.enorm(emb_shifted), self.hnorm(h)], dim=-1))
-        h = self.block(x, rope, doc_ids, mask)
-        return h, self.norm(h)
+        return self.norm(self.block(x, rope, doc_ids, mask, cache))
 
 
 def shift_left(x: torch.Tensor, k: int, fill: int) -> torch.Tensor:
@@ -168,7 +196,9 @@ class Transformer(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.rope = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        truncate = cfg.rope_scaling is None or cfg.rope_scaling.truncate
+        self.rope = RotaryEmbedding(cfg.rope_head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling,
+                                    truncate)
         self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.num_hidden_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -182,7 +212,7 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """N(0, initializer_range) for every matrix, ones for norms, zero router biases."""
+        """N(0, initializer_range) for every matrix (and gpt-oss sinks), ones for norms, zero linear biases."""
         std = self.cfg.initializer_range
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -191,7 +221,7 @@ class Transformer(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, (RMSNorm, RotaryEmbedding)):
                 module.reset_parameters()
-            elif isinstance(module, MoE):
+            elif isinstance(module, (MoE, GroupedQueryAttention)):
                 module.reset_parameters(std)
 
     def forward(
@@ -242,16 +272,36 @@ def run_layers(
     rope: tuple[torch.Tensor, torch.Tensor],
     doc_ids: Optional[torch.Tensor],
     mask: Optional[torch.Tensor],
+    cache: Optional[LatentKVCache] = None,
 ) -> torch.Tensor:
-    """The transformer blocks that `parts` holds, in order."""
-    for layer in parts.layers.values():
-        h = layer(h, rope, doc_ids, mask)
+    """The transformer blocks that `parts` holds, in order (layer i of them uses cache.layer(i))."""
+    for i, layer in enumerate(parts.layers.values()):
+        h = layer(h, rope, doc_ids, mask, None if cache is None else cache.layer(i))
     return h
 
 
 def output_logits(parts: ModelParts, h: torch.Tensor) -> torch.Tensor:
     """Logits of the main head: lm_head(norm(h))."""
     return parts.lm_head(parts.norm(h))
+
+
+def mtp_states(
+    parts: ModelParts,
+    h: torch.Tensor,
+    input_ids: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    doc_ids: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+) -> list[torch.Tensor]:
+    """h^1..h^D [B, S, H] of the MTP depths, each its head's input, from h^0 = norm(last layer's output).
+
+    Depth k reads h^{k-1} and the embedding of the input shifted by k (V3 eq. 21).
+    """
+    states = []
+    for k, module in enumerate(parts.mtp, start=1):
+        h = module(h, embed(parts, shift_left(input_ids, k, 0)), rope, doc_ids, mask)
+        states.append(h)
+    return states
 
 
 def losses(
@@ -265,16 +315,15 @@ def losses(
 ) -> ModelOutput:
     """CE sums and target counts of the main head and of every MTP depth, from the last layer's output h.
 
-    The MTP depths are chained: depth k reads h^{k-1} (h^0 = h) and the embedding of the input
-    shifted by k (V3 eq. 21). Head and CE are fused (models.head_loss).
+    The main head and MTP depth 1 both read norm(h) (DESIGN §3); head and CE are fused (models.head_loss).
     """
-    lm_sum, lm_tokens = head_cross_entropy_sum(parts.lm_head, parts.norm(h), labels)
+    h = parts.norm(h)
+    lm_sum, lm_tokens = head_cross_entropy_sum(parts.lm_head, h, labels)
     out = ModelOutput(logits=None, lm_loss_sum=lm_sum, lm_tokens=lm_tokens)
     if len(parts.mtp):
         sums, counts = [], []
-        for k, module in enumerate(parts.mtp, start=1):
-            h, h_normed = module(h, embed(parts, shift_left(input_ids, k, 0)), rope, doc_ids, mask)
-            s, c = head_cross_entropy_sum(parts.lm_head, h_normed, mtp_labels(labels, k, doc_ids))
+        for k, h_k in enumerate(mtp_states(parts, h, input_ids, rope, doc_ids, mask), start=1):
+            s, c = head_cross_entropy_sum(parts.lm_head, h_k, mtp_labels(labels, k, doc_ids))
             sums.append(s)
             counts.append(c)
         out.mtp_loss_sums, out.mtp_tokens = torch.stack(sums), torch.stack(counts)

@@ -13,6 +13,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from parallel import comm_ledger
+
 
 def default_device() -> torch.device:
     """CUDA (this process's local GPU) when available, else CPU."""
@@ -52,17 +54,17 @@ class ParallelContext:
     def distributed(self) -> bool:
         return self.world_size > 1 and dist.is_initialized()
 
-    def all_reduce_sum(self, tensor: torch.Tensor, group: Optional[Any] = None) -> torch.Tensor:
-        """Sum over all ranks (or `group`); identity on one process. Returns a new tensor."""
+    def all_reduce_sum(self, tensor: torch.Tensor, group: Optional[Any] = None, label: str = "world") -> torch.Tensor:
+        """Sum over all ranks (or `group`, role `label` in the ledger); identity on one process. Returns a new tensor."""
         if not self.distributed:
             return tensor
         out = tensor.detach().clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        comm_ledger.all_reduce(out, label, group)
         return out
 
     def dp_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over the data-parallel replicas (token counts of the global batch)."""
-        return self.all_reduce_sum(tensor, self.dp_group)
+        return self.all_reduce_sum(tensor, self.dp_group, "dp")
 
     def barrier(self) -> None:
         if self.distributed:

@@ -20,6 +20,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from models.moe import MoE
+from parallel import comm_ledger
 from parallel.expert_parallel import is_expert_param
 
 
@@ -28,6 +29,11 @@ def dense_and_expert_meshes(mesh) -> tuple[Any, Any]:
     if mesh["dp_replicate"].size() > 1:
         return mesh["dp_replicate", "dp_shard"], mesh["dp_replicate", "edp"]
     return mesh["dp_shard"], mesh["edp"]
+
+
+def mesh_label(mesh) -> str:
+    """The ledger's name for a (possibly 2-D) mesh: its last dimension, the one FSDP2 shards over."""
+    return mesh.mesh_dim_names[-1]
 
 
 def apply_fsdp(
@@ -48,9 +54,12 @@ def apply_fsdp(
         for module in block.modules():
             if isinstance(module, MoE):
                 fully_shard(module.experts, mesh=expert_mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
+                comm_ledger.count_fsdp_collectives(module.experts, mesh_label(expert_mesh))
         fully_shard(block, mesh=dense_mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
+        comm_ledger.count_fsdp_collectives(block, mesh_label(dense_mesh))
     for root in roots or [model]:
         fully_shard(root, mesh=dense_mesh, mp_policy=mp_policy)
+        comm_ledger.count_fsdp_collectives(root, mesh_label(dense_mesh))
     for module in [m for r in roots or [model] for m in r.modules()]:
         if isinstance(module, FSDPModule):
             # Sum, never average: losses are already normalised by the global token count.
@@ -63,6 +72,14 @@ def local_shard(full: torch.Tensor, mesh) -> torch.Tensor:
     """This rank's Shard(0) piece of a tensor that every rank of `mesh` holds in full."""
     shape, offset = compute_local_shape_and_global_offset(full.shape, mesh, [Shard(0)])
     return full.narrow(0, offset[0], shape[0]) if full.dim() else full
+
+
+def padded_shard(t: DTensor) -> torch.Tensor:
+    """The buffer each rank contributes to `t.full_tensor()` of a Shard(0) DTensor: its dim-0 chunk
+    padded to ceil(dim0 / ranks) rows (the shape only matters: the ledger counts its bytes)."""
+    ranks = t.device_mesh.size()
+    rows = -(-t.shape[0] // ranks) if t.dim() else 1
+    return t.to_local().new_empty((rows,) + tuple(t.shape[1:]), device="meta")
 
 
 class ZeroOneOptimizer:
@@ -105,7 +122,7 @@ class ZeroOneOptimizer:
             if not grads or mesh.size() == 1:
                 continue
             flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=mesh.get_group())
+            comm_ledger.all_reduce(flat, mesh_label(mesh), mesh.get_group())
             offset = 0
             for g in grads:
                 g.copy_(flat[offset: offset + g.numel()].view_as(g))
@@ -122,7 +139,8 @@ class ZeroOneOptimizer:
                 shape=p.shape, stride=p.stride(), run_check=False,
             )
         self.inner.step()
-        for p, master, _ in self.params:
+        for p, master, mesh in self.params:
+            comm_ledger.record_all_gather(padded_shard(master), mesh_label(mesh), mesh.get_group())
             p.copy_(master.full_tensor().to(p.dtype))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -209,7 +227,7 @@ def clip_grad_norm(params: Iterable[tuple[nn.Parameter, int]], max_norm: float, 
     for g, (_, r) in zip(locals_, params):
         total += g.detach().double().pow(2).sum() / r
     if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(total, group=group)
+        comm_ledger.all_reduce(total, "world" if group is None else "grad_norm", group)
     norm = float(total.sqrt())
     if max_norm > 0 and norm > max_norm and locals_:
         torch._foreach_mul_(locals_, max_norm / (norm + 1e-6))

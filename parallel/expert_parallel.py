@@ -1,13 +1,22 @@
 """Expert parallelism: routed experts split over the `ep` ranks, tokens moved by all-to-all.
 
-Dispatch (dropless, uneven splits):
-  1. sort this rank's (token, slot) assignments by global expert id (dropped ones excluded);
-  2. exchange how many rows go to each (rank, local expert): one small all-to-all of counts;
-  3. all_to_all_single the rows with those split sizes;
-  4. regroup the received rows, which arrive source-rank-major, into local-expert-major
-     order for the grouped GEMM.
-Combine runs the same steps backwards and applies the gates on the source rank.
+Deduplicated dispatch (dropless, uneven splits; V3 report §3.2.2 sends a token once per node):
+  1. a token goes once to every rank that holds any of its kept selected experts: the
+     (token, rank) pairs, rank-major, each rank's in token order (dropped assignments,
+     V2's capacity mode, were removed before; a token with none left is not sent);
+  2. one small all-to-all of pair counts gives the split sizes;
+  3. all_to_all_single the rows, and, beside them, each pair's slot map: for every one of
+     the token's K slots the receiving rank's local expert id, or -1 when the slot's
+     expert lives elsewhere (int8: n_local < 128 on every layout moeforge builds);
+  4. the receiving rank expands each row to its local experts (`permute_by_expert` on the
+     slot map), in local-expert-major, source-rank-major order for the grouped GEMM.
+Combine: the gates of each pair's slots travel to the expert's rank (a small fp32 all-to-all),
+which sums its experts' gated outputs per pair (V3 eq. 12's sum over the rank's share of
+g_i FFN_i, in fp32), so one row per (token, rank) returns; the source rank adds its pairs.
 The backward of each all-to-all is the all-to-all with the splits swapped.
+
+`pairs_per_rank` is the one rule for "which ranks a token reaches"; a hierarchical
+(node-limited) dispatch applies it twice: with ranks = nodes across nodes, then within one.
 """
 
 from __future__ import annotations
@@ -16,10 +25,10 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from models.moe import MoE, TokenDispatcher, permute_by_expert, unpermute_and_combine
+from parallel import comm_ledger
 
 
 class _AllToAll(torch.autograd.Function):
@@ -29,13 +38,13 @@ class _AllToAll(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, output_splits: list[int], input_splits: list[int], group: Any) -> torch.Tensor:  # type: ignore[override]
         ctx.output_splits, ctx.input_splits, ctx.group = output_splits, input_splits, group
         out = x.new_empty((sum(output_splits),) + tuple(x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+        comm_ledger.all_to_all_single(out, x.contiguous(), "ep", group, output_splits, input_splits)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         out = grad.new_empty((sum(ctx.input_splits),) + tuple(grad.shape[1:]))
-        dist.all_to_all_single(out, grad.contiguous(), ctx.input_splits, ctx.output_splits, group=ctx.group)
+        comm_ledger.all_to_all_single(out, grad.contiguous(), "ep", ctx.group, ctx.input_splits, ctx.output_splits)
         return out, None, None, None
 
 
@@ -43,53 +52,148 @@ def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int
     return _AllToAll.apply(x, output_splits, input_splits, group)
 
 
+class _InFlight:
+    """The one all-to-all of an async exchange that is in flight: the forward one, then its reverse."""
+
+    def __init__(self, output_splits: list[int], input_splits: list[int], group: Any) -> None:
+        self.output_splits, self.input_splits, self.group = output_splits, input_splits, group
+        self.work: Any = None
+        self.back: Optional[torch.Tensor] = None  # the gradient's reverse exchange lands here
+
+    def wait(self) -> None:
+        comm_ledger.wait(self.work, "all_to_all", "ep")
+        self.work = None
+
+
+class _AllToAllStart(torch.autograd.Function):
+    """Launch the exchange (async_op); backward: wait for the reverse one `_AllToAllFinish` launched."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, flight: _InFlight) -> torch.Tensor:  # type: ignore[override]
+        ctx.flight = flight
+        out = x.new_empty((sum(flight.output_splits),) + tuple(x.shape[1:]))
+        flight.work = comm_ledger.all_to_all_single(out, x.contiguous(), "ep", flight.group, flight.output_splits,
+                                                    flight.input_splits, async_op=True)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        ctx.flight.wait()  # the reverse exchange launched by _AllToAllFinish's backward (which passed `grad` on)
+        back, ctx.flight.back = ctx.flight.back, None
+        return back, None
+
+
+class _AllToAllFinish(torch.autograd.Function):
+    """Wait for the exchange; backward: launch the reverse one, waited for in `_AllToAllStart`'s
+    backward, so the autograd nodes recorded between the two (the shared experts) run meanwhile."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, flight: _InFlight) -> torch.Tensor:  # type: ignore[override]
+        ctx.flight = flight
+        flight.wait()
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        f = ctx.flight
+        grad = grad.contiguous()
+        f.back = grad.new_empty((sum(f.input_splits),) + tuple(grad.shape[1:]))
+        f.work = comm_ledger.all_to_all_single(f.back, grad, "ep", f.group, f.input_splits, f.output_splits,
+                                               async_op=True)
+        return grad, None  # unchanged: _AllToAllStart's backward returns the exchanged gradient
+
+
+def pairs_per_rank(topk_idx: torch.Tensor, keep: Optional[torch.Tensor], experts_per_rank: int,
+                   n_ranks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (token, rank) pairs a deduplicated dispatch sends, rank-major, tokens ascending.
+
+    Returns (pair_rank [P], pair_token [P], slot_on [P, K]: which of the token's slots pick
+    a kept expert on that rank). Expert e lives on rank e // experts_per_rank."""
+    dest = topk_idx // experts_per_rank
+    kept = torch.ones_like(topk_idx, dtype=torch.bool) if keep is None else keep
+    hit = torch.zeros(topk_idx.shape[0], n_ranks + 1, dtype=torch.bool, device=topk_idx.device)
+    hit.scatter_(1, dest.masked_fill(~kept, n_ranks), True)  # dropped slots land in the extra column
+    hit = hit[:, :n_ranks]
+    pair_rank, pair_token = hit.t().nonzero(as_tuple=True)
+    slot_on = (dest[pair_token] == pair_rank.unsqueeze(1)) & kept[pair_token]
+    return pair_rank, pair_token, slot_on
+
+
 @dataclass
 class _DispatchState:
-    order: torch.Tensor  # expert-major order of local assignments (indices into topk_idx.flatten())
-    regroup: torch.Tensor  # received rows -> local-expert-major order
-    send_splits: list[int]  # rows sent to each ep rank
-    recv_splits: list[int]  # rows received from each ep rank
+    pair_token: torch.Tensor  # source token of every pair this rank sent
+    slot_on: torch.Tensor  # [P, K] slots of each sent pair that its rank serves
+    order: torch.Tensor  # expanded assignments (indices into the received slot map) in local-expert order (finish)
+    send_splits: list[int]  # pairs sent to each ep rank
+    recv_splits: list[int]  # pairs received from each ep rank
     n_tokens: int
 
 
+@dataclass
+class _Pending:
+    """A started dispatch: the rows and slot map in flight (or arrived, without overlap)."""
+    received: torch.Tensor
+    slot_map: torch.Tensor
+    flight: Optional[_InFlight]
+    slot_work: Any
+    state: _DispatchState
+
+
 class AllToAllDispatcher(TokenDispatcher):
-    """Token dispatcher over an expert-parallel group of `ep_size` ranks."""
+    """Deduplicated token dispatcher over an expert-parallel group of `ep_size` ranks.
 
-    def __init__(self, n_experts: int, ep_size: int, group: Any) -> None:
-        self.n_experts, self.ep_size, self.group = n_experts, ep_size, group
+    `overlap`: `start` returns with the rows and slot map still in flight (async all-to-all),
+    so the caller's shared experts compute meanwhile, forward and backward (parallel/OVERLAP.md)."""
+
+    def __init__(self, n_experts: int, ep_size: int, group: Any, overlap: bool = False) -> None:
+        self.n_experts, self.ep_size, self.group, self.overlap = n_experts, ep_size, group, overlap
         self.n_local = n_experts // ep_size
+        if self.n_local >= 128:
+            raise ValueError(f"{self.n_local} experts per ep rank: the int8 slot map holds at most 127")
 
-    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, keep: Optional[torch.Tensor]):
-        order, counts = permute_by_expert(topk_idx, keep, self.n_experts)
-        rows = x.index_select(0, order // topk_idx.shape[1])
-        # counts[r * n_local + e]: rows for local expert e of rank r. Tell every rank what it gets.
-        recv_counts = torch.empty_like(counts)
-        dist.all_to_all_single(recv_counts, counts, group=self.group)
-        per_rank_send = counts.view(self.ep_size, self.n_local)
-        per_rank_recv = recv_counts.view(self.ep_size, self.n_local)  # [source rank, local expert]
-        send_splits = per_rank_send.sum(1).tolist()
-        recv_splits = per_rank_recv.sum(1).tolist()
-        received = all_to_all(rows, recv_splits, send_splits, self.group)
-        # Received rows are grouped by source rank, each group sorted by local expert.
-        local_expert = torch.repeat_interleave(
-            torch.arange(self.n_local, device=x.device).repeat(self.ep_size), per_rank_recv.flatten()
-        )
-        regroup = local_expert.argsort(stable=True)
-        state = _DispatchState(order, regroup, send_splits, recv_splits, topk_idx.shape[0])
-        return received.index_select(0, regroup), per_rank_recv.sum(0), state
+    def start(self, x: torch.Tensor, topk_idx: torch.Tensor, keep: Optional[torch.Tensor]) -> _Pending:
+        pair_rank, pair_token, slot_on = pairs_per_rank(topk_idx, keep, self.n_local, self.ep_size)
+        send = torch.bincount(pair_rank, minlength=self.ep_size)
+        recv = torch.empty_like(send)
+        comm_ledger.all_to_all_single(recv, send, "ep", self.group)  # split sizes: needed before anything else
+        send_splits, recv_splits = send.tolist(), recv.tolist()
+        local_id = (topk_idx[pair_token] - pair_rank.unsqueeze(1) * self.n_local).masked_fill(~slot_on, -1)
+        slot_map = x.new_empty((sum(recv_splits), topk_idx.shape[1]), dtype=torch.int8)
+        slot_work = comm_ledger.all_to_all_single(slot_map, local_id.to(torch.int8), "ep", self.group, recv_splits,
+                                                  send_splits, async_op=self.overlap)
+        rows = x.index_select(0, pair_token)
+        state = _DispatchState(pair_token, slot_on, torch.empty(0), send_splits, recv_splits, topk_idx.shape[0])
+        if not self.overlap:
+            return _Pending(all_to_all(rows, recv_splits, send_splits, self.group), slot_map, None, None, state)
+        flight = _InFlight(recv_splits, send_splits, self.group)
+        return _Pending(_AllToAllStart.apply(rows, flight), slot_map, flight, slot_work, state)
+
+    def finish(self, pending: _Pending):
+        received = pending.received
+        if pending.flight is not None:
+            comm_ledger.wait(pending.slot_work, "all_to_all", "ep")
+            received = _AllToAllFinish.apply(received, pending.flight)
+        slot_map = pending.slot_map.long()
+        order, counts = permute_by_expert(slot_map.clamp(min=0), slot_map >= 0, self.n_local)
+        pending.state.order = order
+        return received.index_select(0, order // slot_map.shape[1]), counts, pending.state
 
     def combine(self, y: torch.Tensor, topk_weight: torch.Tensor, ctx: _DispatchState) -> torch.Tensor:
-        back_in_source_order = torch.empty_like(y).index_copy(0, ctx.regroup, y)
-        returned = all_to_all(back_in_source_order, ctx.send_splits, ctx.recv_splits, self.group)
-        return unpermute_and_combine(returned, ctx.order, topk_weight, ctx.n_tokens, y.dtype)
+        gates = topk_weight.float()[ctx.pair_token] * ctx.slot_on  # a slot served elsewhere weighs 0 here
+        gates = all_to_all(gates, ctx.recv_splits, ctx.send_splits, self.group)
+        per_pair = unpermute_and_combine(y, ctx.order, gates, gates.shape[0], y.dtype)
+        returned = all_to_all(per_pair, ctx.send_splits, ctx.recv_splits, self.group)
+        out = torch.zeros(ctx.n_tokens, y.shape[1], dtype=torch.float32, device=y.device)
+        return out.index_add(0, ctx.pair_token, returned.float()).to(y.dtype)
 
 
-def apply_expert_parallel(model: nn.Module, ep_rank: int, ep_size: int, group: Any) -> None:
-    """Keep only this rank's slice of every MoE layer's experts and dispatch by all-to-all.
+def apply_expert_parallel(model: nn.Module, ep_rank: int, ep_size: int, group: Any, overlap: bool = False) -> None:
+    """Keep only this rank's slice of every MoE layer's experts and dispatch by all-to-all
+    (`overlap`: asynchronously, behind the shared experts).
 
-    Rank r keeps experts [r * E/ep, (r+1) * E/ep) as plain parameters (the model was
-    initialised identically on every rank from the same seed, so slicing preserves the
-    single-process initialisation exactly).
+    Rank r keeps experts [r * E/ep, (r+1) * E/ep) of every expert parameter (weights, and
+    gpt-oss's biases) as plain parameters (the model was initialised identically on every rank
+    from the same seed, so slicing preserves the single-process initialisation exactly).
     """
     for layer in model.modules():
         if not isinstance(layer, MoE):
@@ -97,11 +201,10 @@ def apply_expert_parallel(model: nn.Module, ep_rank: int, ep_size: int, group: A
         experts = layer.experts
         n_local = experts.n_experts // ep_size
         lo, hi = ep_rank * n_local, (ep_rank + 1) * n_local
-        for name in ("gate_up_proj", "down_proj"):
-            full = getattr(experts, name)
+        for name, full in list(experts.named_parameters(recurse=False)):  # all [E, ...]
             setattr(experts, name, nn.Parameter(full.detach()[lo:hi].clone(), requires_grad=full.requires_grad))
         experts.n_experts = n_local
-        layer.dispatcher = AllToAllDispatcher(layer.cfg.n_routed_experts, ep_size, group)
+        layer.dispatcher = AllToAllDispatcher(layer.cfg.n_routed_experts, ep_size, group, overlap)
 
 
 def is_expert_param(name: str) -> bool:

@@ -216,15 +216,18 @@ def check_expert_parallel(parallel, model: "ModelConfig") -> None:
 
 
 def check_tensor_parallel(parallel, model: "ModelConfig") -> None:
-    """tp divides every size it splits: heads, the dense MLP, the vocabulary, the shared experts."""
+    """tp divides every size it splits: heads (gpt-oss: query and kv heads), the dense MLP, the vocabulary,
+    the shared experts. (gpt-oss's intermediate_size is the experts' width: experts are not split by tp.)"""
     tp = parallel.tp
     if tp == 1:
         return
-    sizes = {
-        "model.num_attention_heads": (model.num_attention_heads, "the number of heads"),
-        "model.intermediate_size": (model.intermediate_size, "it"),
-        "model.vocab_size": (model.vocab_size, "it"),
-    }
+    sizes = {"model.num_attention_heads": (model.num_attention_heads, "the number of heads")}
+    if model.family == "gpt_oss":
+        sizes["model.num_key_value_heads"] = (model.num_key_value_heads, "the number of kv heads (each rank keeps "
+                                              "whole kv heads)")
+    else:
+        sizes["model.intermediate_size"] = (model.intermediate_size, "it")
+    sizes["model.vocab_size"] = (model.vocab_size, "it")
     if model.n_shared_experts:
         sizes["model.moe_intermediate_size x n_shared_experts"] = (
             model.moe_intermediate_size * model.n_shared_experts, "it")

@@ -30,13 +30,15 @@ class ParallelPlan:
 
 
 def parallelize(
-    model: nn.Module, ctx: ParallelContext, data_parallel: str, mp_policy: Any = None, pipeline: Any = None
+    model: nn.Module, ctx: ParallelContext, data_parallel: str, mp_policy: Any = None, pipeline: Any = None,
+    ep_overlap: bool = False,
 ) -> ParallelPlan:
-    """`pipeline`: a parallel.pipeline.Pipeline whose stages were already cut from `model` (pp > 1)."""
+    """`pipeline`: a parallel.pipeline.Pipeline whose stages were already cut from `model` (pp > 1);
+    `ep_overlap`: the dispatch all-to-all runs behind the shared experts."""
     if ctx.mesh is None:
         return ParallelPlan("single", grad_norm_replicas(model, "single", ctx))
     if ctx.ep_size > 1:
-        apply_expert_parallel(model, ctx.ep_rank, ctx.ep_size, ctx.ep_group)
+        apply_expert_parallel(model, ctx.ep_rank, ctx.ep_size, ctx.ep_group, ep_overlap)
     if ctx.tp_size > 1:
         apply_tensor_parallel(model, ctx.mesh["tp"])
     if data_parallel == "fsdp" and (pipeline is None or fsdp_applies(pipeline.parallel)):  # pp-only layouts skip it

@@ -72,6 +72,7 @@ from torch import nn
 
 from models.moe_state import ExpertLoad, merge_expert_loads
 from models.transformer import ModelOutput, combine_losses, embed, losses, run_layers
+from parallel import comm_ledger
 from parallel.layout import (
     check_microbatches,
     fsdp_applies,
@@ -219,7 +220,7 @@ class Pipeline:
 
     def pp_sum(self, t: torch.Tensor) -> torch.Tensor:
         out = t.to(self.ctx.device).clone()
-        dist.all_reduce(out, group=self.ctx.pp_group)
+        comm_ledger.all_reduce(out, "pp", self.ctx.pp_group)
         return out.cpu()
 
     def tied_embedding(self) -> Optional[nn.Parameter]:
@@ -248,7 +249,7 @@ class Pipeline:
         if g is None:
             g = w.grad = torch.zeros_like(w)
         local = g.to_local() if hasattr(g, "to_local") else g
-        dist.all_reduce(local, group=self.tie_group)
+        comm_ledger.all_reduce(local, "pp_tie", self.tie_group)
 
     def adjust_grad_replicas(self, replicas: list[tuple[nn.Parameter, int]]) -> list[tuple[nn.Parameter, int]]:
         """The tied embedding copies hold the same gradient after the sum: count the pair once."""
@@ -262,7 +263,7 @@ class Pipeline:
             biases = None if load.biases is None else load.biases.detach().cpu()
             local = ExpertLoad(load.layer_ids, load.counts.detach().cpu(), biases, load.dropped_tokens)
         pieces: list[Any] = [None] * self.ctx.pp_size
-        dist.all_gather_object(pieces, local, group=self.ctx.pp_group)
+        comm_ledger.all_gather_object(pieces, local, "pp", self.ctx.pp_group)
         return merge_expert_loads([p for p in pieces if p is not None])
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from parallel import comm_ledger
 from parallel.context import ParallelContext
 from parallel.expert_parallel import is_expert_param
 
@@ -18,7 +18,7 @@ def full_tensor(name: str, t: torch.Tensor, ctx: ParallelContext) -> torch.Tenso
         t = t.full_tensor()
     if ctx.ep_size > 1 and is_expert_param(name):
         pieces = [torch.empty_like(t) for _ in range(ctx.ep_size)]
-        dist.all_gather(pieces, t.contiguous(), group=ctx.ep_group)
+        comm_ledger.all_gather(pieces, t.contiguous(), "ep", ctx.ep_group)
         t = torch.cat(pieces, dim=0)
     return t.detach().clone()
 
@@ -31,6 +31,6 @@ def full_state_dict(model: nn.Module, ctx: ParallelContext) -> dict[str, torch.T
             out[name] = b.detach().clone()
     if getattr(ctx, "pp_size", 1) > 1:  # pipeline stages hold different pieces: merge them on every rank
         pieces: list = [None] * ctx.pp_size
-        dist.all_gather_object(pieces, out, group=ctx.pp_group)
+        comm_ledger.all_gather_object(pieces, out, "pp", ctx.pp_group)
         out = {name: t for piece in pieces for name, t in piece.items()}
     return out

@@ -4,6 +4,9 @@ Per block (Megatron-style column -> row pairs, heads split over the `tp` ranks):
   MLA     q_b_proj / q_proj and kv_b_proj column-parallel (each rank owns whole heads),
           o_proj row-parallel; the low-rank down-projections q_a_proj / kv_a_proj_with_mqa
           and their RMSNorms stay replicated (they are small, V2 §2.1.2).
+  GQA     (gpt-oss) q_proj, k_proj, v_proj column-parallel (q heads and kv heads both split,
+          so each rank keeps whole kv groups), o_proj row-parallel; the per-head `sinks`
+          sharded along the heads like q_proj's rows (`_shard_sinks`).
   MLP     gate_proj / up_proj column-parallel, down_proj row-parallel (dense layers and
           shared experts alike).
   MoE     router and routed experts replicated over tp (experts are split by expert
@@ -21,13 +24,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from models.attention import MultiHeadLatentAttention
+from models.gqa_attention import GroupedQueryAttention
 from models.mlp import SwiGLU
+from parallel import comm_ledger
 
 
 class _SumGradOverColumns(torch.autograd.Function):
@@ -42,7 +46,7 @@ class _SumGradOverColumns(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         grad = grad.clone()
         part = grad[..., ctx.start:].contiguous()
-        dist.all_reduce(part, group=ctx.group)
+        comm_ledger.all_reduce(part, "tp", ctx.group)
         grad[..., ctx.start:] = part
         return grad, None, None
 
@@ -52,6 +56,24 @@ def _sum_rope_key_grad(kv_lora_rank: int, group: Any):
         return _SumGradOverColumns.apply(output, kv_lora_rank, group)
 
     return hook
+
+
+def _local_sinks_pre_hook(module: nn.Module, args: tuple) -> None:
+    """Shadow the DTensor `sinks` with this rank's heads for the forward (its gradient flows back to
+    the DTensor through to_local); state_dict and the optimizer keep seeing the DTensor parameter."""
+    module.__dict__["sinks"] = module._parameters["sinks"].to_local()
+
+
+def _local_sinks_post_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    module.__dict__.pop("sinks", None)
+
+
+def _shard_sinks(module: GroupedQueryAttention, tp_mesh) -> None:
+    """sinks [H] -> a DTensor sharded over tp along the heads (rank r: the heads of its q_proj rows)."""
+    sinks = module.sinks
+    module.sinks = nn.Parameter(distribute_tensor(sinks.detach(), tp_mesh, [Shard(0)]), sinks.requires_grad)
+    module.register_forward_pre_hook(_local_sinks_pre_hook)
+    module.register_forward_hook(_local_sinks_post_hook)
 
 
 def MLP_PLAN() -> dict:
@@ -68,6 +90,11 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
             plan["q_proj" if module.q_lora_rank is None else "q_b_proj"] = ColwiseParallel()
             parallelize_module(module, tp_mesh, plan)
             module.kv_a_proj_with_mqa.register_forward_hook(_sum_rope_key_grad(module.kv_lora_rank, group))
+        elif isinstance(module, GroupedQueryAttention):
+            plan = {"q_proj": ColwiseParallel(), "k_proj": ColwiseParallel(), "v_proj": ColwiseParallel(),
+                    "o_proj": RowwiseParallel()}
+            parallelize_module(module, tp_mesh, plan)
+            _shard_sinks(module, tp_mesh)
         elif isinstance(module, SwiGLU):
             parallelize_module(module, tp_mesh, MLP_PLAN())
     parallelize_module(

@@ -14,9 +14,17 @@ from train.trainer import Trainer
 REPO = Path(__file__).resolve().parents[1]
 
 
-def train_and_report(rank: int, overrides: list[str]) -> dict:
-    """Train with `overrides` on configs/tiny.yaml; return per-step metrics and final full state."""
-    cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
+METRICS = ("loss", "mtp_loss", "aux_loss", "grad_norm")
+
+
+def history_metrics(history: list[dict]) -> dict[str, list[float]]:
+    """Per-step values of METRICS (empty for one the model has not, e.g. mtp_loss without MTP)."""
+    return {k: [float(h[k]) for h in history if k in h] for k in METRICS}
+
+
+def train_and_report(rank: int, overrides: list[str], config: str = "tiny.yaml") -> dict:
+    """Train with `overrides` on configs/`config`; return per-step metrics and final full state."""
+    cfg = load_config(REPO / "configs" / config, overrides)
     ctx = init_distributed(cfg.parallel, cfg.model)
     try:
         trainer = Trainer(cfg, ctx)
@@ -25,8 +33,4 @@ def train_and_report(rank: int, overrides: list[str]) -> dict:
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    keys = ("loss", "mtp_loss", "aux_loss", "grad_norm")
-    return {
-        "metrics": {k: [float(h[k]) for h in history] for k in keys},
-        "state": state,
-    }
+    return {"metrics": history_metrics(history), "state": state}

@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 
 from models.config import ModelConfig, RopeScalingConfig
 
-CONFIGS = ["tiny", "deepseek_v3_671b", "deepseek_v2_lite", "deepseek_v3_16b", "deepseek_v3_4b_a1b"]
+CONFIGS = ["tiny", "deepseek_v3_671b", "deepseek_v2_lite", "deepseek_v3_16b", "deepseek_v3_4b_a1b", "tiny_gpt_oss",
+           "gpt_oss_20b", "gpt_oss_120b"]
 
 
 def load_model_config(repo_root, name: str) -> ModelConfig:

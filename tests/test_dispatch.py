@@ -1,4 +1,4 @@
-"""All-to-all token dispatch (parallel.expert_parallel.AllToAllDispatcher) on 2 and 4 gloo ranks.
+"""All-to-all token dispatch (parallel.expert_parallel.AllToAllDispatcher, deduplicated) on 2 and 4 gloo ranks.
 
 Every rank builds the same *global* problem from one seed (uneven token counts per
 rank, top-2 routing over 8 experts, random gates, a capacity keep mask) and takes its
@@ -13,6 +13,9 @@ Checks, per world size (one spawn of all ranks runs them all):
   also compared one by one with the expected expert-major, source-rank-major order;
 * real GroupedExperts (sliced from one full set): outputs and the gradients of x,
   the gates and the expert weights equal LocalDispatcher on all ranks' tokens;
+* deduplication: each rank sends exactly one row per (token, rank holding any of the
+  token's kept experts), and the routing has tokens with two experts on one rank;
+* the same gradients with the overlapped (async) all-to-alls;
 * capacity mode: dropped assignments are not sent (send/receive sizes and counts
   exclude them) and their gates contribute nothing, forward and backward.
 """
@@ -117,6 +120,13 @@ def local_experts(full: GroupedExperts, rank: int, world: int) -> GroupedExperts
     return local
 
 
+def distinct_pairs(idx: torch.Tensor, keep, world: int) -> set[tuple[int, int]]:
+    """(token, rank) pairs of the kept assignments: what a deduplicated dispatch sends."""
+    n_local = N_EXPERTS // world
+    return {(t, int(idx[t, k]) // n_local) for t in range(idx.shape[0]) for k in range(idx.shape[1])
+            if keep is None or keep[t, k]}
+
+
 # ------------------------------------------------------------------ checks (run on every rank)
 def check_identity(p, rank, world, disp, use_keep):
     sl = my_slice(rank)
@@ -130,10 +140,10 @@ def check_identity(p, rank, world, disp, use_keep):
     assert rows.shape[0] == int(counts.sum())
     for e, (got, exp) in enumerate(zip(rows.split(counts.tolist()), want)):
         torch.testing.assert_close(got, exp, rtol=0, atol=0, msg=lambda m: f"local expert {e}: {m}")
-    # Send / receive sizes count kept assignments only.
-    kept_local = idx.numel() if keep is None else int(keep.sum())
-    assert sum(ctx.send_splits) == kept_local, (ctx.send_splits, kept_local)
-    assert sum(ctx.recv_splits) == rows.shape[0]
+    # Deduplicated: one row per (token, rank holding any of its kept experts), counted per rank.
+    pairs = distinct_pairs(idx, keep, world)
+    assert ctx.send_splits == [sum(1 for _, r in pairs if r == d) for d in range(world)], (ctx.send_splits, pairs)
+    assert sum(ctx.recv_splits) <= rows.shape[0]
     gates = w if keep is None else w * keep
     torch.testing.assert_close(out, x * gates.sum(1, keepdim=True), rtol=1e-6, atol=1e-6)
     return ctx
@@ -150,6 +160,8 @@ def check_edge_cases_hit(p, rank, world, ctx_dropless, ctx_capacity):
     if rank == 1:
         assert ctx_capacity.send_splits[0] == 0 and ctx_dropless.send_splits[0] > 0
     assert (~p["keep"]).any()
+    sl = my_slice(rank)  # some token has two experts on one rank: deduplication saved rows
+    assert len(distinct_pairs(p["idx"][sl], None, world)) < p["idx"][sl].numel()
 
 
 def check_expert_ids(p, rank, world, disp, use_keep):
@@ -221,6 +233,9 @@ def run_all_checks(rank: int, world: int) -> dict[str, str]:
         attempt("expert_ids_capacity", check_expert_ids, disp, True)
         attempt("grads_dropless", check_grads, disp, False)
         attempt("grads_capacity", check_grads, disp, True)
+        overlapped = AllToAllDispatcher(N_EXPERTS, world, dist.group.WORLD, overlap=True)  # async all-to-alls
+        attempt("grads_overlap_dropless", check_grads, overlapped, False)
+        attempt("grads_overlap_capacity", check_grads, overlapped, True)
         if contexts.get("identity_dropless") and contexts.get("identity_capacity"):
             attempt("edge_cases_hit", check_edge_cases_hit, contexts["identity_dropless"], contexts["identity_capacity"])
         else:
@@ -232,7 +247,7 @@ def run_all_checks(rank: int, world: int) -> dict[str, str]:
 
 
 CHECKS = ["identity_dropless", "identity_capacity", "expert_ids_dropless", "expert_ids_capacity",
-          "grads_dropless", "grads_capacity", "edge_cases_hit"]
+          "grads_dropless", "grads_capacity", "grads_overlap_dropless", "grads_overlap_capacity", "edge_cases_hit"]
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"{w}ranks")

@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from models.config import ModelConfig, RopeScalingConfig
-from models.transformer import Transformer, shift_left
+from models.transformer import Transformer, embed, mtp_states, run_layers, shift_left
 from parallel.checkpointing import CheckpointState
 from parallel.context import ParallelContext
 from tests.distributed import run_ranks
@@ -72,6 +72,8 @@ def save_synthetic_checkpoint(run_dir: Path, cfg: ModelConfig, seed: int = 0) ->
                 t.add_(0.1 * torch.randn_like(t))
             elif name.endswith("e_score_correction_bias") and cfg.topk_method == "noaux_tc":
                 t.copy_(0.05 * torch.randn_like(t))
+            elif cfg.is_gpt_oss and (name.endswith("bias") or name.endswith("sinks")):  # zero-initialised
+                t.copy_(0.1 * torch.randn_like(t))
     meta = {"step": 1, "config": {"model": OmegaConf.to_container(OmegaConf.structured(cfg))}}
     state = CheckpointState(model, None, ParallelContext.single())
     with warnings.catch_warnings():  # DCP: "torch.distributed is disabled ... single process"
@@ -197,22 +199,19 @@ def test_mtp_layer_matches_transformers_mtp(single_export):
     captured = {}
 
     def capture(module, args, output):
-        captured["h"] = args[0]
+        captured["h"] = output
 
     hook = hf.model.norm.register_forward_hook(capture)
     with torch.no_grad():
         hf(ids)
         hook.remove()
-        # moeforge's MTP depth 1 reads the main model's last hidden state before the final norm.
+        # MTP depth 1 reads the main model's last hidden state after the final norm (DESIGN §3).
         positions = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
         h_theirs = mtp.forward_layer(0, captured["h"], positions, None, input_ids=shift_left(ids, 1, 0))
         theirs = mtp._project_to_logits(h_theirs)
         rope = ours.rope(ids.shape[1])
-        h = ours.embed_tokens(ids)
-        for layer in ours.layers.values():
-            h = layer(h, rope)
-        _, h_mtp = ours.mtp[0](h, ours.embed_tokens(shift_left(ids, 1, 0)), rope, None, None)
-        mine = ours.lm_head(h_mtp)
+        h = ours.norm(run_layers(ours, embed(ours, ids), rope, None, None))
+        mine = ours.lm_head(mtp_states(ours, h, ids, rope, None, None)[0])
     assert float((mine - theirs).abs().max()) <= TOL
 
 

@@ -17,6 +17,7 @@ from models.moe import LocalDispatcher
 from models.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 from models.rope import RotaryEmbedding, rope_frequencies
 from models.topk_softmax_router import TopKSoftmaxRouter, switch_load_balancing_loss
+from train.hf.gpt_oss import gate_up_from_hf, halves_to_interleaved, interleaved_to_halves, swap_last_two
 
 hf_gpt_oss = pytest.importorskip("transformers.models.gpt_oss.modeling_gpt_oss")
 from transformers import GptOssConfig  # noqa: E402
@@ -191,19 +192,13 @@ def test_attention_rejects_bad_shapes_and_names():
         sink_attention(q, k, v, torch.zeros(4), 0.3)
 
 
-def halves_to_interleaved(t: torch.Tensor) -> torch.Tensor:
-    """[..., 2I] as (gate | up) halves -> HF's interleaved columns (gate even, up odd)."""
-    gate, up = t.chunk(2, dim=-1)
-    return torch.stack([gate, up], dim=-1).flatten(-2)
-
-
 def hf_experts_to_ours(ref, ours: ClampedSwiGLUExperts) -> None:
     """HF [E, H, 2I] interleaved (gate even, up odd columns) -> ours [E, 2I, H] (gate | up halves)."""
     with torch.no_grad():
         w, b = ref.gate_up_proj, ref.gate_up_proj_bias
-        ours.gate_up_proj.copy_(torch.cat([w[..., ::2], w[..., 1::2]], dim=-1).transpose(1, 2))
-        ours.gate_up_proj_bias.copy_(torch.cat([b[:, ::2], b[:, 1::2]], dim=-1))
-        ours.down_proj.copy_(ref.down_proj.transpose(1, 2))
+        ours.gate_up_proj.copy_(gate_up_from_hf(w))
+        ours.gate_up_proj_bias.copy_(interleaved_to_halves(b))
+        ours.down_proj.copy_(swap_last_two(ref.down_proj))
         ours.down_proj_bias.copy_(ref.down_proj_bias)
 
 

@@ -74,7 +74,8 @@ def manual_losses(model: Transformer, ids, labels, doc_ids):
     h = model.embed_tokens(ids)
     for layer in model.layers.values():
         h = layer(h, rope, doc_ids, None)
-    logits = model.lm_head(model.norm(h))
+    h = model.norm(h)  # MTP depth 1 reads the main head's input
+    logits = model.lm_head(h)
     lm_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
     lm_count = int((labels != -100).sum())
     sums, counts = [], []
@@ -83,8 +84,8 @@ def manual_losses(model: Transformer, ids, labels, doc_ids):
         shifted[:, : S - k] = ids[:, k:]
         emb = model.embed_tokens(shifted)
         x = module.eh_proj(torch.cat([module.enorm(emb), module.hnorm(h)], dim=-1))
-        h = module.block(x, rope, doc_ids, None)
-        lg = model.lm_head(module.norm(h))
+        h = module.norm(module.block(x, rope, doc_ids, None))  # depth k+1 reads what depth k's head reads
+        lg = model.lm_head(h)
         tgt = torch.full_like(labels, -100)
         for b in range(B):
             for i in range(S - k):

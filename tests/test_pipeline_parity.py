@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from tests.distributed import run_ranks
-from tests.parity_worker import REPO, train_and_report
+from tests.parity_worker import REPO, history_metrics, train_and_report
 from tests.test_parallel_parity import STEPS, assert_parity, overrides
 
 pytestmark = pytest.mark.multirank
@@ -37,7 +37,7 @@ def pp_overrides(run_dir, cache_dir, dp: int, **extra) -> list[str]:
     })
 
 
-def train_layouts(rank: int, runs: list[list[str]]) -> list[dict]:
+def train_layouts(rank: int, runs: list[list[str]], config: str = "tiny.yaml") -> list[dict]:
     """train_and_report for several configs in one process group (same world size)."""
     from parallel.mesh import init_distributed
     from parallel.state import full_state_dict
@@ -47,13 +47,12 @@ def train_layouts(rank: int, runs: list[list[str]]) -> list[dict]:
     results = []
     try:
         for run in runs:
-            cfg = load_config(REPO / "configs" / "tiny.yaml", run)
+            cfg = load_config(REPO / "configs" / config, run)
             ctx = init_distributed(cfg.parallel, cfg.model)
             trainer = Trainer(cfg, ctx)
             history = trainer.fit()
             state = full_state_dict(trainer.model, ctx)
-            keys = ("loss", "mtp_loss", "aux_loss", "grad_norm")
-            results.append({"metrics": {k: [float(h[k]) for h in history] for k in keys}, "state": state})
+            results.append({"metrics": history_metrics(history), "state": state})
             if dist.is_initialized():
                 dist.barrier()
     finally:

@@ -6,7 +6,8 @@ import pytest
 
 from train.config import Config, ConfigError, load_config
 
-CONFIG_FILES = ["tiny", "deepseek_v3_671b", "deepseek_v2_lite", "deepseek_v3_16b", "deepseek_v3_4b_a1b"]
+CONFIG_FILES = ["tiny", "deepseek_v3_671b", "deepseek_v2_lite", "deepseek_v3_16b", "deepseek_v3_4b_a1b", "tiny_gpt_oss",
+                "gpt_oss_20b", "gpt_oss_120b"]
 
 
 @pytest.mark.parametrize("name", CONFIG_FILES)

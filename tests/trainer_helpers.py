@@ -27,9 +27,27 @@ SMALL_MODEL = [
 ]
 
 
-def small_overrides(run_dir: Path, cache_dir: Path, **extra: object) -> list[str]:
-    """Overrides on configs/tiny.yaml: small model, small stdlib sample, no sample print."""
-    base = SMALL_MODEL + [
+# The gpt-oss counterpart (overrides on configs/tiny_gpt_oss.yaml): GQA 4 q / 2 kv heads with sinks,
+# window 16 (< train.seq_len) on layer 0 and full attention on layer 1, 4 biased experts top-2.
+SMALL_GPT_OSS = [
+    "model.vocab_size=512",
+    "model.hidden_size=64",
+    "model.intermediate_size=32",
+    "model.num_hidden_layers=2",
+    "model.num_attention_heads=4",
+    "model.num_key_value_heads=2",
+    "model.head_dim=16",
+    "model.sliding_window=16",
+    "model.num_local_experts=4",
+    "model.num_experts_per_tok=2",
+    "model.max_position_embeddings=256",
+]
+
+
+def small_overrides(run_dir: Path, cache_dir: Path, model: list[str] = SMALL_MODEL, **extra: object) -> list[str]:
+    """Overrides on configs/tiny.yaml (or tiny_gpt_oss.yaml with model=SMALL_GPT_OSS): small model,
+    small stdlib sample, no sample print."""
+    base = model + [
         f"run.dir={run_dir}",
         f"data.cache_dir={cache_dir}",
         "data.tokenizer_vocab_size=512",

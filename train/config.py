@@ -46,6 +46,7 @@ class ParallelConfig:
     pipeline_stages_per_rank: Optional[int] = None  # virtual stages: 1 for GPipe/1F1B, 2 (default) for the others
     pipeline_layers_per_stage: Optional[list[int]] = None  # one count per stage (pp x stages_per_rank); None: even
     pipeline_mtp_stage: bool = False  # final norm + head + MTP as a stage of their own (no transformer layers)
+    ep_overlap: bool = True  # dispatch all-to-all in flight while the shared experts compute (parallel/OVERLAP.md)
 
 
 @dataclass

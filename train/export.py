@@ -1,6 +1,9 @@
-"""Export a moeforge checkpoint to a Hugging Face DeepSeek-V3 (or V2) directory.
+"""Export a moeforge checkpoint to a Hugging Face DeepSeek-V3 (or V2) or GptOss directory.
 
     python -m train.export --checkpoint RUN_DIR/checkpoints/step_N --out DIR [--dtype fp32|bf16|fp8] [--max-shard-size 5GB]
+
+`--dtype mxfp4` (gpt-oss): the expert weights in MXFP4 blocks / scales, as OpenAI released them,
+and every other tensor in bfloat16.
 
 `--checkpoint` may also be a run directory or its checkpoints/ directory (the newest complete
 checkpoint is taken). DIR receives config.json, model-0000k-of-0000n.safetensors shards with
@@ -26,21 +29,24 @@ from train.hf.write import INDEX_FILE, export_checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn,
           "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MXFP4 = "mxfp4"  # gpt-oss: experts in MXFP4, the rest in bfloat16
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="step_N directory, or a run directory (newest checkpoint)")
     p.add_argument("--out", required=True, help="output directory (HF layout)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="weight dtype; fp8: the released DeepSeek-V3 FP8 format (default: the checkpoint's)")
+    p.add_argument("--dtype", choices=sorted(DTYPES) + [MXFP4], default=None,
+                   help="weight dtype; fp8: the released DeepSeek-V3 FP8 format; mxfp4: gpt-oss experts in MXFP4, "
+                        "the rest bfloat16 (default: the checkpoint's)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: RUN_DIR/tokenizer)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        out = export_checkpoint(args.checkpoint, args.out, DTYPES.get(args.dtype) if args.dtype else None,
-                                args.max_shard_size, args.tokenizer)
+        dtype = torch.bfloat16 if args.dtype == MXFP4 else DTYPES.get(args.dtype) if args.dtype else None
+        out = export_checkpoint(args.checkpoint, args.out, dtype, args.max_shard_size, args.tokenizer,
+                                mxfp4=args.dtype == MXFP4)
     except (ckpt.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -12,6 +12,8 @@ dashboard per run without any set-up:
   moe/         load_max_mean (mean over layers), load_max_mean_worst, load_min_mean, experts_idle,
                router_bias_absmax, router_bias_std, bias_update_speed, dropped_tokens (V2 capacity)
   moe_layers/  per MoE layer: load_max_mean/<layer>, bias_absmax/<layer>, bias_std/<layer>
+  comm/        bytes and calls of the step's collectives on rank 0, in total and per kind/group
+               (comm/bytes/all_to_all/ep, ...; parallel/comm_ledger.py)
   expert_load/<layer>   histogram: each expert's share of the layer's routed tokens (one bar per expert)
   router_bias/<layer>   histogram of the layer's aux-loss-free bias values
 
@@ -208,6 +210,11 @@ class MetricsLogger:
     def _scalars(self, metrics: dict[str, Any], b: Optional[torch.Tensor]) -> dict[str, float]:
         out = {chart_name(k): v for k, v in metrics.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        comm = metrics.get("comm")
+        if comm:
+            out["comm/bytes"], out["comm/calls"] = comm["bytes"], comm["calls"]
+            for key, entry in comm["by"].items():
+                out[f"comm/bytes/{key}"], out[f"comm/calls/{key}"] = entry["bytes"], entry["calls"]
         per_layer = metrics.get("load_max_mean_per_layer")
         if per_layer:
             for name, r in zip(moe_layer_names(self.cfg, len(per_layer)), per_layer):
@@ -279,6 +286,8 @@ class MetricsLogger:
             parts.append(f"load max/mean {m['load_max_mean']:.2f}")
         if m.get("dropped_tokens"):
             parts.append(f"dropped {m['dropped_tokens']:,.0f}")
+        if m.get("comm"):
+            parts.append(f"comm {m['comm']['bytes'] / 2**20:.2f} MiB/{m['comm']['calls']} calls")
         if m.get("skipped_steps"):
             parts.append(f"skipped {m['skipped_steps']}")
         if m.get("bad_records"):

@@ -50,6 +50,7 @@ from models.accounting import build_meta_model, count_model
 from parallel import layout
 from train.activations import ActivationModel, Recompute
 from train.config import Config, ConfigError, load_config
+from train.plan_comm import predict_comm
 
 GiB = 2**30
 NOT_YET = ("not available yet", "not supported yet")
@@ -458,6 +459,8 @@ def plan(cfg: Config, gpus: Optional[int] = None, gpu_mem_gb: float = 80.0, reco
         "attention": am.attention_terms(4),
         "moe": am.moe_terms(4) if cfg.model.n_routed_experts else {},
     }
+    if not errors and p.pp == 1 and p.tp == 1:  # per rank and step, keyed as the ledger keys it
+        out["comm"] = predict_comm(cfg)
     out["errors"] = errors
     out["warnings"] = warnings
     return out
@@ -498,6 +501,10 @@ def print_plan(result: dict[str, Any], config: str) -> None:
         top = sorted(terms, key=lambda t: -t[1])[:5]
         print(f"  largest activation terms (bytes per token of one block part, x {w['in_flight']:g} micro-batches "
               "x layers x tokens): " + "; ".join(f"{n} {b / 1024:.1f} KiB" for n, b in top))
+    if "comm" in result:
+        c = result["comm"]
+        print(f"communication per GPU per step: {c['bytes'] / 2**20:.2f} MiB in {c['calls']} collectives "
+              "(" + ", ".join(f"{k} {e['bytes'] / 2**20:.2f} MiB" for k, e in c["by"].items()) + ")")
     for wmsg in result["warnings"]:
         print(f"warning: {wmsg}")
     for e in result["errors"]:

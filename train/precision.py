@@ -41,12 +41,13 @@ from models.experts import GroupedExperts, grouped_mm_applies, looped_linear
 from models.fp8 import Fp8GroupedGemm, Fp8Linear, Fp8Recipe, describe_backend
 from models.norm import RMSNorm
 from models.router import Router
+from models.topk_softmax_router import TopKSoftmaxRouter
 
 log = logging.getLogger("moeforge")
 
 PRECISIONS = ("fp32", "bf16", "fp8")
 # Module types whose forward must not be autocast: their math is fp32 by design.
-FP32_MODULE_TYPES: tuple[type, ...] = (Router, RMSNorm)
+FP32_MODULE_TYPES: tuple[type, ...] = (Router, TopKSoftmaxRouter, RMSNorm)
 
 
 @dataclass
@@ -87,7 +88,7 @@ def mixed_precision_policy(precision: str) -> Any:
 
 def fp32_param_modules(model: nn.Module) -> list[nn.Module]:
     """Modules whose parameters should stay fp32 in compute even under a bf16 FSDP policy (routers)."""
-    return [m for m in model.modules() if isinstance(m, Router)]
+    return [m for m in model.modules() if isinstance(m, (Router, TopKSoftmaxRouter))]
 
 
 class _Fp32Compute:

@@ -27,6 +27,7 @@ from models.fp8 import release_quantised_weights
 from models.moe import moe_layers
 from models.moe_state import ExpertLoad, MoEStepState
 from models.transformer import Transformer, combine_losses, target_counts
+from parallel.comm_ledger import LEDGER
 from parallel.context import ParallelContext
 from parallel.checkpointing import CheckpointState
 from parallel.parallelize import build_parallel_optimizer, parallelize
@@ -94,7 +95,7 @@ class Trainer:
 
             self.pipeline = build_pipeline(self.model, cfg.parallel, self.ctx, self.precision.fsdp_policy())
         self.plan = parallelize(self.model, self.ctx, cfg.parallel.data_parallel, self.precision.fsdp_policy(),
-                                pipeline=self.pipeline)
+                                pipeline=self.pipeline, ep_overlap=cfg.parallel.ep_overlap)
         if self.pipeline is not None:
             self.pipeline.build_schedule(cfg.train.grad_accum_steps, cfg.train.micro_batch_size, cfg.train.seq_len,
                                          cfg.model.hidden_size, cfg.model.num_nextn_predict_layers)
@@ -166,6 +167,7 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over the global batch; returns the step's metrics."""
         t0 = time.perf_counter()
+        LEDGER.reset()  # the step's collectives, this rank (parallel/comm_ledger.py)
         batches = [next(self.data) for _ in range(self.cfg.train.grad_accum_steps)]
         lm_tokens, mtp_tokens = self.global_token_counts(batches)
         mtp_weight = self.schedules.mtp_weight(self.step, self.tokens_seen)
@@ -259,6 +261,8 @@ class Trainer:
         if self.peak_flops:
             metrics["mfu"] = achieved / self.peak_flops
         metrics["memory_mb"] = memory_mb(self.device)
+        if self.ctx.distributed:
+            metrics["comm"] = LEDGER.summary()
         if self.skipped_steps:
             metrics["skipped_steps"] = self.skipped_steps
         bad = dict(getattr(self.data, "bad_records", {}) or {})  # data.on_bad_record=skip counts, this rank

@@ -33,8 +33,8 @@ from typing import Iterable, Mapping, Optional
 
 import torch
 
-from models.config import ModelConfig, RopeScalingConfig
-from train.hf.mapping import HFTensor
+from models.config import ModelConfig
+from train.hf.mapping import HFTensor, common_config, rope_from_hf
 
 V3, V2 = "deepseek_v3", "deepseek_v2"
 MODEL_TYPES = (V3, V2)
@@ -51,6 +51,8 @@ def model_type_for(cfg: ModelConfig) -> Optional[str]:
 
     Other combinations (sigmoid with V2's greedy selection) have no HF architecture: None.
     """
+    if cfg.family != "deepseek":
+        return None
     if cfg.scoring_func == "sigmoid" and cfg.topk_method == "noaux_tc":
         return V3
     if cfg.scoring_func == "softmax" and cfg.topk_method in ("greedy", "group_limited_greedy"):
@@ -130,24 +132,6 @@ def fused_expert_names(cfg: ModelConfig, shapes: Mapping[str, Iterable[int]]) ->
 # ------------------------------------------------------------------------------------------------ config
 
 
-def _rope_parameters(cfg: ModelConfig) -> dict:
-    rs: Optional[RopeScalingConfig] = cfg.rope_scaling
-    if rs is None:
-        return {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if rs.type != "yarn":
-        raise ValueError(f"model.rope_scaling.type={rs.type!r}: only 'yarn' can be exported")
-    return {
-        "rope_type": "yarn",
-        "rope_theta": cfg.rope_theta,
-        "factor": rs.factor,
-        "original_max_position_embeddings": rs.original_max_position_embeddings,
-        "beta_fast": rs.beta_fast,
-        "beta_slow": rs.beta_slow,
-        "mscale": rs.mscale,
-        "mscale_all_dim": rs.mscale_all_dim,
-    }
-
-
 # moeforge fields that HF configs do not have; kept under "moeforge" so an import restores them.
 _TRAINING_ONLY = (
     "bias_update_speed", "aux_loss_alpha", "seq_aux", "device_aux_loss_alpha", "comm_aux_loss_alpha",
@@ -161,11 +145,6 @@ def config_dict(
 ) -> dict:
     """config.json for transformers (5.x reads rope_parameters/dtype; 4.x, vLLM and DeepSeek's
     own code read rope_scaling/rope_theta/torch_dtype, so both spellings are written, consistently)."""
-    rope = _rope_parameters(cfg)
-    legacy_scaling = None
-    if rope["rope_type"] != "default":
-        legacy_scaling = {"type": "yarn", **{k: v for k, v in rope.items() if k != "rope_theta"}}
-    dtype_name = str(dtype).removeprefix("torch.")
     d = {
         "architectures": [ARCHITECTURES[model_type]],
         "model_type": model_type,
@@ -193,22 +172,7 @@ def config_dict(
         "first_k_dense_replace": cfg.first_k_dense_replace,
         "moe_layer_freq": 1,
         "num_nextn_predict_layers": cfg.num_nextn_predict_layers,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "rope_parameters": rope,
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": legacy_scaling,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "initializer_range": cfg.initializer_range,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "attention_bias": cfg.attention_bias,
-        "attention_dropout": 0.0,
-        "hidden_act": "silu",
-        "use_cache": True,
-        "bos_token_id": bos_token_id,
-        "eos_token_id": eos_token_id,
-        "pad_token_id": pad_token_id,
-        "dtype": dtype_name,
-        "torch_dtype": dtype_name,
+        **common_config(cfg, dtype, bos_token_id, eos_token_id, pad_token_id),
         "moeforge": {k: getattr(cfg, k) for k in _TRAINING_ONLY},
     }
     if model_type == V3:
@@ -237,7 +201,8 @@ def model_config(hf: Mapping) -> ModelConfig:
     """ModelConfig from a DeepSeek-V2/V3 config.json (HF 4.x or 5.x spelling of RoPE)."""
     model_type = hf["model_type"]
     values: dict = dict(_HF_DEFAULTS[model_type])
-    not_from_hf = {"rope_scaling", "rope_theta", "attn_implementation", "experts_implementation"}
+    not_from_hf = {"rope_scaling", "rope_theta", "attn_implementation", "experts_implementation", "family",
+                   "head_dim", "num_key_value_heads", "sliding_window", "layer_types"}
     fields = set(ModelConfig.__dataclass_fields__) - not_from_hf
     for key in fields:
         if key in hf and hf[key] is not None:
@@ -250,27 +215,7 @@ def model_config(hf: Mapping) -> ModelConfig:
     if "q_lora_rank" in hf:
         values["q_lora_rank"] = hf["q_lora_rank"]  # None is meaningful (single q_proj)
     values.update({k: v for k, v in (hf.get("moeforge") or {}).items() if k in fields})
-    # RoPE: transformers 5.x rope_parameters, else 4.x rope_scaling + rope_theta.
-    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
-    values["rope_theta"] = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type == "default":
-        values["rope_scaling"] = None
-    elif rope_type == "yarn":
-        defaults = RopeScalingConfig()
-        values["rope_scaling"] = RopeScalingConfig(
-            type="yarn",
-            factor=float(rope.get("factor", defaults.factor)),
-            original_max_position_embeddings=int(
-                rope.get("original_max_position_embeddings", values.get("max_position_embeddings", 4096))
-            ),
-            beta_fast=float(rope.get("beta_fast") or 32.0),
-            beta_slow=float(rope.get("beta_slow") or 1.0),
-            mscale=float(rope.get("mscale") or 0.0),
-            mscale_all_dim=float(rope.get("mscale_all_dim") or 0.0),
-        )
-    else:
-        raise ValueError(f"config.json: rope type {rope_type!r} is not supported (default or yarn)")
+    values["rope_theta"], values["rope_scaling"] = rope_from_hf(hf, values.get("max_position_embeddings", 4096))
     if model_type == V3 and hf.get("rope_interleave") is False:
         raise ValueError("config.json: rope_interleave=false (half-split RoPE) is not supported; moeforge uses "
                          "DeepSeek's interleaved layout")

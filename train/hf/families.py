@@ -13,14 +13,15 @@ from typing import Iterable, Mapping, Optional, Protocol
 import torch
 
 from models.config import ModelConfig
-from train.hf import deepseek_v3
+from train.hf import deepseek_v3, gpt_oss
 from train.hf.mapping import HFTensor
 
 
 class HFFamily(Protocol):
     MODEL_TYPES: tuple[str, ...]  # the config.json model_type values the module reads and writes
     REQUIREMENT: str  # which of our configs it takes, for the error when no family does
-    FP8_NOT_CONVERTED: tuple[str, ...]  # module-name suffixes an FP8 export keeps unquantised (train/hf/quant_fp8.py)
+    # module-name suffixes an FP8 export keeps unquantised (train/hf/quant_fp8.py); None: no FP8 export
+    FP8_NOT_CONVERTED: Optional[tuple[str, ...]]
 
     def model_type_for(self, cfg: ModelConfig) -> Optional[str]:
         """The model_type written for `cfg`; None when `cfg` is not of this family."""
@@ -45,7 +46,7 @@ class HFFamily(Protocol):
         """Fix-ups of a model just loaded from HF weights."""
 
 
-FAMILIES: tuple[HFFamily, ...] = (deepseek_v3,)  # type: ignore[assignment]  # modules satisfy the protocol
+FAMILIES: tuple[HFFamily, ...] = (deepseek_v3, gpt_oss)  # type: ignore[assignment]  # modules satisfy the protocol
 
 
 def family_of_config(cfg: ModelConfig) -> tuple[HFFamily, str]:
@@ -55,7 +56,8 @@ def family_of_config(cfg: ModelConfig) -> tuple[HFFamily, str]:
         if model_type is not None:
             return family, model_type
     raise ValueError(
-        f"model.scoring_func={cfg.scoring_func!r} with model.topk_method={cfg.topk_method!r} has no Hugging Face "
+        f"model.family={cfg.family!r}, model.scoring_func={cfg.scoring_func!r} with "
+        f"model.topk_method={cfg.topk_method!r} has no Hugging Face "
         "architecture: " + "; ".join(family.REQUIREMENT for family in FAMILIES)
     )
 

@@ -1,4 +1,4 @@
-"""Read a Hugging Face directory (config.json + safetensors; DeepSeek-V3 / V2) into our Transformer.
+"""Read a Hugging Face directory (config.json + safetensors; DeepSeek-V3 / V2, gpt-oss) into our Transformer.
 
     model = load_hf_model(hf_dir)                       # config from config.json, weights loaded
     report = load_hf_weights(model, hf_dir)            # into an existing model of matching shape
@@ -14,6 +14,10 @@ save_pretrained) and transformers' fused keys (`mlp.experts.gate_up_proj` / `dow
 both read. MTP layers (index num_hidden_layers + k) are loaded when present; when absent,
 our MTP modules keep their initialisation (reported in `missing_mtp`). Tensors are read one
 at a time with safetensors' lazy `safe_open`, copied into the model and released.
+
+gpt-oss's released checkpoints store the expert weights in MXFP4 (`*_blocks` / `*_scales`,
+train/hf/gpt_oss.py): those are read and dequantised one expert at a time (safetensors slices),
+so beyond the model only one expert's packed and fp32 values are in memory.
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ import torch
 
 from models.config import ModelConfig
 from models.fp8 import E4M3
+from models.mxfp4 import dequantize_mxfp4
 from models.transformer import Transformer
 from train.hf import quant_fp8
 from train.hf.families import family_of_config, family_of_model_type
+from train.hf.mapping import MXFP4_QUANT_METHOD, HFTensor
 
 log = logging.getLogger("moeforge.hf.read")
 
@@ -98,13 +104,23 @@ class _SafetensorsFiles:
         return key in self.file_of
 
     def get(self, key: str) -> torch.Tensor:
+        return self._file_with(key).get_tensor(key)  # type: ignore[attr-defined]
+
+    def get_rows(self, key: str, index: int) -> torch.Tensor:
+        """key[index] (along dim 0), read without loading the rest of the tensor."""
+        return self._file_with(key).get_slice(key)[index]  # type: ignore[attr-defined]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._file_with(key).get_slice(key).get_shape())  # type: ignore[attr-defined]
+
+    def _file_with(self, key: str) -> object:
         f = self.file_of[key]
         if self._handle is None or self._handle[0] != f:
             self.close()
             if not f.is_file():
                 raise HFImportError(f"{f}: listed in the index but missing")
             self._handle = (f, self._open(f).__enter__())
-        return self._handle[1].get_tensor(key)  # type: ignore[attr-defined]
+        return self._handle[1]
 
     def close(self) -> None:
         if self._handle is not None:
@@ -115,6 +131,8 @@ class _SafetensorsFiles:
 def _fp8_format(hf_dir: Path, files: _SafetensorsFiles) -> Optional[quant_fp8.Fp8Format]:
     """The FP8 format of HF_DIR (config.json's quantization_config), None for unquantised weights."""
     hf_config = read_hf_config(hf_dir) if (hf_dir / "config.json").is_file() else {}
+    if (hf_config.get("quantization_config") or {}).get("quant_method") == MXFP4_QUANT_METHOD:
+        return None  # gpt-oss: MXFP4 experts, read by _load_mxfp4; nothing is FP8
     try:
         fmt = quant_fp8.read_quantization_config(hf_config)
     except ValueError as e:
@@ -178,6 +196,10 @@ def load_hf_weights(model: Transformer, hf_dir: str | os.PathLike) -> ImportRepo
         for entry in layout:
             if entry.src in fused_loaded:
                 continue
+            if entry.hf_name not in files and entry.mxfp4 and entry.hf_name + "_blocks" in files:
+                used.update(_load_mxfp4(state[entry.src], files, entry, hf_dir))
+                report.loaded += 1
+                continue
             if entry.hf_name not in files:
                 if _MTP_NAME.match(entry.src) or entry.shared:
                     report.missing_mtp.append(entry.hf_name)
@@ -194,6 +216,9 @@ def load_hf_weights(model: Transformer, hf_dir: str | os.PathLike) -> ImportRepo
             target = state[entry.src]
             if entry.expert is not None:
                 target = entry.take(target)
+            if entry.from_hf is not None:
+                _check_shape(value.shape, entry.shape, entry.hf_name, hf_dir)
+                value = entry.from_hf(value)
             _copy(target, value, entry.hf_name, hf_dir)
             report.loaded += 1
     finally:
@@ -213,10 +238,33 @@ def load_hf_weights(model: Transformer, hf_dir: str | os.PathLike) -> ImportRepo
     return report
 
 
+def _check_shape(shape, expected, key: str, hf_dir: Path) -> None:
+    if tuple(shape) != tuple(expected):
+        raise HFImportError(f"{hf_dir}: {key} has shape {tuple(shape)}, the model expects {tuple(expected)}")
+
+
 def _copy(target: torch.Tensor, value: torch.Tensor, key: str, hf_dir: Path) -> None:
-    if tuple(value.shape) != tuple(target.shape):
-        raise HFImportError(f"{hf_dir}: {key} has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}")
+    _check_shape(value.shape, target.shape, key, hf_dir)
     target.copy_(value.to(target.dtype))
+
+
+def _load_mxfp4(target: torch.Tensor, files: _SafetensorsFiles, entry: HFTensor, hf_dir: Path) -> tuple[str, str]:
+    """Dequantise `entry`'s MXFP4 blocks / scales into `target`, one expert at a time; returns the keys read.
+
+    The packed tensor is the HF tensor [E, a, b] with its last two dims swapped ([E, b, a/32, 16]).
+    """
+    blocks_key, scales_key = entry.hf_name + "_blocks", entry.hf_name + "_scales"
+    if scales_key not in files:
+        raise HFImportError(f"{hf_dir}: {blocks_key} has no {scales_key}")
+    n_experts, a, b = entry.shape
+    _check_shape(files.shape(blocks_key), (n_experts, b, a // 32, 16), blocks_key, hf_dir)
+    _check_shape(files.shape(scales_key), (n_experts, b, a // 32), scales_key, hf_dir)
+    for e in range(n_experts):
+        blocks = files.get_rows(blocks_key, e)
+        values = dequantize_mxfp4(blocks, files.get_rows(scales_key, e), torch.float32)
+        hf_expert = values.transpose(0, 1).unsqueeze(0)  # [1, a, b]: expert e of the HF tensor
+        target[e].copy_((entry.from_hf(hf_expert) if entry.from_hf else hf_expert)[0].to(target.dtype))
+    return blocks_key, scales_key
 
 
 def load_hf_model(hf_dir: str | os.PathLike, cfg: Optional[ModelConfig] = None) -> Transformer:
@@ -231,7 +279,8 @@ def check_same_architecture(cfg: ModelConfig, hf_dir: str | os.PathLike) -> None
     theirs = hf_model_config(hf_dir)
     keys = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
             "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
-            "n_routed_experts", "n_shared_experts", "first_k_dense_replace", "scoring_func", "tie_word_embeddings")
+            "n_routed_experts", "n_shared_experts", "first_k_dense_replace", "scoring_func", "tie_word_embeddings",
+            "family", "num_key_value_heads", "head_dim", "sliding_window", "layer_types")
     diff = [f"model.{k}={getattr(cfg, k)!r} but {getattr(theirs, k)!r} in config.json" for k in keys
             if getattr(cfg, k) != getattr(theirs, k)]
     if diff:
@@ -246,7 +295,7 @@ def init_from_hf(model: Transformer, hf_dir: str | os.PathLike) -> ImportReport:
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.hf.read",
-                                description="Print the moeforge `model:` config section of an HF DeepSeek-V2/V3 directory.")
+                                description="Print the moeforge `model:` config section of an HF DeepSeek-V2/V3 or gpt-oss directory.")
     p.add_argument("hf_dir")
     args = p.parse_args(argv)
     from omegaconf import OmegaConf

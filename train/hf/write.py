@@ -1,4 +1,4 @@
-"""Write a moeforge checkpoint as a Hugging Face directory (DeepSeek-V3 or V2; CLI: train/export.py).
+"""Write a moeforge checkpoint as a Hugging Face directory (DeepSeek-V3 or V2, gpt-oss; CLI: train/export.py).
 
 `checkpoint` may also be a run directory or its checkpoints/ directory (the newest complete
 checkpoint is taken). The output directory receives config.json, model-0000k-of-0000n.safetensors
@@ -26,6 +26,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from models.fp8 import E4M3
+from models.mxfp4 import quantize_mxfp4
 from train import checkpoint as ckpt
 from train.hf import quant_fp8
 from train.hf.families import family_of_config
@@ -102,8 +103,13 @@ def plan_shards(layout: list[HFTensor], dtype: torch.dtype, max_bytes: int,
 
 
 def _stored(entry: HFTensor, t: torch.Tensor, dtype: torch.dtype,
-            fp8_not_converted: Optional[Sequence[str]]) -> dict[str, torch.Tensor]:
-    """The file tensors of one HF entry: itself in `dtype` (fp32 for router biases), or FP8 weight + block scales."""
+            fp8_not_converted: Optional[Sequence[str]], mxfp4: bool = False) -> dict[str, torch.Tensor]:
+    """The file tensors of one HF entry: itself in `dtype` (fp32 for router biases), FP8 weight + block scales,
+    or (`mxfp4` and an entry the family stores so) MXFP4 blocks + scales over the tensor's last two dims swapped,
+    the released gpt-oss layout."""
+    if mxfp4 and entry.mxfp4:
+        blocks, scales = quantize_mxfp4(t.transpose(-1, -2).float())
+        return {entry.hf_name + "_blocks": blocks, entry.hf_name + "_scales": scales}
     if fp8_not_converted is not None and quant_fp8.quantises(entry.hf_name, entry.shape, fp8_not_converted):
         q, scale_inv = quant_fp8.quantize_weight(t)
         return {entry.hf_name: q, quant_fp8.scale_name(entry.hf_name): scale_inv}
@@ -118,12 +124,14 @@ def export_checkpoint(
     dtype: Optional[torch.dtype] = None,
     max_shard_size: str | int = "5GB",
     tokenizer_dir: Optional[str | os.PathLike] = None,
+    mxfp4: bool = False,
 ) -> Path:
     """Write the HF directory `out` from a moeforge checkpoint; returns `out`.
 
     dtype: of the exported weights (router biases stay fp32); None keeps the checkpoint's.
     torch.float8_e4m3fn writes DeepSeek-V3's released FP8 format (train/hf/quant_fp8.py): the family's
     quantised Linears as float8_e4m3fn + weight_scale_inv, every other tensor in bf16.
+    mxfp4: write the family's MXFP4 tensors (gpt-oss's expert weights) as MXFP4 blocks and scales, as released.
     """
     from safetensors.torch import save_file
 
@@ -138,10 +146,14 @@ def export_checkpoint(
     saved = ckpt.SavedModel(path)
     shapes = saved.shapes()
     layout = family.layout(cfg, shapes, model_type)
+    if mxfp4 and not any(e.mxfp4 for e in layout):
+        raise ValueError(f"MXFP4 export: model_type {model_type} has no tensors stored in MXFP4 (gpt_oss has)")
     missing = sorted({e.src for e in layout} - set(shapes))
     if missing:
         raise ckpt.CheckpointError(f"{path}: checkpoint lacks model tensors {missing[:5]}")
     dtype = dtype or saved.dtype("embed_tokens.weight")
+    if dtype == E4M3 and family.FP8_NOT_CONVERTED is None:
+        raise ValueError(f"FP8 export: model_type {model_type} has no released FP8 format (gpt-oss: --dtype mxfp4)")
     fp8_not_converted = family.FP8_NOT_CONVERTED if dtype == E4M3 else None
     if fp8_not_converted is not None:
         dtype = torch.bfloat16  # the release's dtype for what it does not quantise
@@ -159,9 +171,11 @@ def export_checkpoint(
         tensors = {}
         for entry in entries:
             t = source.get(entry)
+            if entry.to_hf is not None:
+                t = entry.to_hf(t)
             if tuple(t.shape) != entry.shape:
                 raise AssertionError(f"{entry.hf_name}: shape {tuple(t.shape)} != {entry.shape}")
-            for name, value in _stored(entry, t, dtype, fp8_not_converted).items():
+            for name, value in _stored(entry, t, dtype, fp8_not_converted, mxfp4).items():
                 tensors[name] = value
                 weight_map[name] = fname
                 total += value.numel() * value.element_size()
@@ -181,6 +195,8 @@ def export_checkpoint(
     config = family.config_dict(cfg, dtype, model_type, **special)
     if fp8_not_converted is not None:
         config["quantization_config"] = quant_fp8.quantization_config()
+    if mxfp4:
+        config["quantization_config"] = family.mxfp4_quantization_config(cfg)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     gen = {k: v for k, v in special.items() if v is not None}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
