@@ -412,7 +412,9 @@ def apply_recompute(model: nn.Module, mode: str = "none", modules: Sequence[str]
             elif "core_attn" in chosen_modules:
                 _wrap(m, core=REGION)
         elif isinstance(m, GroupedExperts) and "moe_act" in chosen_modules:
-            if isinstance(m.gemm, Fp8GroupedGemm):  # FP8 (precision is applied first): SwiGLU input cached in FP8
+            # FP8 (precision is applied first): the SwiGLU input cached in FP8. Subclasses with their own
+            # activation (gpt-oss's clamped SwiGLU) keep the generic drop of the activation's output.
+            if isinstance(m.gemm, Fp8GroupedGemm) and type(m) is GroupedExperts:
                 m.gemm.swiglu_recomputed = True
             else:
                 _wrap(m, activation=DROP_OUTPUT)
