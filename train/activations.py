@@ -28,7 +28,7 @@ ceil(K / 128), the fp32 1x128 tile scales of one FP8 row.
                          (I c, or I + sc(I) FP8) and the expert output combine saves (H c); the shared
                          experts as a SwiGLU of width n_shared I on the same normed x; the sequence-wise
                          balance loss (normalised scores 4E, their sum 4, token ids 8) when an alpha > 0.
-  MTP module (extra)     enorm on the fp32 embedding, hnorm (its input is the main head's, counted there),
+  MTP module (extra)     enorm on the fp32 embedding, hnorm (on the final norm's fp32 output),
                          eh_proj's input (2H), its final norm (on the block's c-byte output); its block as
                          above with r = c.
   head                   final norm; the fused head+CE (models/head_loss.py) saves only grad_h (T H in
@@ -232,7 +232,9 @@ class ActivationModel:
     def mtp_extra(self) -> float:
         """enorm, hnorm, eh_proj's input and the final norm of one MTP module."""
         H = self.mc.hidden_size
-        hnorm = 0.0 if self.rc.has("layernorm") else 4.0 + 4 * H  # its input: the main head's norm input
+        # hnorm reads the final-normed state (fp32, models/transformer.py's losses): its own saved input, which
+        # layernorm drops as the final norm's output
+        hnorm = 0.0 if self.rc.has("layernorm") else self.norm(H, 4)
         # eh_proj reads the concatenation of the two norms' outputs: a new tensor, kept in every mode
         return self.norm(H, 4) + hnorm + self.linear_inputs(2 * H, 1, 4) + self.norm(H, self.c)
 
