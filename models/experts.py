@@ -38,19 +38,29 @@ class _SwiGLUFused(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        gate, up = gate_up.chunk(2, dim=-1)
         ctx.save_for_backward(gate_up)
-        return F.silu(gate) * up
+        return swiglu_forward(gate_up)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         (gate_up,) = ctx.saved_tensors
-        gate, up = gate_up.chunk(2, dim=-1)
-        grad_gate_up = torch.empty_like(gate_up)
-        grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
-        torch.mul(grad, F.silu(gate), out=grad_up)
-        grad_gate.copy_(torch.ops.aten.silu_backward(grad * up, gate))
-        return grad_gate_up
+        return swiglu_backward(grad, gate_up)
+
+
+def swiglu_backward(grad: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    """d(silu(gate) * up)/d(gate | up) applied to `grad`, written into one [N, 2I] buffer."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    grad_gate_up = torch.empty_like(gate_up)
+    grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
+    torch.mul(grad, F.silu(gate), out=grad_up)
+    grad_gate.copy_(torch.ops.aten.silu_backward(grad * up, gate))
+    return grad_gate_up
+
+
+def swiglu_forward(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up without autograd bookkeeping (the forward of `swiglu`, and its recomputation)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
@@ -99,6 +109,8 @@ class GroupedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
         # Optional replacement GEMM (x, weight [E, out, in], counts, offsets) -> rows @ weight[e].T,
         # e.g. models.fp8.Fp8GroupedGemm installed by train/precision.py; None = the paths below.
+        # A hook whose `swiglu_recomputed` is true also provides down_of_swiglu(gate_up, weight, counts,
+        # offsets) = its GEMM of swiglu(gate_up), which keeps only its own copy of gate_up for backward.
         self.gemm: Optional[Callable[..., torch.Tensor]] = None
 
     def reset_parameters(self, std: float) -> None:
@@ -115,7 +127,10 @@ class GroupedExperts(nn.Module):
         """x: [N, H] sorted by expert; counts: [E] rows per expert -> [N, H]."""
         if self.gemm is not None:
             offsets = counts.cumsum(0).to(torch.int32)
-            return self.gemm(self.activation(self.gemm(x, self.gate_up_proj, counts, offsets)), self.down_proj, counts, offsets)
+            gate_up = self.gemm(x, self.gate_up_proj, counts, offsets)
+            if getattr(self.gemm, "swiglu_recomputed", False):
+                return self.gemm.down_of_swiglu(gate_up, self.down_proj, counts, offsets)
+            return self.gemm(self.activation(gate_up), self.down_proj, counts, offsets)
         if self.resolved_implementation(x) == "grouped_mm":
             offsets = counts.cumsum(0).to(torch.int32)
             act = self.activation(grouped_linear(x, self.gate_up_proj, offsets))

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.experts import grouped_mm_applies, looped_linear
+from models.experts import grouped_mm_applies, looped_linear, swiglu_backward, swiglu_forward
 
 log = logging.getLogger("moeforge")
 
@@ -557,12 +557,7 @@ class _Fp8GroupedFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, counts, offsets, recipe: Fp8Recipe, out_dtype,  # type: ignore[override]
                 weights: Optional[QuantisedWeights]):
-        xq, xs = quantize_tiles(x, recipe.tile)
-        # [E, O, H], per-expert 128x128 blocks; the step's shared copy when `weights` is given
-        wq, ws = weights.get(weight, recipe.block) if weights is not None else quantize_blocks(weight, recipe.block)
-        xd = dequantize_tiles(xq, xs, recipe.tile)
-        wd = dequantize_blocks(wq, ws, recipe.block)
-        y = _grouped_mm_fp32(xd, wd.transpose(-2, -1), offsets, counts).to(out_dtype)
+        y, xq, xs, wq, ws = _grouped_forward(x, weight, counts, offsets, recipe, out_dtype, weights)
         ctx.save_for_backward(xq, xs, wq, ws, counts, offsets)
         ctx.recipe, ctx.x_dtype = recipe, x.dtype
         return y
@@ -570,32 +565,94 @@ class _Fp8GroupedFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         xq, xs, wq, ws, counts, offsets = ctx.saved_tensors
-        r: Fp8Recipe = ctx.recipe
-        grad = grad.contiguous()
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            g = dequantize_tiles(*quantize_tiles(grad, r.tile), r.tile)
-            dx = _grouped_mm_fp32(g, dequantize_blocks(wq, ws, r.block), offsets, counts).to(ctx.x_dtype)
-        if ctx.needs_input_grad[1]:
-            x = dequantize_tiles(xq, xs, r.tile)
-            g = dequantize_row_tiles(*quantize_row_tiles(grad, r.tile, counts))  # tiles stay inside an expert
-            xr = dequantize_row_tiles(*quantize_row_tiles(x, r.tile, counts))
-            dw = _grouped_mm_fp32(g.t(), xr, offsets, counts)
+        dx, dw = _grouped_backward(grad, xq, xs, wq, ws, counts, offsets, ctx.recipe, ctx.x_dtype,
+                                   ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return dx, dw, None, None, None, None, None
+
+
+def _grouped_forward(x, weight, counts, offsets, recipe: Fp8Recipe, out_dtype: torch.dtype,
+                     weights: Optional[QuantisedWeights]) -> tuple[torch.Tensor, ...]:
+    """(y, xq, xs, wq, ws): the grouped GEMM on 1x128 FP8 x tiles and 128x128 FP8 blocks of every expert's
+    weight [E, O, H] (the step's shared copy when `weights` is given)."""
+    xq, xs = quantize_tiles(x, recipe.tile)
+    wq, ws = weights.get(weight, recipe.block) if weights is not None else quantize_blocks(weight, recipe.block)
+    xd = dequantize_tiles(xq, xs, recipe.tile)
+    wd = dequantize_blocks(wq, ws, recipe.block)
+    y = _grouped_mm_fp32(xd, wd.transpose(-2, -1), offsets, counts).to(out_dtype)
+    return y, xq, xs, wq, ws
+
+
+def _grouped_backward(grad, xq, xs, wq, ws, counts, offsets, r: Fp8Recipe, x_dtype: torch.dtype,
+                      need_dx: bool, need_dw: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """dgrad (1x128 dY tiles times the 128x128 weight blocks) and wgrad (128x1 tiles of dY and of the
+    cached FP8 input, never crossing an expert) of the grouped GEMM."""
+    grad = grad.contiguous()
+    dx = dw = None
+    if need_dx:
+        g = dequantize_tiles(*quantize_tiles(grad, r.tile), r.tile)
+        dx = _grouped_mm_fp32(g, dequantize_blocks(wq, ws, r.block), offsets, counts).to(x_dtype)
+    if need_dw:
+        x = dequantize_tiles(xq, xs, r.tile)
+        g = dequantize_row_tiles(*quantize_row_tiles(grad, r.tile, counts))  # tiles stay inside an expert
+        xr = dequantize_row_tiles(*quantize_row_tiles(x, r.tile, counts))
+        dw = _grouped_mm_fp32(g.t(), xr, offsets, counts)
+    return dx, dw
+
+
+class _Fp8SwiGLUGroupedFn(torch.autograd.Function):
+    """The down projection of the SwiGLU: out = swiglu(gate_up) @ weight[e]^T per expert, FP8 as in
+    _Fp8GroupedFn, keeping for backward only gate_up in FP8 (1 x 128 tiles) -- neither gate_up at its
+    own dtype nor the FP8 SwiGLU output: backward recomputes swiglu from the FP8 copy (and quantises it
+    again for the weight gradient), as DeepSeek-V3 caches the SwiGLU input in FP8 (report §3.3.3).
+    The forward output is that of the unfused path exactly; gradients carry gate_up's FP8 rounding."""
+
+    @staticmethod
+    def forward(ctx, gate_up, weight, counts, offsets, recipe: Fp8Recipe, out_dtype,  # type: ignore[override]
+                weights: Optional[QuantisedWeights]):
+        gq, gs = quantize_tiles(gate_up, recipe.tile)  # the only activation kept
+        ctx.recipe, ctx.gate_up_dtype = recipe, gate_up.dtype
+        y, _, _, wq, ws = _grouped_forward(swiglu_forward(gate_up), weight, counts, offsets, recipe, out_dtype,
+                                           weights)
+        ctx.save_for_backward(gq, gs, wq, ws, counts, offsets)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        gq, gs, wq, ws, counts, offsets = ctx.saved_tensors
+        r: Fp8Recipe = ctx.recipe
+        gate_up = dequantize_tiles(gq, gs, r.tile).to(ctx.gate_up_dtype)
+        act = swiglu_forward(gate_up)
+        aq, as_ = quantize_tiles(act, r.tile)
+        d_act, dw = _grouped_backward(grad, aq, as_, wq, ws, counts, offsets, r, act.dtype,
+                                      ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        d_gate_up = swiglu_backward(d_act, gate_up) if d_act is not None else None
+        return d_gate_up, dw, None, None, None, None, None
 
 
 class Fp8GroupedGemm:
     """The GroupedExperts GEMM hook: (x [N,H] expert-sorted, weight [E,O,H], counts, offsets) -> [N,O].
-    Its two weights (gate_up, down) are quantised once per weight version (`quantised_weights`)."""
+    Its two weights (gate_up, down) are quantised once per weight version (`quantised_weights`).
+    `swiglu_recomputed` (set by train.recompute's moe_act): GroupedExperts runs the SwiGLU and the down
+    projection as `down_of_swiglu`, which caches the SwiGLU input in FP8 and recomputes its output."""
 
     def __init__(self, recipe: Fp8Recipe) -> None:
         self.recipe = recipe
         self.quantised_weights = QuantisedWeights(2)
+        self.swiglu_recomputed = False
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return self._apply(_Fp8GroupedFn, x, weight, counts, offsets)
+
+    def down_of_swiglu(self, gate_up: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
+                       offsets: torch.Tensor) -> torch.Tensor:
+        """self(swiglu(gate_up), weight, ...) keeping only gate_up in FP8 for backward (_Fp8SwiGLUGroupedFn)."""
+        return self._apply(_Fp8SwiGLUGroupedFn, gate_up, weight, counts, offsets)
+
+    def _apply(self, fn: type, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
+               offsets: torch.Tensor) -> torch.Tensor:
         out_dtype = _autocast_out_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            return _Fp8GroupedFn.apply(x, weight, counts, offsets, self.recipe, out_dtype, self.quantised_weights)
+            return fn.apply(x, weight, counts, offsets, self.recipe, out_dtype, self.quantised_weights)
 
     def __repr__(self) -> str:
         return f"Fp8GroupedGemm({self.recipe})"

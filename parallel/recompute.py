@@ -14,9 +14,13 @@ Selective modules (train.recompute_modules), what is kept and what recomputed:
                   gets it recomputed from the kept input in backward (DeepSeek-V3 report §3.2.3).
   mla_up_proj     the MLA up-projections q_b_proj (q_proj when q_lora_rank is null) and kv_b_proj and the RoPE
                   application: their outputs q, k, v (the attention core's inputs) are dropped and recomputed
-                  from the latents (the normed q / kv latents and the raw RoPE key), which stay kept (§3.2.3).
+                  from the latents (the normed q / kv latents and the raw RoPE key), which stay kept (§3.2.3);
+                  so is v's copy padded to d_qk for the kernel (MultiHeadLatentAttention.padded_v).
   moe_act         the routed experts' SwiGLU: its input (the gate|up projection output, [rows, 2I]) is kept,
-                  its output ([rows, I], the down projection's input) dropped and recomputed (§3.3).
+                  its output ([rows, I], the down projection's input) dropped and recomputed (§3.3). Under
+                  fp8 the input is kept in FP8 (1x128 tiles) by the expert GEMM hook itself
+                  (models/fp8.py's down_of_swiglu, which needs no collective): neither the bf16 input nor
+                  the FP8 output stays.
   core_attn       the attention core softmax(q k^T) v: kept q, k, v; dropped everything the kernel saves
                   beyond them (output, log-sum-exp, CPU's padded v, the eager path's probabilities).
                   With mla_up_proj too, the region starts at the latents: kept are the latents only.
@@ -38,13 +42,15 @@ are kept as they are: a consumer that saves its own copy keeps that copy. Per pr
   fp32  everything above is dropped as stated.
   bf16  a Linear under autocast saves its own bf16 copy of its input: layernorm then drops the norm's
         fp32 internals but not the bf16 copy of its output that the next projection keeps.
-  fp8   an FP8 Linear / expert GEMM saves its FP8-quantised input: layernorm as under bf16, and moe_act
-        drops nothing (the down projection keeps the FP8 copy of the SwiGLU output; the SwiGLU input stays
-        at the activation dtype). Caching the SwiGLU input in FP8 (report §3.3) is not implemented.
-  any   CPU SDPA pads v when d_v < d_qk and saves the padded copy: mla_up_proj keeps it, core_attn drops it.
+  fp8   an FP8 Linear / expert GEMM saves its FP8-quantised input: layernorm as under bf16; moe_act keeps
+        only an FP8 copy of the SwiGLU input (report §3.3.3) and recomputes the output and its FP8
+        quantisation for the down projection in backward.
+  any   CPU SDPA and flash-attn take v padded to d_qk when d_v < d_qk and save the padded copy: mla_up_proj
+        and core_attn both drop it (re-padded in backward).
 Measured on tests/test_recompute.py's small model (bytes kept for backward, relative to none):
   fp32  layernorm 0.85, mla_up_proj 0.93, moe_act 0.99, core_attn 0.98, mlp 0.90, shared_experts 0.95,
-        all six 0.51, full 0.24 (every 2nd block 0.50); bf16: all six 0.50, full 0.31; fp8: all six 0.48, full 0.37.
+        all six 0.51, full 0.24 (every 2nd block 0.50); bf16: all six 0.50, full 0.31; fp8: moe_act 0.98, all six 0.46
+        (0.48 before moe_act kept the SwiGLU input in FP8), full 0.37.
 
 Never a collective twice:
   - the MoE token dispatch and combine (the EP all-to-alls and their split exchange) run in MoE.forward,
@@ -78,6 +84,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models.attention import MultiHeadLatentAttention
 from models.experts import GroupedExperts
+from models.fp8 import Fp8GroupedGemm
 from models.mlp import SwiGLU
 from models.moe import MoE
 from models.norm import RMSNorm
@@ -400,12 +407,17 @@ def apply_recompute(model: nn.Module, mode: str = "none", modules: Sequence[str]
         elif isinstance(m, MultiHeadLatentAttention):
             if {"mla_up_proj", "core_attn"} <= chosen_modules:
                 _wrap(m, attend=REGION)
-            elif "mla_up_proj" in chosen_modules:
-                _wrap(m, up_project=DROP_OUTPUT)
+            elif "mla_up_proj" in chosen_modules:  # and the kernel's padded copy of v, a pure function of v
+                _wrap(m, up_project=DROP_OUTPUT, padded_v=DROP_OUTPUT)
             elif "core_attn" in chosen_modules:
                 _wrap(m, core=REGION)
         elif isinstance(m, GroupedExperts) and "moe_act" in chosen_modules:
-            _wrap(m, activation=DROP_OUTPUT)
+            # FP8 (precision is applied first): the SwiGLU input cached in FP8. Subclasses with their own
+            # activation (gpt-oss's clamped SwiGLU) keep the generic drop of the activation's output.
+            if isinstance(m.gemm, Fp8GroupedGemm) and type(m) is GroupedExperts:
+                m.gemm.swiglu_recomputed = True
+            else:
+                _wrap(m, activation=DROP_OUTPUT)
         elif isinstance(m, Block) and isinstance(m.mlp, SwiGLU) and "mlp" in chosen_modules:
             _wrap(m.mlp, forward=REGION)
         elif isinstance(m, MoE) and "shared_experts" in chosen_modules:

@@ -92,7 +92,10 @@ def test_v3_verdict_for_80gb(v3, repo_root, capsys):
     assert preset["layout"]["recompute"] == "selective (layernorm, mla_up_proj, moe_act)"
     totals = [r["memory"]["per_rank_gb"]["total"] for r in (p, preset, full)]
     acts = [r["memory"]["ranks"][3]["activations"] for r in (p, preset, full)]
-    assert acts[0] > acts[1] > acts[2] and totals[0] > totals[1] > totals[2]
+    # On a rank of four MoE layers DeepSeek's selective modules (SwiGLU input in FP8, no padded v) keep less
+    # than full recomputation, whose MoE blocks keep the dispatched rows and expert outputs outside their regions
+    # (99.8 vs 107.3 GiB); the busiest ranks still order none > selective > full.
+    assert acts[0] > acts[2] > acts[1] and totals[0] > totals[1] > totals[2]
     # The honest verdict today: none of the three fits 80 GB. Without or with selective recomputation the
     # busiest rank is rank 0 (embedding, first and last stage, output head and MTP: the V places both ends of
     # the model on rank 0); with full recomputation a rank of four MoE layers (what MoE blocks keep outside
@@ -103,7 +106,7 @@ def test_v3_verdict_for_80gb(v3, repo_root, capsys):
         mem = r["memory"]
         assert mem["worst_rank"] == 0 and {"head", "mtp 1", "embedding"} <= set(mem["per_rank_gb"]["units"])
     assert full["memory"]["per_rank_gb"]["units"] == full["memory"]["ranks"][3]["units"]
-    assert 140 < totals[1] < 170 and 110 < totals[2] < 140
+    assert 125 < totals[1] < 145 and 110 < totals[2] < 140  # 135.6 (154.6 before moe_act's FP8 SwiGLU input), 128.0
     # The fused head + CE keeps no logits, but each head's fp32 weight gradient (main + MTP) for its micro-batch.
     assert preset["memory"]["per_rank_gb"]["buffers"] * GiB > 2 * 129280 * H * 4
     # What is still too large is named: the expert outputs combine saves lead the activation terms.

@@ -2,13 +2,14 @@
 no collective run twice.
 
 Single process: every mode (none, each selective module alone, combinations, full, full every 2nd block)
-gives bitwise the losses and gradients of `none` in fp32, bf16 and fp8 (MTP and the aux losses on), and
+gives bitwise the losses and gradients of `none` in fp32, bf16 and fp8 (MTP and the aux losses on; fp8 with
+moe_act: the loss bitwise, gradients within FP8 error in tests/test_fp8_swiglu_cache.py), and
 with DeepSeek-V2 routing (its three balance losses, token dropping); the bytes autograd keeps
 for backward fall in the order none > each selective module > all of them > full.
 Multi-rank: under EP2, TP2 (also in fp8), FSDP2 (dp2), ZeRO-1 with EP2, PP2 1F1B and PP2 ZBVZeroBubble /
 DualPipeV (split backward), each recompute mode trains 2 steps to the same losses, gradient norms, final parameters and
-router biases as the same layout without recomputation (rtol 1e-6), with the same collectives
-(kind and number of calls) in the step. All layouts of one world size run in one spawn.
+router biases as the same layout without recomputation (rtol 1e-6; fp8 with moe_act: within FP8 error), with
+the same collectives (kind and number of calls) in the step. All layouts of one world size run in one spawn.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def test_every_mode_gives_the_losses_and_gradients_of_none(precision, routing, s
         label = f"{precision} {routing} {mode} {list(modules)} every {n}"
         assert torch.equal(got_loss, loss), label
         assert got_grads.keys() == grads.keys(), label
+        if precision == "fp8" and "moe_act" in modules:
+            continue  # the SwiGLU input cached in FP8: gradients within FP8 error, tests/test_fp8_swiglu_cache.py
         for name, g in grads.items():
             assert torch.equal(got_grads[name], g), f"{label}: {name}"
 
@@ -185,6 +188,9 @@ def world2_results(tmp_path_factory):
 def test_layout_with_recompute_matches_it_without(layout, mode, world2_results):
     for rank, (ref, got) in enumerate(zip(world2_results[(layout, "none")], world2_results[(layout, mode)])):
         label = f"{layout} {mode} rank {rank}"
+        if layout.endswith("_fp8") and mode == "selective_all":
+            _within_fp8_error(ref, got, label)
+            continue
         for key, values in ref["metrics"].items():
             torch.testing.assert_close(torch.tensor(got["metrics"][key]), torch.tensor(values), rtol=1e-6, atol=0,
                                        msg=lambda m: f"{label} {key}: {m}")
@@ -194,3 +200,45 @@ def test_layout_with_recompute_matches_it_without(layout, mode, world2_results):
                                        msg=lambda m: f"{label} {name}: {m}")
         assert ref["collectives"], label
         assert got["collectives"] == ref["collectives"], label
+
+
+def _within_fp8_error(ref: dict, got: dict, label: str) -> None:
+    """fp8 with moe_act caches the SwiGLU input in FP8 (one more E4M3 rounding in backward,
+    tests/test_fp8_swiglu_cache.py): the first loss is bitwise, the rest within FP8 error (measured under
+    TP2 after 2 steps: metrics 2.3e-3 relative at most, parameters and router biases 0.044 relative RMS)."""
+    assert got["metrics"]["loss"][0] == ref["metrics"]["loss"][0], label
+    for key, values in ref["metrics"].items():
+        torch.testing.assert_close(torch.tensor(got["metrics"][key]), torch.tensor(values), rtol=1e-2, atol=0,
+                                   msg=lambda m: f"{label} {key}: {m}")
+    assert got["state"].keys() == ref["state"].keys(), label
+    for name, expected in ref["state"].items():
+        err = float((got["state"][name].double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30))
+        assert err < 0.1, (label, name, err)
+    assert got["collectives"] == ref["collectives"], label
+
+
+def test_mla_up_proj_drops_the_padded_v(single_thread):
+    """CPU SDPA takes v padded from d_v 16 to d_qk 24; under mla_up_proj that copy is re-padded in backward.
+    Zero beyond d_v are that copy and the kernel's output (kept: core_attn recomputes it)."""
+    cfg = small_model_cfg()
+
+    def padded_copies(mode: str, modules=()) -> int:
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        recompute = apply_recompute(model, mode, modules)
+        found: list[torch.Tensor] = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if type(t) is torch.Tensor and t.dim() == 4 and t.shape[-1] == cfg.qk_head_dim and t.is_floating_point():
+                if not t[..., cfg.v_head_dim:].any():  # zero beyond d_v
+                    found.append(t)
+            return t
+
+        ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))
+        with recompute.context(pack):
+            model(ids, ids).loss(0.3)
+        return len({t.untyped_storage().data_ptr() for t in found})
+
+    blocks = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    assert padded_copies("none") == 2 * blocks
+    assert padded_copies("selective", ("mla_up_proj",)) == blocks

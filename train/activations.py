@@ -28,7 +28,7 @@ ceil(K / 128), the fp32 1x128 tile scales of one FP8 row.
                          (I c, or I + sc(I) FP8) and the expert output combine saves (H c); the shared
                          experts as a SwiGLU of width n_shared I on the same normed x; the sequence-wise
                          balance loss (normalised scores 4E, their sum 4, token ids 8) when an alpha > 0.
-  MTP module (extra)     enorm on the fp32 embedding, hnorm (its input is the main head's, counted there),
+  MTP module (extra)     enorm on the fp32 embedding, hnorm (on the final norm's fp32 output),
                          eh_proj's input (2H), its final norm (on the block's c-byte output); its block as
                          above with r = c.
   head                   final norm; the fused head+CE (models/head_loss.py) saves only grad_h (T H in
@@ -41,14 +41,14 @@ Recomputation (parallel/recompute.py's semantics, train.recompute):
   layernorm      a norm keeps only its input (its own bytes); its output and internals are recomputed, so a
                  projection that saves the output as it is keeps nothing, one that saves its own copy
                  (a bf16 cast, an FP8 quantised input) keeps that copy.
-  mla_up_proj    q, k, v of the attention core are recomputed from the latents: kept are the core's own
-                 padded v, RoPE's tables, the raw RoPE key (kv_a's output) and the latents themselves
+  mla_up_proj    q, k, v of the attention core (and v's padded copy) are recomputed from the latents: kept
+                 are RoPE's tables, the raw RoPE key (kv_a's output) and the latents themselves
                  where no projection saves them as they are (FP8 saves quantised copies).
   core_attn      the core's output, log-sum-exp and padded v are recomputed; q, k and the unpadded v (a
                  view of kv_b's output: that whole storage) are kept. With mla_up_proj: nothing of it kept.
   moe_act        the routed SwiGLU output is recomputed from the kept gate|up output (c bytes). Under fp8
-                 it saves nothing: the FP8 down projection keeps its own quantised copy of that output,
-                 and the gate|up output stays bf16 (the report caches it in FP8, §3.3.3: not done yet).
+                 the kept gate|up output is its FP8 copy (2I + sc(2I), report §3.3.3) and the down
+                 projection's FP8 copy of the SwiGLU output is recomputed too.
   mlp            a dense MLP keeps only its normed input.
   shared_experts the shared experts keep only their (already saved) normed input.
   full           a recomputed block keeps its input (H r); a MoE block, split at the dispatcher so that no
@@ -141,11 +141,9 @@ class ActivationModel:
         up_proj, core = self.rc.has("mla_up_proj"), self.rc.has("core_attn")
         v_bytes = nh * (dqk if padded else dn + dv) * c  # padded: its own storage; else a view of kv_b's output
         t["RoPE tables"] = 2 * 4 * dr / self.micro_batch_size  # complex64 cos/sin [S, dr/2] of q and k
-        if up_proj:  # q, k, v recomputed from the latents; the core's own padded copy of v stays
+        if up_proj:  # q, k, v and the core's padded copy of v recomputed from the latents
             if c != 4 and not self.rc.has("layernorm"):  # (fp32 / layernorm: the kv norm keeps that storage)
                 t["raw RoPE key (kv_a output)"] = (kv + dr) * c
-            if padded and not core:
-                t["core v"] = v_bytes
             if not self.rc.has("layernorm"):  # the recomputation's inputs, where no projection saves them as they are
                 latents = ((mc.q_lora_rank, c) if mc.q_lora_rank else (H, r), (kv, c))
                 t["up-projection inputs"] = sum(w * nb for w, nb in latents if self.fp8 or nb != c)
@@ -187,10 +185,12 @@ class ActivationModel:
              "router": router_input + 4 * E + 8 * k + 4 * k + 4,  # input, scores, top-k ids, weights, their sum
              "dispatch/combine indices": 24 * k + 4 * k}  # three int64 index vectors, row gates
         t["routed rows (grouped GEMM input)"] = k * (H + self._sc(H) if self.fp8 else H * c)
-        t["routed SwiGLU input"] = k * 2 * I * c  # the gate|up output
-        # moe_act drops the SwiGLU output; under fp8 the down projection saves its own FP8 copy, so nothing goes
-        if not self.rc.has("moe_act") or self.fp8:
-            t["routed SwiGLU output"] = k * (I + self._sc(I) if self.fp8 else I * c)
+        if self.rc.has("moe_act") and self.fp8:  # only the FP8 copy of the gate|up output (models/fp8.py)
+            t["routed SwiGLU input"] = k * (2 * I + self._sc(2 * I))
+        else:  # the gate|up output; the SwiGLU output unless moe_act recomputes it
+            t["routed SwiGLU input"] = k * 2 * I * c
+            if not self.rc.has("moe_act"):
+                t["routed SwiGLU output"] = k * (I + self._sc(I) if self.fp8 else I * c)
         t["routed outputs (combine)"] = k * H * c
         if mc.n_shared_experts and not self.rc.has("shared_experts"):
             # fp32: gate/up read the router's input storage (counted); else each its cast / FP8 copy
@@ -232,7 +232,9 @@ class ActivationModel:
     def mtp_extra(self) -> float:
         """enorm, hnorm, eh_proj's input and the final norm of one MTP module."""
         H = self.mc.hidden_size
-        hnorm = 0.0 if self.rc.has("layernorm") else 4.0 + 4 * H  # its input: the main head's norm input
+        # hnorm reads the final-normed state (fp32, models/transformer.py's losses): its own saved input, which
+        # layernorm drops as the final norm's output
+        hnorm = 0.0 if self.rc.has("layernorm") else self.norm(H, 4)
         # eh_proj reads the concatenation of the two norms' outputs: a new tensor, kept in every mode
         return self.norm(H, 4) + hnorm + self.linear_inputs(2 * H, 1, 4) + self.norm(H, self.c)
 
