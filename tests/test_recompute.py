@@ -205,14 +205,22 @@ def test_layout_with_recompute_matches_it_without(layout, mode, world2_results):
 def _within_fp8_error(ref: dict, got: dict, label: str) -> None:
     """fp8 with moe_act caches the SwiGLU input in FP8 (one more E4M3 rounding in backward,
     tests/test_fp8_swiglu_cache.py): the first loss is bitwise, the rest within FP8 error (measured under
-    TP2 after 2 steps: metrics 2.3e-3 relative at most, parameters and router biases 0.044 relative RMS)."""
+    TP2 after 2 steps: metrics 2.3e-3 relative at most (a grad norm once 1.2e-2), parameters and router biases 0.044 relative RMS)."""
     assert got["metrics"]["loss"][0] == ref["metrics"]["loss"][0], label
-    for key, values in ref["metrics"].items():
-        torch.testing.assert_close(torch.tensor(got["metrics"][key]), torch.tensor(values), rtol=1e-2, atol=0,
+    for key, values in ref["metrics"].items():  # grad norms move most: 1.2e-2 seen at step 2 under TP2
+        rtol = 5e-2 if key == "grad_norm" else 1e-2
+        torch.testing.assert_close(torch.tensor(got["metrics"][key]), torch.tensor(values), rtol=rtol, atol=0,
                                    msg=lambda m: f"{label} {key}: {m}")
     assert got["state"].keys() == ref["state"].keys(), label
+    gamma = 0.01  # model.bias_update_speed of these runs
     for name, expected in ref["state"].items():
-        err = float((got["state"][name].double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30))
+        diff = got["state"][name].double() - expected.double()
+        if name.endswith("e_score_correction_bias"):
+            # b += gamma * sign(mean load - load): step 1's counts are bitwise equal, so FP8 noise can only
+            # flip step 2's signs, moving a bias by at most 2 * gamma
+            assert float(diff.abs().max()) <= 2 * gamma + 1e-7, (label, name, diff)
+            continue
+        err = float(diff.norm() / expected.double().norm().clamp_min(1e-30))
         assert err < 0.1, (label, name, err)
     assert got["collectives"] == ref["collectives"], label
 

@@ -245,6 +245,8 @@ def _validate_eval(cfg: "Config") -> None:
         DataConfig(sources=e.sources).validate()
     except ValueError as err:
         raise ConfigError(str(err).replace("data.sources", "eval.sources", 1)) from None
+    if not e.interval:  # evaluation off: its sources read nothing, so they cannot overlap training
+        return
     train_holdout = {src.path: src.holdout for src in cfg.data.sources}
     for i, src in enumerate(e.sources):
         if src.path in train_holdout and train_holdout[src.path] != src.holdout:
