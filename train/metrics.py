@@ -120,21 +120,27 @@ def peak_flops(device: torch.device, precision: str) -> Optional[float]:
 _MATMUL_FLOPS: Optional[float] = None
 
 
-def measured_matmul_flops(n: int = 1024, seconds: float = 0.3) -> float:
-    """Peak fp32 matmul FLOP/s of this CPU with the current thread count (measured once).
+def fastest_matmul_seconds(n: int, dtype: torch.dtype = torch.float32, seconds: float = 0.3,
+                           min_repeats: int = 1) -> float:
+    """Fastest of the n x n matmuls timed for ~`seconds` (at least `min_repeats`), after one untimed call.
 
-    The fastest of the timed matmuls is used, so a moment of contention from other
-    processes does not lower the peak (and inflate MFU)."""
+    The minimum keeps a moment of contention from other processes out of the figure."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # first call: kernel selection, allocation
+    best, repeats, t_end = float("inf"), 0, time.perf_counter() + seconds
+    while repeats < min_repeats or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        a @ b
+        best, repeats = min(best, time.perf_counter() - t0), repeats + 1
+    return best
+
+
+def measured_matmul_flops(n: int = 1024, seconds: float = 0.3) -> float:
+    """Peak fp32 matmul FLOP/s of this CPU with the current thread count (measured once), from the
+    fastest timed matmul, so contention does not lower the peak (and inflate MFU)."""
     global _MATMUL_FLOPS
     if _MATMUL_FLOPS is None:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        a @ b
-        best, t_end = float("inf"), time.perf_counter() + seconds
-        while time.perf_counter() < t_end:
-            t0 = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - t0)
-        _MATMUL_FLOPS = 2 * n**3 / best
+        _MATMUL_FLOPS = 2 * n**3 / fastest_matmul_seconds(n, seconds=seconds)
     return _MATMUL_FLOPS
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -42,6 +41,7 @@ from models.fp8 import Fp8GroupedGemm, Fp8Linear, Fp8Recipe, describe_backend
 from models.norm import RMSNorm
 from models.router import Router
 from models.topk_softmax_router import TopKSoftmaxRouter
+from train.metrics import fastest_matmul_seconds
 
 log = logging.getLogger("moeforge")
 
@@ -225,20 +225,9 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> Optional[set[str]]:
 
 
 def bf16_matmul_slowdown(n: int = 256, seconds: float = 0.1) -> float:
-    """Fastest n x n bf16 matmul over the fastest fp32 one, each timed for ~`seconds` (at least twice).
-
-    The minimum over repeats keeps a moment of contention from other processes out of the ratio."""
-    def fastest(dtype: torch.dtype) -> float:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b  # first call: kernel selection, allocation
-        best, repeats, t_end = float("inf"), 0, time.perf_counter() + seconds
-        while repeats < 2 or time.perf_counter() < t_end:
-            t0 = time.perf_counter()
-            a @ b
-            best, repeats = min(best, time.perf_counter() - t0), repeats + 1
-        return best
-
-    return fastest(torch.bfloat16) / max(fastest(torch.float32), 1e-9)
+    """Fastest n x n bf16 matmul over the fastest fp32 one, each timed for ~`seconds` (at least twice)."""
+    bf16 = fastest_matmul_seconds(n, torch.bfloat16, seconds, min_repeats=2)
+    return bf16 / max(fastest_matmul_seconds(n, torch.float32, seconds, min_repeats=2), 1e-9)
 
 
 def warn_if_slow_bf16(policy: PrecisionPolicy, device: torch.device, flags: Optional[set[str]] = None) -> Optional[str]:
