@@ -26,7 +26,7 @@ from data.resume import restore_position
 from models.fp8 import release_quantised_weights
 from models.moe import moe_layers
 from models.moe_state import ExpertLoad, MoEStepState
-from models.transformer import Transformer, combine_losses, target_counts
+from models.transformer import Transformer, combine_losses
 from parallel.comm_ledger import LEDGER
 from parallel.context import ParallelContext
 from parallel.checkpointing import CheckpointState
@@ -161,10 +161,7 @@ class Trainer:
 
     def global_token_counts(self, batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Target tokens of the whole global batch: main head and each MTP depth."""
-        depth = self.cfg.model.num_nextn_predict_layers
-        counts = torch.zeros(1 + depth, dtype=torch.float64)
-        for b in batches:
-            counts += target_counts(b["labels"], depth, b.get("doc_ids"))
+        counts = batch_counts(batches, self.cfg.model.num_nextn_predict_layers)
         counts = self.ctx.dp_sum(counts.to(self.device)).cpu()
         return counts[0], counts[1:]
 
