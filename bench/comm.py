@@ -16,7 +16,10 @@ Per layout, per token and per MoE layer (forward; the backward moves the same ro
                    the split-size exchange (8 x ep bytes per rank and call), measured
   min dispatch     the layout's theoretical minimum for this routing: each token's hidden state once
                    per distinct destination rank, nothing else
-  fp8 dispatch     not built (issue 15: FP8 payload + 1x128 tile scales): printed as such
+  fp8 dispatch     the same layout trained under train.precision=fp8 (overlap on): one row per pair as
+                   E4M3 bytes + fp32 1x128 tile scales (H + 4 ceil(H/128)) plus the slot map and the split
+                   sizes, measured; its ledger total (dispatch + combine, forward + backward in bf16) is
+                   checked against train/plan_comm.py's figure for the counted pairs
   combine          the gates (fp32 per slot) and one returned row per pair
 The pairs and assignments are counted by wrapping parallel.expert_parallel.pairs_per_rank inside the
 bench process; the all-to-all bytes and the exposed all-to-all time (`wait_s`: the whole duration of
@@ -93,7 +96,8 @@ def count_pairs() -> None:
     ep.pairs_per_rank = counted
 
 
-def bench_rank(rank: int, ranks: int, extra: dict, overlap: bool, steps: int, warmup: int, run_dir: str) -> dict:
+def bench_rank(rank: int, ranks: int, extra: dict, overlap: bool, steps: int, warmup: int, run_dir: str,
+               precision: str = "fp32") -> dict:
     from bench.expert_parallel import tiny_trainer
 
     count_pairs()
@@ -101,7 +105,7 @@ def bench_rank(rank: int, ranks: int, extra: dict, overlap: bool, steps: int, wa
     dp = ranks // tp
     overrides = [
         f"run.dir={run_dir}", f"train.seq_len={SEQ_LEN}", f"train.micro_batch_size={GLOBAL_SEQS // dp}",
-        "train.grad_accum_steps=1", "train.precision=fp32", "train.threads=1", f"train.steps={warmup + steps}",
+        "train.grad_accum_steps=1", f"train.precision={precision}", "train.threads=1", f"train.steps={warmup + steps}",
         "train.sample_prompt=''", "checkpoint.interval=0", "checkpoint.at_end=false", "log.console=false",
         "log.progress=false", "data.max_files=200", f"parallel.ep_overlap={str(overlap).lower()}",
         *[f"{k}={v}" for k, v in extra.items()],
@@ -119,11 +123,12 @@ def bench_rank(rank: int, ranks: int, extra: dict, overlap: bool, steps: int, wa
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
 
 
-def run(ranks: int, extra: dict, overlap: bool, steps: int, warmup: int) -> dict:
+def run(ranks: int, extra: dict, overlap: bool, steps: int, warmup: int, precision: str = "fp32") -> dict:
     from tests.distributed import run_ranks
 
     with tempfile.TemporaryDirectory() as run_dir:
-        per_rank = run_ranks(ranks, bench_rank, ranks, extra, overlap, steps, warmup, run_dir, timeout=1800)
+        per_rank = run_ranks(ranks, bench_rank, ranks, extra, overlap, steps, warmup, run_dir, precision,
+                             timeout=1800)
     return {k: statistics.fmean(r[k] for r in per_rank) for k in per_rank[0]}
 
 
@@ -138,6 +143,22 @@ def bytes_per_token(r: dict, ep: int, hidden: int, top_k: int) -> dict:
         "combine_bytes_per_token": r["pairs"] * (row + 4 * top_k) / tokens,
         "naive_combine_bytes_per_token": r["assignments"] * row / tokens,
     }
+
+
+def fp8_dispatch(r: dict, ep: int, hidden: int, top_k: int) -> dict:
+    """FP8 dispatch bytes per token per MoE layer (forward) of an fp8 run, and the ratio of the ledger's
+    all_to_all/ep bytes (dispatch + combine, forward + backward) to the planner's for the counted pairs
+    (1.0 up to the medians being taken over steps separately)."""
+    from models.fp8 import TILE
+    from train.config import load_config
+    from train.plan_comm import routed_all_to_all_bytes
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["train.precision=fp8", f"parallel.dp_shard={ep}",
+                                                       f"parallel.ep={ep}", "train.grad_accum_steps=1"])
+    row = hidden + 4 * -(-hidden // TILE)
+    tokens = max(r["tokens"], 1)
+    return {"fp8_dispatch_bytes_per_token": (r["pairs"] * (row + top_k) + 8 * ep * r["dispatches"]) / tokens,
+            "fp8_ledger_to_plan": r["a2a_bytes"] / routed_all_to_all_bytes(cfg, r["pairs"], r["pairs"])}
 
 
 def main(argv=None) -> int:
@@ -161,6 +182,7 @@ def main(argv=None) -> int:
             why = missing_part_b(name)
             if why is not None:
                 results.append({"layout": name, "not_built": why, "dispatch_bytes_per_token": None,
+                                "fp8_dispatch_bytes_per_token": None,
                                 "naive_dispatch_bytes_per_token": None, "min_dispatch_bytes_per_token": None,
                                 "tokens_per_s_ratio": None})
                 continue
@@ -168,12 +190,15 @@ def main(argv=None) -> int:
         ranks, extra = spec
         off = run(ranks, extra, False, args.steps, args.warmup)
         on = run(ranks, extra, True, args.steps, args.warmup)
-        b = bytes_per_token(on, int(extra.get("parallel.ep", 1)), mc.hidden_size, mc.num_experts_per_tok)
+        ep = int(extra.get("parallel.ep", 1))
+        b = bytes_per_token(on, ep, mc.hidden_size, mc.num_experts_per_tok)
+        b8 = fp8_dispatch(run(ranks, extra, True, args.steps, args.warmup, "fp8"), ep, mc.hidden_size,
+                          mc.num_experts_per_tok)
         measured = on["a2a_bytes"] / max(on["tokens"], 1) / 2  # the ledger: forward and backward move the same
         results.append({
             "layout": name, **b,
             "ratio_to_min": b["dispatch_bytes_per_token"] / max(b["min_dispatch_bytes_per_token"], 1e-9),
-            "fp8_dispatch_bytes_per_token": None, "fp8_dispatch": "not built",
+            **b8,
             "ledger_dispatch_plus_combine_bytes_per_token": measured,  # cross-check of the two above
             "exposed_all_to_all_s_overlap_off": off["a2a_wait_s"], "exposed_all_to_all_s_overlap_on": on["a2a_wait_s"],
             "step_s_overlap_off": off["step_s"], "step_s_overlap_on": on["step_s"],
@@ -195,7 +220,8 @@ def main(argv=None) -> int:
             continue
         print(f"{r['layout']:<18} dispatch B/token/layer: naive {r['naive_dispatch_bytes_per_token']:,.0f}  dedup "
               f"{r['dispatch_bytes_per_token']:,.0f}  min {r['min_dispatch_bytes_per_token']:,.0f}  "
-              f"(x{r['ratio_to_min']:.3f} of min)  fp8 not built; combine naive "
+              f"(x{r['ratio_to_min']:.3f} of min)  fp8 {r['fp8_dispatch_bytes_per_token']:,.0f} (ledger/plan "
+              f"{r['fp8_ledger_to_plan']:.3f}); combine naive "
               f"{r['naive_combine_bytes_per_token']:,.0f} dedup {r['combine_bytes_per_token']:,.0f}")
         print(f"{'':<18} exposed all-to-all per step: overlap off {1e3 * r['exposed_all_to_all_s_overlap_off']:.1f} ms"
               f", on {1e3 * r['exposed_all_to_all_s_overlap_on']:.1f} ms; step {1e3 * r['step_s_overlap_off']:.0f} / "

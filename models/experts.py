@@ -7,7 +7,7 @@ as in Hugging Face's in-memory DeepseekV3 experts), so export only splits them p
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +116,13 @@ class GroupedExperts(nn.Module):
     def reset_parameters(self, std: float) -> None:
         nn.init.normal_(self.gate_up_proj, std=std)
         nn.init.normal_(self.down_proj, std=std)
+
+    def dispatch_input(self, x: torch.Tensor) -> Any:
+        """What the token dispatcher moves to these experts for token rows x [T, H]: x, or the form the GEMM
+        hook takes as it is (models.fp8.Fp8GroupedGemm: the rows quantised once, before dispatch). The
+        dispatchers only select and exchange its rows (index_select, parallel/'s all-to-all)."""
+        prepare = getattr(self.gemm, "dispatch_rows", None)
+        return x if prepare is None else prepare(x)
 
     def resolved_implementation(self, x: torch.Tensor) -> str:
         if self.implementation != "auto":

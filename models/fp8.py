@@ -35,7 +35,9 @@ wgrad dW = dY^T X); which one runs where:
 The routed-expert grouped GEMMs always run the emulation (torch._grouped_mm in fp32 on CPU, a
 per-expert fp32 loop on CUDA): torch has no CPU `_scaled_grouped_mm`, and its CUDA one takes
 row-wise scales only. A real m-grouped FP8 kernel (e.g. DeepGEMM) would slot in behind
-`Fp8GroupedGemm`.
+`Fp8GroupedGemm`. Its input is quantised before dispatch (`QuantisedRows`, made by
+`Fp8GroupedGemm.dispatch_rows`): the token dispatcher moves and expands the E4M3 rows and their
+scales, and the GEMM uses them as they are (report §3.3).
 
 Pure tensor code: no torch.distributed calls. A TP-sharded (DTensor) weight is computed on its
 local shard, so scales are per shard; see `Fp8Linear.forward`.
@@ -49,6 +51,7 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree
 from torch import nn
 
 from models.experts import grouped_mm_applies, looped_linear, swiglu_backward, swiglu_forward
@@ -556,8 +559,8 @@ class _Fp8GroupedFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, counts, offsets, recipe: Fp8Recipe, out_dtype,  # type: ignore[override]
-                weights: Optional[QuantisedWeights]):
-        y, xq, xs, wq, ws = _grouped_forward(x, weight, counts, offsets, recipe, out_dtype, weights)
+                weights: Optional[QuantisedWeights], quantised: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+        y, xq, xs, wq, ws = _grouped_forward(x, weight, counts, offsets, recipe, out_dtype, weights, quantised)
         ctx.save_for_backward(xq, xs, wq, ws, counts, offsets)
         ctx.recipe, ctx.x_dtype = recipe, x.dtype
         return y
@@ -567,14 +570,16 @@ class _Fp8GroupedFn(torch.autograd.Function):
         xq, xs, wq, ws, counts, offsets = ctx.saved_tensors
         dx, dw = _grouped_backward(grad, xq, xs, wq, ws, counts, offsets, ctx.recipe, ctx.x_dtype,
                                    ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return dx, dw, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None
 
 
 def _grouped_forward(x, weight, counts, offsets, recipe: Fp8Recipe, out_dtype: torch.dtype,
-                     weights: Optional[QuantisedWeights]) -> tuple[torch.Tensor, ...]:
+                     weights: Optional[QuantisedWeights],
+                     quantised: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, ...]:
     """(y, xq, xs, wq, ws): the grouped GEMM on 1x128 FP8 x tiles and 128x128 FP8 blocks of every expert's
-    weight [E, O, H] (the step's shared copy when `weights` is given)."""
-    xq, xs = quantize_tiles(x, recipe.tile)
+    weight [E, O, H] (the step's shared copy when `weights` is given). `quantised`: x's tiles (xq, xs),
+    made before dispatch (QuantisedRows); x is then only its gradient stand-in."""
+    xq, xs = quantize_tiles(x, recipe.tile) if quantised is None else quantised
     wq, ws = weights.get(weight, recipe.block) if weights is not None else quantize_blocks(weight, recipe.block)
     xd = dequantize_tiles(xq, xs, recipe.tile)
     wd = dequantize_blocks(wq, ws, recipe.block)
@@ -629,19 +634,122 @@ class _Fp8SwiGLUGroupedFn(torch.autograd.Function):
         return d_gate_up, dw, None, None, None, None, None
 
 
+# ---------------------------------------------------------------- rows quantised before dispatch
+
+
+def gradient_stand_in(n_rows: int, like: torch.Tensor) -> torch.Tensor:
+    """A [n_rows, H] tensor of `like`'s dtype and device with zero strides (one element of storage, never
+    read): what autograd sees in place of rows that travel as FP8, so that their gradient (in the compute
+    dtype) flows back to where they came from."""
+    return like.new_zeros(()).expand(n_rows, like.shape[1])
+
+
+class _StandIn(torch.autograd.Function):
+    """x -> its gradient stand-in; backward: the stand-in's gradient is x's (the quantisation is
+    straight-through, as in the FP8 GEMMs, which return dX for their unquantised input)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return gradient_stand_in(x.shape[0], x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad
+
+
+class _SelectStandIn(torch.autograd.Function):
+    """The stand-in of rows[index]; backward: the gradient scattered back (index_select's backward)."""
+
+    @staticmethod
+    def forward(ctx, stand_in: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(index)
+        ctx.n_rows = stand_in.shape[0]
+        return gradient_stand_in(index.numel(), stand_in)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.n_rows, grad.shape[1]).index_add_(0, index, grad), None
+
+
+class QuantisedRows:
+    """Token rows quantised once to E4M3 with 1 x tile scales before they are dispatched (report §3.3:
+    the activations before the MoE up-projection are quantised, then dispatched), in the form the FP8
+    grouped GEMM takes as its input without quantising it again. Per-row tiles commute with selecting
+    and permuting rows, so the GEMM gets exactly the operands its own quantisation would have made.
+    `grad` stands in for the rows in autograd (`gradient_stand_in`): their gradient returns in the
+    compute dtype (the report keeps the backward dispatch in BF16).
+
+    A pytree node (so a recompute region holds its tensors as its inputs), deliberately not a dataclass:
+    FSDP2's cast_forward_inputs casts the floating tensors of dataclass fields (E4M3 and scales to bf16)."""
+
+    __slots__ = ("data", "scales", "grad", "tile")
+
+    def __init__(self, data: torch.Tensor, scales: torch.Tensor, grad: torch.Tensor, tile: int) -> None:
+        self.data = data  # [N, H] e4m3
+        self.scales = scales  # [N, ceil(H / tile)] fp32
+        self.grad = grad  # [N, H] compute dtype, zero strides
+        self.tile = tile
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.grad.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.grad.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.grad.device
+
+    def index_select(self, dim: int, index: torch.Tensor) -> "QuantisedRows":
+        """The rows `index` (dim 0), like Tensor.index_select."""
+        if dim != 0:
+            raise ValueError("QuantisedRows selects rows (dim 0) only")
+        return QuantisedRows(self.data.index_select(0, index), self.scales.index_select(0, index),
+                             _SelectStandIn.apply(self.grad, index), self.tile)
+
+
+torch.utils._pytree.register_pytree_node(
+    QuantisedRows, lambda r: ((r.data, r.scales, r.grad), r.tile), lambda children, tile: QuantisedRows(*children, tile),
+    serialized_type_name="moeforge.QuantisedRows")
+
+
+def quantise_rows(x: torch.Tensor, tile: int = TILE) -> QuantisedRows:
+    """x [N, H] in 1 x tile FP8 tiles (quantize_tiles), with its gradient stand-in."""
+    with torch.no_grad():
+        q, s = quantize_tiles(x.detach(), tile)
+    return QuantisedRows(q, s, _StandIn.apply(x), tile)
+
+
 class Fp8GroupedGemm:
     """The GroupedExperts GEMM hook: (x [N,H] expert-sorted, weight [E,O,H], counts, offsets) -> [N,O].
     Its two weights (gate_up, down) are quantised once per weight version (`quantised_weights`).
     `swiglu_recomputed` (set by train.recompute's moe_act): GroupedExperts runs the SwiGLU and the down
     projection as `down_of_swiglu`, which caches the SwiGLU input in FP8 and recomputes its output."""
 
+    # FP8 dispatch (`dispatch_rows`): the experts' input is quantised once, before the dispatcher moves it.
+    # Bitwise the same training as quantising in the GEMM (tests/test_fp8_dispatch.py), so no config key;
+    # False (tests, the benchmark's comparison) dispatches the rows in the compute dtype.
+    quantised_dispatch: bool = True
+
     def __init__(self, recipe: Fp8Recipe) -> None:
         self.recipe = recipe
         self.quantised_weights = QuantisedWeights(2)
         self.swiglu_recomputed = False
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: "torch.Tensor | QuantisedRows", weight: torch.Tensor, counts: torch.Tensor,
+                 offsets: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, QuantisedRows):  # quantised before dispatch: used as it is
+            if x.tile != self.recipe.tile:
+                raise ValueError(f"rows quantised in 1x{x.tile} tiles, the expert GEMM's recipe has 1x{self.recipe.tile}")
+            return self._apply(_Fp8GroupedFn, x.grad, weight, counts, offsets, (x.data, x.scales))
         return self._apply(_Fp8GroupedFn, x, weight, counts, offsets)
+
+    def dispatch_rows(self, x: torch.Tensor) -> "torch.Tensor | QuantisedRows":
+        """What the token dispatcher moves to these experts for token rows x: x in FP8 (QuantisedRows)."""
+        return quantise_rows(x, self.recipe.tile) if self.quantised_dispatch else x
 
     def down_of_swiglu(self, gate_up: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
                        offsets: torch.Tensor) -> torch.Tensor:
@@ -649,10 +757,10 @@ class Fp8GroupedGemm:
         return self._apply(_Fp8SwiGLUGroupedFn, gate_up, weight, counts, offsets)
 
     def _apply(self, fn: type, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
-               offsets: torch.Tensor) -> torch.Tensor:
+               offsets: torch.Tensor, *quantised: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         out_dtype = _autocast_out_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            return fn.apply(x, weight, counts, offsets, self.recipe, out_dtype, self.quantised_weights)
+            return fn.apply(x, weight, counts, offsets, self.recipe, out_dtype, self.quantised_weights, *quantised)
 
     def __repr__(self) -> str:
         return f"Fp8GroupedGemm({self.recipe})"
@@ -685,5 +793,6 @@ __all__ = [
     "E4M3", "E4M3_MAX", "TILE", "Fp8Recipe", "Fp8Linear", "Fp8GroupedGemm", "fp8_linear",
     "quantize_tiles", "dequantize_tiles", "quantize_blocks", "dequantize_blocks", "quantize_row_tiles",
     "dequantize_row_tiles", "fake_quantize", "resolve_backend", "describe_backend", "e4m3_error_bound",
-    "QuantisedWeights", "quantised_weight_stores", "release_quantised_weights",
+    "QuantisedWeights", "quantised_weight_stores", "release_quantised_weights", "QuantisedRows", "quantise_rows",
+    "gradient_stand_in",
 ]

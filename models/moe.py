@@ -33,7 +33,9 @@ class TokenDispatcher:
     return before the rows arrive, `finish` waits for them."""
 
     def start(self, x: torch.Tensor, topk_idx: torch.Tensor, keep: Optional[torch.Tensor]) -> Any:
-        """Begin dispatching x [T, H] by topk_idx [T, K]; returns what `finish` needs."""
+        """Begin dispatching x [T, H] by topk_idx [T, K]; returns what `finish` needs. x is what
+        `GroupedExperts.dispatch_input` made of the tokens: a tensor, or FP8 rows (models.fp8.QuantisedRows),
+        either way moved by row selection (index_select) and exchange only."""
         raise NotImplementedError
 
     def finish(self, pending: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
@@ -157,7 +159,7 @@ class MoE(nn.Module):
         bsz, seq, hidden = x.shape
         flat = x.reshape(-1, hidden)
         routing = self.gate(flat)
-        pending = self.dispatcher.start(flat, routing.topk_idx, routing.keep)
+        pending = self.dispatcher.start(self.experts.dispatch_input(flat), routing.topk_idx, routing.keep)
         shared = None if self.shared_experts is None else self.shared_experts(flat)  # while the rows travel
         rows, counts, ctx = self.dispatcher.finish(pending)
         routed = self.dispatcher.combine(self.experts(rows, counts), routing.topk_weight, ctx)

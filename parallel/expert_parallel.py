@@ -10,6 +10,11 @@ Deduplicated dispatch (dropless, uneven splits; V3 report §3.2.2 sends a token 
      expert lives elsewhere (int8: n_local < 128 on every layout moeforge builds);
   4. the receiving rank expands each row to its local experts (`permute_by_expert` on the
      slot map), in local-expert-major, source-rank-major order for the grouped GEMM.
+FP8 dispatch (train.precision=fp8, report §3.3): the rows arrive already quantised (models/fp8.py's
+QuantisedRows, made by the experts' GEMM hook before `start`); each row travels as its E4M3 bytes and
+fp32 1x128 tile scales in one uint8 message, is expanded by indexing both, and reaches the FP8 grouped
+GEMM as it is. Its gradient stand-in takes the all-to-all's autograd path, so backward sends the
+rows' gradient in the compute dtype, as before.
 Combine: the gates of each pair's slots travel to the expert's rank (a small fp32 all-to-all),
 which sums its experts' gated outputs per pair (V3 eq. 12's sum over the rank's share of
 g_i FFN_i, in fp32), so one row per (token, rank) returns; the source rank adds its pairs.
@@ -27,6 +32,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from models.fp8 import E4M3, QuantisedRows, gradient_stand_in
 from models.moe import MoE, TokenDispatcher, permute_by_expert, unpermute_and_combine
 from parallel import comm_ledger
 
@@ -48,7 +54,13 @@ class _AllToAll(torch.autograd.Function):
         return out, None, None, None
 
 
-def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group: Any) -> torch.Tensor:
+def all_to_all(x: "torch.Tensor | QuantisedRows", output_splits: list[int], input_splits: list[int],
+               group: Any) -> "torch.Tensor | QuantisedRows":
+    if isinstance(x, QuantisedRows):
+        payload = _fp8_payload(x)
+        out = payload.new_empty((sum(output_splits), payload.shape[1]))
+        comm_ledger.all_to_all_single(out, payload, "ep", group, output_splits, input_splits)
+        return _fp8_rows(out, _StandInAllToAll.apply(x.grad, output_splits, input_splits, group), x)
     return _AllToAll.apply(x, output_splits, input_splits, group)
 
 
@@ -103,6 +115,64 @@ class _AllToAllFinish(torch.autograd.Function):
         return grad, None  # unchanged: _AllToAllStart's backward returns the exchanged gradient
 
 
+# ---------------------------------------------------------------- FP8 rows (QuantisedRows) through the all-to-all
+
+
+def _fp8_payload(rows: QuantisedRows) -> torch.Tensor:
+    """[N, H + scale bytes] uint8: each row's E4M3 values, then its tile scales (gloo sends no float8)."""
+    return torch.cat([rows.data.view(torch.uint8), rows.scales.view(torch.uint8)], dim=1)
+
+
+def _fp8_rows(payload: torch.Tensor, grad: torch.Tensor, like: QuantisedRows) -> QuantisedRows:
+    """The received rows of an arrived payload, with their gradient stand-in."""
+    h = like.data.shape[1]
+    scales = payload[:, h:].contiguous().view(like.scales.dtype)
+    return QuantisedRows(payload[:, :h].view(E4M3), scales, grad, like.tile)
+
+
+class _StandInAllToAll(_AllToAll):
+    """A gradient stand-in across the exchange: forward only makes the received rows' stand-in (their
+    payload travels beside it); backward is _AllToAll's (the gradient, in the compute dtype, goes back)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, output_splits: list[int], input_splits: list[int], group: Any) -> torch.Tensor:  # type: ignore[override]
+        ctx.output_splits, ctx.input_splits, ctx.group = output_splits, input_splits, group
+        return gradient_stand_in(sum(output_splits), x)
+
+
+class _StandInStart(_AllToAllStart):
+    """_AllToAllStart for a gradient stand-in: the payload was launched beside it (flight.work)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, flight: _InFlight) -> torch.Tensor:  # type: ignore[override]
+        ctx.flight = flight
+        return gradient_stand_in(sum(flight.output_splits), x)
+
+
+@dataclass
+class _Fp8InFlight:
+    """Started FP8 rows: the payload's receive buffer (filled once the flight's work is waited for)."""
+    payload: torch.Tensor
+    grad: torch.Tensor
+    like: QuantisedRows
+
+
+def _start_exchange(rows: "torch.Tensor | QuantisedRows", flight: _InFlight) -> Any:
+    if not isinstance(rows, QuantisedRows):
+        return _AllToAllStart.apply(rows, flight)
+    payload = _fp8_payload(rows)
+    out = payload.new_empty((sum(flight.output_splits), payload.shape[1]))
+    flight.work = comm_ledger.all_to_all_single(out, payload, "ep", flight.group, flight.output_splits,
+                                                flight.input_splits, async_op=True)
+    return _Fp8InFlight(out, _StandInStart.apply(rows.grad, flight), rows)
+
+
+def _finish_exchange(received: Any, flight: _InFlight) -> "torch.Tensor | QuantisedRows":
+    if not isinstance(received, _Fp8InFlight):
+        return _AllToAllFinish.apply(received, flight)
+    return _fp8_rows(received.payload, _AllToAllFinish.apply(received.grad, flight), received.like)
+
+
 def pairs_per_rank(topk_idx: torch.Tensor, keep: Optional[torch.Tensor], experts_per_rank: int,
                    n_ranks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The (token, rank) pairs a deduplicated dispatch sends, rank-major, tokens ascending.
@@ -132,7 +202,7 @@ class _DispatchState:
 @dataclass
 class _Pending:
     """A started dispatch: the rows and slot map in flight (or arrived, without overlap)."""
-    received: torch.Tensor
+    received: Any  # a tensor or QuantisedRows (arrived), or what _start_exchange returned
     slot_map: torch.Tensor
     flight: Optional[_InFlight]
     slot_work: Any
@@ -151,14 +221,14 @@ class AllToAllDispatcher(TokenDispatcher):
         if self.n_local >= 128:
             raise ValueError(f"{self.n_local} experts per ep rank: the int8 slot map holds at most 127")
 
-    def start(self, x: torch.Tensor, topk_idx: torch.Tensor, keep: Optional[torch.Tensor]) -> _Pending:
+    def start(self, x: "torch.Tensor | QuantisedRows", topk_idx: torch.Tensor, keep: Optional[torch.Tensor]) -> _Pending:
         pair_rank, pair_token, slot_on = pairs_per_rank(topk_idx, keep, self.n_local, self.ep_size)
         send = torch.bincount(pair_rank, minlength=self.ep_size)
         recv = torch.empty_like(send)
         comm_ledger.all_to_all_single(recv, send, "ep", self.group)  # split sizes: needed before anything else
         send_splits, recv_splits = send.tolist(), recv.tolist()
         local_id = (topk_idx[pair_token] - pair_rank.unsqueeze(1) * self.n_local).masked_fill(~slot_on, -1)
-        slot_map = x.new_empty((sum(recv_splits), topk_idx.shape[1]), dtype=torch.int8)
+        slot_map = torch.empty((sum(recv_splits), topk_idx.shape[1]), dtype=torch.int8, device=topk_idx.device)
         slot_work = comm_ledger.all_to_all_single(slot_map, local_id.to(torch.int8), "ep", self.group, recv_splits,
                                                   send_splits, async_op=self.overlap)
         rows = x.index_select(0, pair_token)
@@ -166,13 +236,13 @@ class AllToAllDispatcher(TokenDispatcher):
         if not self.overlap:
             return _Pending(all_to_all(rows, recv_splits, send_splits, self.group), slot_map, None, None, state)
         flight = _InFlight(recv_splits, send_splits, self.group)
-        return _Pending(_AllToAllStart.apply(rows, flight), slot_map, flight, slot_work, state)
+        return _Pending(_start_exchange(rows, flight), slot_map, flight, slot_work, state)
 
     def finish(self, pending: _Pending):
         received = pending.received
         if pending.flight is not None:
             comm_ledger.wait(pending.slot_work, "all_to_all", "ep")
-            received = _AllToAllFinish.apply(received, pending.flight)
+            received = _finish_exchange(received, pending.flight)
         slot_map = pending.slot_map.long()
         order, counts = permute_by_expert(slot_map.clamp(min=0), slot_map >= 0, self.n_local)
         pending.state.order = order

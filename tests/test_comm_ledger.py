@@ -6,7 +6,9 @@ custom-collective seam, and the deduplicated all-to-all) and as EP2 over ZeRO-1 
 all-reduce and parameter all-gathers). Every rank's `comm` of every step must equal the
 prediction key by key, calls and bytes, except the routed tokens' all-to-all bytes, which depend
 on the routing: their mean over the ranks lies within the predicted bounds and within 15% of the
-uniform-routing expectation. metrics.jsonl carries the same `comm` object.
+uniform-routing expectation, and equals the planner's figure for the (token, rank) pairs the
+dispatches counted exactly. EP2 over FSDP2 under FP8 dispatches FP8 rows (E4M3 + tile scales).
+metrics.jsonl carries the same `comm` object.
 """
 
 from __future__ import annotations
@@ -22,19 +24,32 @@ from parallel.comm_ledger import CommLedger
 from tests.distributed import run_ranks
 from tests.trainer_helpers import small_overrides
 from train.config import load_config
-from train.plan_comm import expected_ranks_per_token, predict_comm
+from models.accounting import build_meta_model
+from train.plan_comm import expected_ranks_per_token, fp8_dispatch_layers, predict_comm, routed_all_to_all_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 LAYOUTS = {
     "ep2_fsdp": {"parallel.dp_shard": 2, "parallel.ep": 2, "parallel.data_parallel": "fsdp"},
     "ep2_zero1": {"parallel.dp_shard": 2, "parallel.ep": 2, "parallel.data_parallel": "zero1"},
+    "ep2_fsdp_fp8": {"parallel.dp_shard": 2, "parallel.ep": 2, "parallel.data_parallel": "fsdp",
+                     "train.precision": "fp8"},
 }
 
 
 def train_comm(rank: int, overrides: list[str]) -> dict:
+    import parallel.expert_parallel as ep
     from parallel.mesh import init_distributed
     from train.trainer import Trainer
 
+    pairs: list[int] = []  # (token, rank) pairs this rank sent, per dispatch
+    inner = ep.pairs_per_rank
+
+    def counted(*args):
+        out = inner(*args)
+        pairs.append(out[1].numel())
+        return out
+
+    ep.pairs_per_rank = counted
     cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
     ctx = init_distributed(cfg.parallel, cfg.model)
     try:
@@ -44,7 +59,8 @@ def train_comm(rank: int, overrides: list[str]) -> dict:
     logged = []
     if rank == 0:
         logged = [json.loads(line)["comm"] for line in (Path(cfg.run.dir) / "metrics.jsonl").read_text().splitlines()]
-    return {"comm": [json.dumps(h["comm"]) for h in history], "logged": [json.dumps(c) for c in logged]}
+    return {"comm": [json.dumps(h["comm"]) for h in history], "logged": [json.dumps(c) for c in logged],
+            "pairs": pairs}
 
 
 @pytest.mark.multirank
@@ -53,7 +69,10 @@ def test_ledger_matches_prediction(layout, tmp_path):
     overrides = small_overrides(tmp_path / "run", tmp_path / "cache", **{
         "train.steps": 2, "train.micro_batch_size": 2, "train.grad_accum_steps": 2, "train.threads": 1,
         "checkpoint.at_end": "false", **LAYOUTS[layout]})
-    predicted = predict_comm(load_config(REPO / "configs" / "tiny.yaml", overrides))["by"]
+    cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
+    predicted = predict_comm(cfg)["by"]
+    fp8 = fp8_dispatch_layers(cfg, build_meta_model(cfg.model)) > 0
+    assert fp8 == (layout == "ep2_fsdp_fp8")
     results = run_ranks(2, train_comm, overrides)
     steps = [[json.loads(c) for c in r["comm"]] for r in results]
     assert [json.loads(c) for c in results[0]["logged"]] == steps[0]
@@ -70,6 +89,9 @@ def test_ledger_matches_prediction(layout, tmp_path):
         mean = sum(steps[r][step]["by"]["all_to_all/ep"]["bytes"] for r in range(2)) / 2
         assert want["bytes_min"] <= mean <= want["bytes_max"], (mean, want)
         assert abs(mean / want["bytes"] - 1) < 0.15, (mean, want)
+        per_step = len(results[0]["pairs"]) // 2  # MoE layers x micro-batches
+        sent = sum(sum(r["pairs"][step * per_step:(step + 1) * per_step]) for r in results) / 2
+        assert mean == routed_all_to_all_bytes(cfg, sent, sent if fp8 else 0), (layout, step, mean, sent)
 
 
 def test_expected_ranks_per_token():

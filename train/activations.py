@@ -62,6 +62,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from models.fp8 import Fp8GroupedGemm
+
 KINDS = ("embedding", "attention", "dense_mlp", "moe", "head", "mtp")
 
 
@@ -208,11 +210,12 @@ class ActivationModel:
         """What a MoE block recomputed in full keeps besides its input: parallel/recompute.py splits it at the
         dispatcher (no collective inside a region), so the post-attention residual (the norm's input), the
         router's saves (its input only if it is a copy), the indices, the dispatched rows (the experts'
-        region input, in the stream's dtype: what EP's all-to-all received) and the expert outputs combine
-        saves stay."""
+        region input, what EP's all-to-all received: in the stream's dtype, or under fp8 the FP8 rows and
+        their scales, models/fp8.py's QuantisedRows) and the expert outputs combine saves stay."""
         mc = self.mc
         H, k, E = mc.hidden_size, mc.num_experts_per_tok, mc.n_routed_experts
-        b = H * r + (4 * H if r != 4 else 0) + 4 * E + 12 * k + 4 + 28 * k + k * H * r + k * H * self.c
+        rows = H + self._sc(H) if self.fp8 and Fp8GroupedGemm.quantised_dispatch else H * r
+        b = H * r + (4 * H if r != 4 else 0) + 4 * E + 12 * k + 4 + 28 * k + k * rows + k * H * self.c
         if mc.aux_loss_alpha or mc.device_aux_loss_alpha or mc.comm_aux_loss_alpha:
             b += 4 * E + 4 + 8
         return float(b)

@@ -5,9 +5,11 @@ Exact for everything but the routed tokens' all-to-all, which depends on the rou
 prediction assumes uniform routing (every allowed group, then every expert of the chosen groups,
 equally likely) and also gives the bounds that any dropless routing keeps the mean over the ep
 ranks within (`bytes_min`, `bytes_max`: every token reaches one rank / min(K, ep) ranks; one rank
-alone may receive more). Layouts: data parallelism (FSDP2 or ZeRO-1,
-HSDP), expert parallelism; the pipeline's and tensor parallelism's traffic is not predicted (nor
-counted by the ledger yet).
+alone may receive more; `routed_all_to_all_bytes` gives the exact figure for counted pairs). Under
+FP8 with FP8 routed experts, the dispatched rows travel as E4M3 bytes plus fp32 1x128 tile scales
+(parallel/expert_parallel.py), their gradients and the combine in the compute dtype. Layouts: data
+parallelism (FSDP2 or ZeRO-1, HSDP), expert parallelism; the pipeline's and tensor parallelism's
+traffic is not predicted (nor counted by the ledger yet).
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ import torch
 
 from models.accounting import build_meta_model
 from models.config import ModelConfig
+from models.experts import GroupedExperts
+from models.fp8 import TILE, Fp8GroupedGemm
 from models.moe import moe_layers
 from train.config import Config
+from train.precision import fp8_selected
 
 
 def expected_ranks_per_token(mc: ModelConfig, ep: int) -> float:
@@ -38,6 +43,34 @@ def expected_ranks_per_token(mc: ModelConfig, ep: int) -> float:
             on_r = sum(1 for x in candidates if x // n_local == r)
             total += 1 - comb(m - on_r, k) / comb(m, k)
     return total / len(chosen_sets)
+
+
+def fp8_dispatch_layers(cfg: Config, model: torch.nn.Module) -> int:
+    """How many MoE layers dispatch FP8 rows: under train.precision=fp8, those whose routed experts
+    train.fp8.modules / exclude convert (models.fp8.Fp8GroupedGemm.dispatch_rows)."""
+    f = cfg.train.fp8
+    if cfg.train.precision != "fp8" or not Fp8GroupedGemm.quantised_dispatch:
+        return 0
+    return sum(1 for n, m in model.named_modules() if isinstance(m, GroupedExperts) and fp8_selected(n, f.modules, f.exclude))
+
+
+def routed_bytes_per_pair(cfg: Config, fp8_rows: bool) -> int:
+    """All-to-all bytes per (token, rank) pair of one MoE layer's step, forward and backward: slot map
+    (int8 K); the row (H c, or FP8: H + 4 ceil(H/128)); the gates (fp32 K); the returned row (H c);
+    backward: the row's gradient, the gates' and the returned row's (H c, 4 K, H c). Sent and received
+    pairs are equal on average over the ranks."""
+    k, h = cfg.model.num_experts_per_tok, cfg.model.hidden_size
+    c = 4 if cfg.train.precision == "fp32" else 2
+    row = h + 4 * -(-h // TILE) if fp8_rows else h * c
+    return k + row + 4 * k + h * c + (h * c + 4 * k + h * c)
+
+
+def routed_all_to_all_bytes(cfg: Config, pairs: float, fp8_pairs: float = 0) -> float:
+    """Mean all_to_all/ep bytes per rank of a step whose dispatches sent `pairs` (token, rank) pairs per
+    rank in all, `fp8_pairs` of them as FP8 rows; the pair-count exchange included."""
+    layer_calls = len(moe_layers(build_meta_model(cfg.model))) * cfg.train.grad_accum_steps
+    return (layer_calls * 8 * cfg.parallel.ep + (pairs - fp8_pairs) * routed_bytes_per_pair(cfg, False)
+            + fp8_pairs * routed_bytes_per_pair(cfg, True))
 
 
 def _add(out: dict[str, dict[str, float]], key: str, calls: int, n_bytes: float) -> None:
@@ -81,7 +114,6 @@ def predict_comm(cfg: Config) -> dict[str, Any]:
         if n_moe:
             _add(out, "all_reduce/dp", 1, 4 * n_moe * (mc.n_routed_experts + 1))  # expert counts + dropped
     mode = p.data_parallel if world > 1 else "single"
-    compute = 4 if t.precision == "fp32" else 2
 
     def shape_of(name: str) -> torch.Size:
         shape = params[name].shape
@@ -111,19 +143,14 @@ def predict_comm(cfg: Config) -> dict[str, Any]:
             _add(out, f"all_gather/{group}", gathers, gathers * gather * shard)
             _add(out, f"reduce_scatter/{group}", micro, micro * 4 * ranks * shard)
     if p.ep > 1 and n_moe:
-        tokens = t.micro_batch_size * t.seq_len
-        k, h = mc.num_experts_per_tok, mc.hidden_size
-        layer_calls = n_moe * micro
-        _add(out, "all_to_all/ep", layer_calls, layer_calls * 8 * p.ep)  # pair counts (int64)
-        # per pair: slot map (int8 K) + row + gates (fp32 K) + returned row, forward; the backward of
-        # the last three. Sent and received pairs are equal on average over ranks.
-        per_pair = k + 2 * (2 * h * compute + 4 * k)
+        tokens = t.micro_batch_size * t.seq_len * micro  # per MoE layer and step
+        # pair counts (int64), slot map, rows, gates, returned rows; the backward of the last three
+        _add(out, "all_to_all/ep", 8 * n_moe * micro, 0)
         entry = out["all_to_all/ep"]
-        fixed = entry["bytes"]
-        pairs = tokens * layer_calls
-        entry["calls"] += 7 * layer_calls
-        entry["bytes"] = fixed + pairs * expected_ranks_per_token(mc, p.ep) * per_pair
-        entry["bytes_min"] = fixed + pairs * 1 * per_pair
-        entry["bytes_max"] = fixed + pairs * min(k, p.ep) * per_pair
+        fp8_share = fp8_dispatch_layers(cfg, model) / n_moe
+        for key, ranks in (("bytes", expected_ranks_per_token(mc, p.ep)), ("bytes_min", 1),
+                           ("bytes_max", min(mc.num_experts_per_tok, p.ep))):
+            pairs = tokens * n_moe * ranks
+            entry[key] = routed_all_to_all_bytes(cfg, pairs, pairs * fp8_share)
     by = dict(sorted(out.items()))
     return {"calls": sum(e["calls"] for e in by.values()), "bytes": sum(e["bytes"] for e in by.values()), "by": by}
