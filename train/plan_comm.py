@@ -6,7 +6,8 @@ prediction assumes uniform routing (every allowed group, then every expert of th
 equally likely) and also gives the bounds that any dropless routing keeps the mean over the ep
 ranks within (`bytes_min`, `bytes_max`: every token reaches one rank / min(K, ep) ranks; one rank
 alone may receive more). Layouts: data parallelism (FSDP2 or ZeRO-1,
-HSDP), expert parallelism; the pipeline's and tensor parallelism's traffic is not predicted (nor
+HSDP), expert parallelism (flat, or hierarchical across nodes: ep_inter's pairs are (token, node),
+ep_intra's (token, rank) as flat EP's); the pipeline's and tensor parallelism's traffic is not predicted (nor
 counted by the ledger yet).
 """
 
@@ -21,6 +22,7 @@ import torch
 from models.accounting import build_meta_model
 from models.config import ModelConfig
 from models.moe import moe_layers
+from parallel.layout import ep_nodes
 from train.config import Config
 
 
@@ -44,6 +46,24 @@ def _add(out: dict[str, dict[str, float]], key: str, calls: int, n_bytes: float)
     entry = out.setdefault(key, {"calls": 0, "bytes": 0})
     entry["calls"] += calls
     entry["bytes"] += n_bytes
+
+
+def _add_dispatch(out: dict[str, dict[str, float]], group: str, ranks: int, pairs_per_token: float, max_pairs: int,
+                  mc: ModelConfig, tokens: int, layer_calls: int, compute: int) -> None:
+    """One deduplicated dispatch + combine (parallel/expert_parallel.py) over `ranks` ranks, per MoE layer
+    and micro-batch: 8 calls; bytes at `pairs_per_token` pairs (bounds: 1 and `max_pairs`)."""
+    k, h = mc.num_experts_per_tok, mc.hidden_size
+    _add(out, f"all_to_all/{group}", layer_calls, layer_calls * 8 * ranks)  # pair counts (int64)
+    # per pair: slot map (int8 K) + row + gates (fp32 K) + returned row, forward; the backward of
+    # the last three. Sent and received pairs are equal on average over ranks.
+    per_pair = k + 2 * (2 * h * compute + 4 * k)
+    entry = out[f"all_to_all/{group}"]
+    fixed = entry["bytes"]
+    pairs = tokens * layer_calls
+    entry["calls"] += 7 * layer_calls
+    entry["bytes"] = fixed + pairs * pairs_per_token * per_pair
+    entry["bytes_min"] = fixed + pairs * 1 * per_pair
+    entry["bytes_max"] = fixed + pairs * max_pairs * per_pair
 
 
 def _padded_numel(shape: torch.Size, ranks: int) -> int:
@@ -111,19 +131,16 @@ def predict_comm(cfg: Config) -> dict[str, Any]:
             _add(out, f"all_gather/{group}", gathers, gathers * gather * shard)
             _add(out, f"reduce_scatter/{group}", micro, micro * 4 * ranks * shard)
     if p.ep > 1 and n_moe:
-        tokens = t.micro_batch_size * t.seq_len
-        k, h = mc.num_experts_per_tok, mc.hidden_size
-        layer_calls = n_moe * micro
-        _add(out, "all_to_all/ep", layer_calls, layer_calls * 8 * p.ep)  # pair counts (int64)
-        # per pair: slot map (int8 K) + row + gates (fp32 K) + returned row, forward; the backward of
-        # the last three. Sent and received pairs are equal on average over ranks.
-        per_pair = k + 2 * (2 * h * compute + 4 * k)
-        entry = out["all_to_all/ep"]
-        fixed = entry["bytes"]
-        pairs = tokens * layer_calls
-        entry["calls"] += 7 * layer_calls
-        entry["bytes"] = fixed + pairs * expected_ranks_per_token(mc, p.ep) * per_pair
-        entry["bytes_min"] = fixed + pairs * 1 * per_pair
-        entry["bytes_max"] = fixed + pairs * min(k, p.ep) * per_pair
+        dispatch = (t.micro_batch_size * t.seq_len, n_moe * micro, compute)
+        nodes = ep_nodes(p)
+        if nodes == 1:
+            _add_dispatch(out, "ep", p.ep, expected_ranks_per_token(mc, p.ep), min(mc.num_experts_per_tok, p.ep),
+                          mc, *dispatch)
+        else:  # hierarchical (parallel/node_dispatch.py): one row per (token, node), then per (row, rank)
+            _add_dispatch(out, "ep_inter", nodes, expected_ranks_per_token(mc, nodes),
+                          min(mc.num_experts_per_tok, nodes), mc, *dispatch)
+            if p.ep // nodes > 1:  # a one-rank intra-node group moves nothing
+                _add_dispatch(out, "ep_intra", p.ep // nodes, expected_ranks_per_token(mc, p.ep),
+                              min(mc.num_experts_per_tok, p.ep), mc, *dispatch)
     by = dict(sorted(out.items()))
     return {"calls": sum(e["calls"] for e in by.values()), "bytes": sum(e["bytes"] for e in by.values()), "by": by}
