@@ -281,7 +281,8 @@ def check_node_limited(parallel, model: "ModelConfig") -> None:
     """An EP group spanning nodes fills whole nodes, and every routing group lives on one node, so
     topk_group bounds the nodes a token reaches (V3 §3.2.2 node-limited routing). Experts are placed
     contiguously (node n holds experts [n E/nodes, (n+1) E/nodes)) and routing group g is experts
-    [g E/n_group, (g+1) E/n_group) (models/router.py), so the groups map to nodes iff nodes divides n_group."""
+    [g E/n_group, (g+1) E/n_group) (models/router.py), so the groups map to nodes iff nodes divides n_group.
+    Without groups (n_group 1, or greedy top-k, which ignores them) there is nothing to map."""
     p = parallel
     if p.ep == 1:
         return
@@ -295,7 +296,7 @@ def check_node_limited(parallel, model: "ModelConfig") -> None:
         )
     nodes = p.ep // rpn
     n, groups = model.n_routed_experts, model.n_group
-    if groups > 1 and groups % nodes:
+    if groups > 1 and model.topk_method != "greedy" and groups % nodes:  # the router's group-limited selection
         fits = [d for d in range(1, groups + 1) if groups % d == 0 and p.ep % d == 0]
         raise LayoutError(
             f"parallel.ep_ranks_per_node: the EP group spans {nodes} nodes (ep={p.ep} / ep_ranks_per_node={rpn}), "

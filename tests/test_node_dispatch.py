@@ -50,6 +50,14 @@ def test_layouts_whose_groups_cannot_map_to_nodes_are_refused(extra, words):
     assert all(w in str(err.value) for w in words), str(err.value)
 
 
+def test_routing_without_groups_needs_no_mapping():
+    """n_group 1, or greedy top-k (which ignores the groups): any node count is accepted."""
+    for extra in (["model.n_group=1", "model.topk_group=1"], ["model.n_group=2", "model.topk_group=1",
+                                                              "model.topk_method=greedy"]):
+        p = load_config(TINY, EP4 + ["parallel.ep_ranks_per_node=1"] + extra).parallel
+        assert layout.ep_nodes(p) == 4
+
+
 def test_planner_runs_the_same_check():
     from train.plan import check_layout
 
