@@ -2,7 +2,8 @@
 (parallel/node_dispatch.py) on 4 gloo ranks simulating 2 nodes x 2 ranks (and 4 nodes x 1).
 
 Config and planner refusals run in-process. One 4-rank launch runs every dispatcher check:
-* the node groups parallel/mesh.py builds (inter-node: same local index; intra-node: one node);
+* the node groups parallel/mesh.py builds (inter-node: same local index; intra-node: one node),
+  also with tp and pp dimensions around ep;
 * the hierarchical dispatch on test_dispatch.py's global problem (8 experts, uneven tokens, experts
   and ranks without tokens): every row reaches the right expert, and outputs and the gradients of
   x, the gates and the expert weights equal LocalDispatcher on all ranks' tokens; dropless and
@@ -86,11 +87,15 @@ def test_ranks_per_node_auto(monkeypatch):
 
 
 # ------------------------------------------------------------------ the dispatcher (4 ranks)
-def check_groups(rank: int, ctx) -> None:
+def check_groups(rank: int, ctx, ctx_tp, ctx_pp) -> None:
+    """2 x 2: EP rank = rank; tp 2 x ep 2 on 2 nodes x 1: EP ranks tp apart; pp 2 x ep 2 on 2 x 1: per stage."""
     node, local = divmod(rank, 2)
     assert ctx.ep_nodes == 2
     assert dist.get_process_group_ranks(ctx.ep_inter_group) == [local, 2 + local]
     assert dist.get_process_group_ranks(ctx.ep_intra_group) == [2 * node, 2 * node + 1]
+    assert dist.get_process_group_ranks(ctx_tp.ep_inter_group) == [rank % 2, 2 + rank % 2]
+    assert dist.get_process_group_ranks(ctx_tp.ep_intra_group) == [rank]
+    assert dist.get_process_group_ranks(ctx_pp.ep_inter_group) == [2 * node, 2 * node + 1]
 
 
 def routed_tokens(rank: int, topk_group: int):
@@ -151,7 +156,9 @@ def run_node_checks(rank: int) -> dict[str, object]:
     try:
         cpu = torch.device("cpu")
         ctx = build_context(ParallelConfig(dp_shard=4, ep=4, ep_ranks_per_node=2), cpu)
-        attempt("groups", check_groups, rank, ctx)
+        ctx_tp = build_context(ParallelConfig(tp=2, dp_shard=2, ep=2, ep_ranks_per_node=1), cpu)
+        ctx_pp = build_context(ParallelConfig(pp=2, dp_shard=2, ep=2, ep_ranks_per_node=1), cpu)
+        attempt("groups", check_groups, rank, ctx, ctx_tp, ctx_pp)
         p = global_problem(4)
         for overlap in (False, True):
             disp = NodeLimitedDispatcher(N_EXPERTS, 2, 2, ctx.ep_inter_group, ctx.ep_intra_group, overlap)
