@@ -4,8 +4,8 @@ Layouts (configs/tiny.yaml shapes, seq 256, 8 sequences per step in total, fp32,
 one thread per rank, gloo):
   EP2          2 ranks: dp_shard 2, ep 2, FSDP2
   EP4          4 ranks: dp_shard 4, ep 4, FSDP2
-  node 2x2     node-limited routing on 2 "nodes" x 2 ranks (issue 15 part B: runs once
-               parallel.ep_ranks_per_node exists, else printed as 'not built' with the reason)
+  node 2x2     4 ranks: dp_shard 4, ep 4, parallel.ep_ranks_per_node 2: node-limited routing on
+               2 "nodes" x 2 ranks, hierarchical dispatch (parallel/node_dispatch.py)
   TP2+SP       tp 2 with parallel.sequence_parallel (issue 15 part B: likewise)
   TP2xEP2      4 ranks: tp 2, dp_shard 2, ep 2 (today's TP: every TP rank routes the same tokens)
 
@@ -21,6 +21,10 @@ Per layout, per token and per MoE layer (forward; the backward moves the same ro
                    sizes, measured; its ledger total (dispatch + combine, forward + backward in bf16) is
                    checked against train/plan_comm.py's figure for the counted pairs
   combine          the gates (fp32 per slot) and one returned row per pair
+node 2x2 splits these by stage: `dispatch` / `min dispatch` / `combine` are the inter-node stage's
+(one row per (token, node) and its slot map; min: one row per (token, node)), `intra_node_*` the
+intra-node stage's (one row per (forwarded row, rank of the node)), `inter_node_crossing_*` the rows
+that really leave their node (to the other node, not the rank's own), `total_dispatch_*` both stages.
 The pairs and assignments are counted by wrapping parallel.expert_parallel.pairs_per_rank inside the
 bench process; the all-to-all bytes and the exposed all-to-all time (`wait_s`: the whole duration of
 synchronous all-to-alls plus the blocked part of async waits, forward and backward) come from the
@@ -50,20 +54,19 @@ import torch  # noqa: E402
 
 GLOBAL_SEQS = 8
 SEQ_LEN = 256
-COUNTS = {"tokens": 0, "pairs": 0, "assignments": 0, "dispatches": 0}
+COUNTS = {"tokens": 0, "pairs": 0, "assignments": 0, "dispatches": 0, "remote_pairs": 0,  # flat / inter-node
+          "intra_pairs": 0}  # node-limited: the intra-node stage
 
 LAYOUTS = {  # name -> (ranks, overrides) or None when the layout needs issue 15 part B
     "EP2": (2, {"parallel.dp_shard": 2, "parallel.ep": 2}),
     "EP4": (4, {"parallel.dp_shard": 4, "parallel.ep": 4}),
-    "node-limited 2x2": None,  # PART_B
+    "node-limited 2x2": (4, {"parallel.dp_shard": 4, "parallel.ep": 4, "parallel.ep_ranks_per_node": 2}),
     "TP2+SP": None,  # PART_B
     "TP2xEP2": (4, {"parallel.tp": 2, "parallel.dp_shard": 2, "parallel.ep": 2}),
 }
 
 
 PART_B = {  # layout -> (ranks, overrides, the config key it needs from issue 15 part B)
-    "node-limited 2x2": (4, {"parallel.dp_shard": 4, "parallel.ep": 4, "parallel.ep_ranks_per_node": 2},
-                         "ep_ranks_per_node"),
     "TP2+SP": (2, {"parallel.tp": 2, "parallel.sequence_parallel": "true"}, "sequence_parallel"),
 }
 
@@ -78,19 +81,26 @@ def missing_part_b(name: str) -> Optional[str]:
     return f"parallel.{key} does not exist here: issue 15 part B (branch seqpar) has not landed on main"
 
 
-def count_pairs() -> None:
-    """Count tokens, (token, rank) pairs and kept assignments of every dispatch in this process."""
+def count_pairs(n_experts: int, own: int) -> None:
+    """Count tokens, (token, rank) pairs and kept assignments of every dispatch in this process; `own`:
+    this rank's index among the first stage's destinations (node-limited: its node), for remote_pairs.
+    A node-limited dispatch's second (intra-node) stage spans a node's experts only: intra_pairs."""
     import parallel.expert_parallel as ep
 
     inner = ep.pairs_per_rank
 
     def counted(topk_idx, keep, experts_per_rank, n_ranks):
         out = inner(topk_idx, keep, experts_per_rank, n_ranks)
-        if torch.is_grad_enabled():
-            COUNTS["tokens"] += topk_idx.shape[0]
-            COUNTS["pairs"] += out[1].numel()
-            COUNTS["assignments"] += topk_idx.numel() if keep is None else int(keep.sum())
-            COUNTS["dispatches"] += 1
+        if not torch.is_grad_enabled():
+            return out
+        if experts_per_rank * n_ranks < n_experts:  # the intra-node stage
+            COUNTS["intra_pairs"] += out[1].numel()
+            return out
+        COUNTS["tokens"] += topk_idx.shape[0]
+        COUNTS["pairs"] += out[1].numel()
+        COUNTS["remote_pairs"] += int((out[0] != own).sum())
+        COUNTS["assignments"] += topk_idx.numel() if keep is None else int(keep.sum())
+        COUNTS["dispatches"] += 1
         return out
 
     ep.pairs_per_rank = counted
@@ -99,9 +109,11 @@ def count_pairs() -> None:
 def bench_rank(rank: int, ranks: int, extra: dict, overlap: bool, steps: int, warmup: int, run_dir: str,
                precision: str = "fp32") -> dict:
     from bench.expert_parallel import tiny_trainer
+    from train.config import load_config
 
-    count_pairs()
-    tp = int(extra.get("parallel.tp", 1))
+    tp, ep = int(extra.get("parallel.tp", 1)), int(extra.get("parallel.ep", 1))
+    per_node = int(extra.get("parallel.ep_ranks_per_node", ep))
+    count_pairs(load_config(REPO / "configs" / "tiny.yaml", []).model.n_routed_experts, (rank // tp) % ep // per_node)
     dp = ranks // tp
     overrides = [
         f"run.dir={run_dir}", f"train.seq_len={SEQ_LEN}", f"train.micro_batch_size={GLOBAL_SEQS // dp}",
@@ -117,9 +129,10 @@ def bench_rank(rank: int, ranks: int, extra: dict, overlap: bool, steps: int, wa
                 COUNTS[k] = 0
             m = trainer.train_step()
             if i >= warmup:
-                a2a = m.get("comm", {}).get("by", {}).get("all_to_all/ep", {})
-                rows.append({"step_s": m["step_time_s"], "a2a_bytes": a2a.get("bytes", 0),
-                             "a2a_wait_s": a2a.get("wait_s", 0.0), **{k: float(v) for k, v in COUNTS.items()}})
+                a2a = [v for k, v in m.get("comm", {}).get("by", {}).items() if k.startswith("all_to_all/ep")]
+                rows.append({"step_s": m["step_time_s"], "a2a_bytes": sum(v["bytes"] for v in a2a),
+                             "a2a_wait_s": sum(v.get("wait_s", 0.0) for v in a2a),
+                             **{k: float(v) for k, v in COUNTS.items()}})
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
 
 
@@ -132,23 +145,36 @@ def run(ranks: int, extra: dict, overlap: bool, steps: int, warmup: int, precisi
     return {k: statistics.fmean(r[k] for r in per_rank) for k in per_rank[0]}
 
 
-def bytes_per_token(r: dict, ep: int, hidden: int, top_k: int) -> dict:
-    """Per token per MoE layer, forward (see the module docstring)."""
+def bytes_per_token(r: dict, ep: int, hidden: int, top_k: int, nodes: int = 1) -> dict:
+    """Per token per MoE layer, forward (see the module docstring); `nodes` > 1: node-limited, the first
+    stage's destinations are the nodes."""
     tokens = max(r["tokens"], 1)  # summed over the step's dispatches (layers x micro-batches)
     row = hidden * 4
-    return {
+    first = nodes if nodes > 1 else ep
+    out = {
         "naive_dispatch_bytes_per_token": r["assignments"] * row / tokens,
-        "dispatch_bytes_per_token": (r["pairs"] * (row + top_k) + 8 * ep * r["dispatches"]) / tokens,
+        "dispatch_bytes_per_token": (r["pairs"] * (row + top_k) + 8 * first * r["dispatches"]) / tokens,
         "min_dispatch_bytes_per_token": r["pairs"] * row / tokens,
         "combine_bytes_per_token": r["pairs"] * (row + 4 * top_k) / tokens,
         "naive_combine_bytes_per_token": r["assignments"] * row / tokens,
     }
+    if nodes > 1:
+        intra = (r["intra_pairs"] * (row + top_k) + 8 * (ep // nodes) * r["dispatches"]) / tokens
+        out.update({
+            "inter_node_crossing_bytes_per_token": r["remote_pairs"] * row / tokens,
+            "intra_node_dispatch_bytes_per_token": intra,
+            "intra_node_min_dispatch_bytes_per_token": r["intra_pairs"] * row / tokens,
+            "intra_node_combine_bytes_per_token": r["intra_pairs"] * (row + 4 * top_k) / tokens,
+            "total_dispatch_bytes_per_token": out["dispatch_bytes_per_token"] + intra,
+        })
+    return out
 
 
-def fp8_dispatch(r: dict, ep: int, hidden: int, top_k: int) -> dict:
+def fp8_dispatch(r: dict, ep: int, hidden: int, top_k: int, nodes: int = 1) -> dict:
     """FP8 dispatch bytes per token per MoE layer (forward) of an fp8 run, and the ratio of the ledger's
     all_to_all/ep bytes (dispatch + combine, forward + backward) to the planner's for the counted pairs
-    (1.0 up to the medians being taken over steps separately)."""
+    (1.0 up to the medians being taken over steps separately). Node-limited: the inter-node stage's bytes
+    (its pairs are what `count_pairs` counts), no ledger ratio (the planner's figure is for flat EP)."""
     from models.fp8 import TILE
     from train.config import load_config
     from train.plan_comm import routed_all_to_all_bytes
@@ -157,8 +183,10 @@ def fp8_dispatch(r: dict, ep: int, hidden: int, top_k: int) -> dict:
                                                        f"parallel.ep={ep}", "train.grad_accum_steps=1"])
     row = hidden + 4 * -(-hidden // TILE)
     tokens = max(r["tokens"], 1)
-    return {"fp8_dispatch_bytes_per_token": (r["pairs"] * (row + top_k) + 8 * ep * r["dispatches"]) / tokens,
-            "fp8_ledger_to_plan": r["a2a_bytes"] / routed_all_to_all_bytes(cfg, r["pairs"], r["pairs"])}
+    ranks = nodes if nodes > 1 else ep
+    return {"fp8_dispatch_bytes_per_token": (r["pairs"] * (row + top_k) + 8 * ranks * r["dispatches"]) / tokens,
+            "fp8_ledger_to_plan": None if nodes > 1 else
+            r["a2a_bytes"] / routed_all_to_all_bytes(cfg, r["pairs"], r["pairs"])}
 
 
 def main(argv=None) -> int:
@@ -191,9 +219,10 @@ def main(argv=None) -> int:
         off = run(ranks, extra, False, args.steps, args.warmup)
         on = run(ranks, extra, True, args.steps, args.warmup)
         ep = int(extra.get("parallel.ep", 1))
-        b = bytes_per_token(on, ep, mc.hidden_size, mc.num_experts_per_tok)
+        nodes = ep // int(extra.get("parallel.ep_ranks_per_node", ep))
+        b = bytes_per_token(on, ep, mc.hidden_size, mc.num_experts_per_tok, nodes)
         b8 = fp8_dispatch(run(ranks, extra, True, args.steps, args.warmup, "fp8"), ep, mc.hidden_size,
-                          mc.num_experts_per_tok)
+                          mc.num_experts_per_tok, nodes)
         measured = on["a2a_bytes"] / max(on["tokens"], 1) / 2  # the ledger: forward and backward move the same
         results.append({
             "layout": name, **b,
@@ -220,9 +249,17 @@ def main(argv=None) -> int:
             continue
         print(f"{r['layout']:<18} dispatch B/token/layer: naive {r['naive_dispatch_bytes_per_token']:,.0f}  dedup "
               f"{r['dispatch_bytes_per_token']:,.0f}  min {r['min_dispatch_bytes_per_token']:,.0f}  "
-              f"(x{r['ratio_to_min']:.3f} of min)  fp8 {r['fp8_dispatch_bytes_per_token']:,.0f} (ledger/plan "
-              f"{r['fp8_ledger_to_plan']:.3f}); combine naive "
+              f"(x{r['ratio_to_min']:.3f} of min)  fp8 {r['fp8_dispatch_bytes_per_token']:,.0f}"
+              + ("" if r["fp8_ledger_to_plan"] is None else f" (ledger/plan {r['fp8_ledger_to_plan']:.3f})")
+              + "; combine naive "
               f"{r['naive_combine_bytes_per_token']:,.0f} dedup {r['combine_bytes_per_token']:,.0f}")
+        if "intra_node_dispatch_bytes_per_token" in r:
+            print(f"{'':<18} node-limited: the above is the inter-node stage (one row per (token, node)), of which "
+                  f"{r['inter_node_crossing_bytes_per_token']:,.0f} leave the node; intra-node dispatch "
+                  f"{r['intra_node_dispatch_bytes_per_token']:,.0f} (min "
+                  f"{r['intra_node_min_dispatch_bytes_per_token']:,.0f}), combine "
+                  f"{r['intra_node_combine_bytes_per_token']:,.0f}; both stages "
+                  f"{r['total_dispatch_bytes_per_token']:,.0f}")
         print(f"{'':<18} exposed all-to-all per step: overlap off {1e3 * r['exposed_all_to_all_s_overlap_off']:.1f} ms"
               f", on {1e3 * r['exposed_all_to_all_s_overlap_on']:.1f} ms; step {1e3 * r['step_s_overlap_off']:.0f} / "
               f"{1e3 * r['step_s_overlap_on']:.0f} ms; tokens/s vs 1 rank x 1 thread: "

@@ -37,6 +37,9 @@ class ParallelContext:
     ep_size: int = 1
     ep_rank: int = 0
     ep_group: Optional[Any] = None  # ranks that split the routed experts and exchange tokens
+    ep_nodes: int = 1  # nodes the EP group spans (> 1: hierarchical dispatch, parallel/node_dispatch.py)
+    ep_inter_group: Optional[Any] = None  # the EP ranks with this rank's local index, one per node
+    ep_intra_group: Optional[Any] = None  # the EP ranks on this rank's node
     tp_size: int = 1
     pp_size: int = 1
     pp_rank: int = 0  # pipeline rank (which stages this rank runs)

@@ -10,6 +10,9 @@ Deduplicated dispatch (dropless, uneven splits; V3 report §3.2.2 sends a token 
      expert lives elsewhere (int8: n_local < 128 on every layout moeforge builds);
   4. the receiving rank expands each row to its local experts (`permute_by_expert` on the
      slot map), in local-expert-major, source-rank-major order for the grouped GEMM.
+Combine: the gates of each pair's slots travel to the expert's rank (a small fp32 all-to-all),
+which sums its experts' gated outputs per pair (V3 eq. 12's sum over the rank's share of
+g_i FFN_i, in fp32), so one row per (token, rank) returns; the source rank adds its pairs.
 FP8 dispatch (train.precision=fp8, report §3.3): the rows arrive already quantised (models/fp8.py's
 QuantisedRows, made by the experts' GEMM hook before `start`); each row travels as its E4M3 bytes and
 fp32 1x128 tile scales in one uint8 message, is expanded by indexing both, and reaches the FP8 grouped
@@ -20,8 +23,9 @@ which sums its experts' gated outputs per pair (V3 eq. 12's sum over the rank's 
 g_i FFN_i, in fp32), so one row per (token, rank) returns; the source rank adds its pairs.
 The backward of each all-to-all is the all-to-all with the splits swapped.
 
-`pairs_per_rank` is the one rule for "which ranks a token reaches"; a hierarchical
-(node-limited) dispatch applies it twice: with ranks = nodes across nodes, then within one.
+`pairs_per_rank` is the one rule for "which ranks a token reaches"; the hierarchical
+(node-limited) dispatch, parallel/node_dispatch.py, applies it twice: with ranks = nodes across
+nodes, then within one (two of these dispatchers, `arrived`, `send_gates` and `return_sums`).
 """
 
 from __future__ import annotations
@@ -41,39 +45,42 @@ class _AllToAll(torch.autograd.Function):
     """Differentiable all_to_all_single with uneven splits."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, output_splits: list[int], input_splits: list[int], group: Any) -> torch.Tensor:  # type: ignore[override]
-        ctx.output_splits, ctx.input_splits, ctx.group = output_splits, input_splits, group
+    def forward(ctx, x: torch.Tensor, output_splits: list[int], input_splits: list[int],  # type: ignore[override]
+                group: Any, label: str) -> torch.Tensor:
+        ctx.output_splits, ctx.input_splits, ctx.group, ctx.label = output_splits, input_splits, group, label
         out = x.new_empty((sum(output_splits),) + tuple(x.shape[1:]))
-        comm_ledger.all_to_all_single(out, x.contiguous(), "ep", group, output_splits, input_splits)
+        comm_ledger.all_to_all_single(out, x.contiguous(), label, group, output_splits, input_splits)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         out = grad.new_empty((sum(ctx.input_splits),) + tuple(grad.shape[1:]))
-        comm_ledger.all_to_all_single(out, grad.contiguous(), "ep", ctx.group, ctx.input_splits, ctx.output_splits)
-        return out, None, None, None
+        comm_ledger.all_to_all_single(out, grad.contiguous(), ctx.label, ctx.group, ctx.input_splits,
+                                      ctx.output_splits)
+        return out, None, None, None, None
 
 
-def all_to_all(x: "torch.Tensor | QuantisedRows", output_splits: list[int], input_splits: list[int],
-               group: Any) -> "torch.Tensor | QuantisedRows":
+def all_to_all(x: "torch.Tensor | QuantisedRows", output_splits: list[int], input_splits: list[int], group: Any,
+               label: str = "ep") -> "torch.Tensor | QuantisedRows":
+    """`label`: the group's role in the communication ledger. FP8 rows travel as one uint8 payload."""
     if isinstance(x, QuantisedRows):
         payload = _fp8_payload(x)
         out = payload.new_empty((sum(output_splits), payload.shape[1]))
-        comm_ledger.all_to_all_single(out, payload, "ep", group, output_splits, input_splits)
-        return _fp8_rows(out, _StandInAllToAll.apply(x.grad, output_splits, input_splits, group), x)
-    return _AllToAll.apply(x, output_splits, input_splits, group)
+        comm_ledger.all_to_all_single(out, payload, label, group, output_splits, input_splits)
+        return _fp8_rows(out, _StandInAllToAll.apply(x.grad, output_splits, input_splits, group, label), x)
+    return _AllToAll.apply(x, output_splits, input_splits, group, label)
 
 
 class _InFlight:
     """The one all-to-all of an async exchange that is in flight: the forward one, then its reverse."""
 
-    def __init__(self, output_splits: list[int], input_splits: list[int], group: Any) -> None:
-        self.output_splits, self.input_splits, self.group = output_splits, input_splits, group
+    def __init__(self, output_splits: list[int], input_splits: list[int], group: Any, label: str = "ep") -> None:
+        self.output_splits, self.input_splits, self.group, self.label = output_splits, input_splits, group, label
         self.work: Any = None
         self.back: Optional[torch.Tensor] = None  # the gradient's reverse exchange lands here
 
     def wait(self) -> None:
-        comm_ledger.wait(self.work, "all_to_all", "ep")
+        comm_ledger.wait(self.work, "all_to_all", self.label)
         self.work = None
 
 
@@ -84,8 +91,8 @@ class _AllToAllStart(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, flight: _InFlight) -> torch.Tensor:  # type: ignore[override]
         ctx.flight = flight
         out = x.new_empty((sum(flight.output_splits),) + tuple(x.shape[1:]))
-        flight.work = comm_ledger.all_to_all_single(out, x.contiguous(), "ep", flight.group, flight.output_splits,
-                                                    flight.input_splits, async_op=True)
+        flight.work = comm_ledger.all_to_all_single(out, x.contiguous(), flight.label, flight.group,
+                                                    flight.output_splits, flight.input_splits, async_op=True)
         return out
 
     @staticmethod
@@ -110,7 +117,7 @@ class _AllToAllFinish(torch.autograd.Function):
         f = ctx.flight
         grad = grad.contiguous()
         f.back = grad.new_empty((sum(f.input_splits),) + tuple(grad.shape[1:]))
-        f.work = comm_ledger.all_to_all_single(f.back, grad, "ep", f.group, f.input_splits, f.output_splits,
+        f.work = comm_ledger.all_to_all_single(f.back, grad, f.label, f.group, f.input_splits, f.output_splits,
                                                async_op=True)
         return grad, None  # unchanged: _AllToAllStart's backward returns the exchanged gradient
 
@@ -135,8 +142,9 @@ class _StandInAllToAll(_AllToAll):
     payload travels beside it); backward is _AllToAll's (the gradient, in the compute dtype, goes back)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, output_splits: list[int], input_splits: list[int], group: Any) -> torch.Tensor:  # type: ignore[override]
-        ctx.output_splits, ctx.input_splits, ctx.group = output_splits, input_splits, group
+    def forward(ctx, x: torch.Tensor, output_splits: list[int], input_splits: list[int],  # type: ignore[override]
+                group: Any, label: str) -> torch.Tensor:
+        ctx.output_splits, ctx.input_splits, ctx.group, ctx.label = output_splits, input_splits, group, label
         return gradient_stand_in(sum(output_splits), x)
 
 
@@ -162,7 +170,7 @@ def _start_exchange(rows: "torch.Tensor | QuantisedRows", flight: _InFlight) -> 
         return _AllToAllStart.apply(rows, flight)
     payload = _fp8_payload(rows)
     out = payload.new_empty((sum(flight.output_splits), payload.shape[1]))
-    flight.work = comm_ledger.all_to_all_single(out, payload, "ep", flight.group, flight.output_splits,
+    flight.work = comm_ledger.all_to_all_single(out, payload, flight.label, flight.group, flight.output_splits,
                                                 flight.input_splits, async_op=True)
     return _Fp8InFlight(out, _StandInStart.apply(rows.grad, flight), rows)
 
@@ -213,10 +221,12 @@ class AllToAllDispatcher(TokenDispatcher):
     """Deduplicated token dispatcher over an expert-parallel group of `ep_size` ranks.
 
     `overlap`: `start` returns with the rows and slot map still in flight (async all-to-all),
-    so the caller's shared experts compute meanwhile, forward and backward (parallel/OVERLAP.md)."""
+    so the caller's shared experts compute meanwhile, forward and backward (parallel/OVERLAP.md).
+    `label`: the group's role in the communication ledger (parallel/node_dispatch.py runs two of these)."""
 
-    def __init__(self, n_experts: int, ep_size: int, group: Any, overlap: bool = False) -> None:
+    def __init__(self, n_experts: int, ep_size: int, group: Any, overlap: bool = False, label: str = "ep") -> None:
         self.n_experts, self.ep_size, self.group, self.overlap = n_experts, ep_size, group, overlap
+        self.label = label
         self.n_local = n_experts // ep_size
         if self.n_local >= 128:
             raise ValueError(f"{self.n_local} experts per ep rank: the int8 slot map holds at most 127")
@@ -225,36 +235,48 @@ class AllToAllDispatcher(TokenDispatcher):
         pair_rank, pair_token, slot_on = pairs_per_rank(topk_idx, keep, self.n_local, self.ep_size)
         send = torch.bincount(pair_rank, minlength=self.ep_size)
         recv = torch.empty_like(send)
-        comm_ledger.all_to_all_single(recv, send, "ep", self.group)  # split sizes: needed before anything else
+        comm_ledger.all_to_all_single(recv, send, self.label, self.group)  # split sizes: needed before anything
         send_splits, recv_splits = send.tolist(), recv.tolist()
         local_id = (topk_idx[pair_token] - pair_rank.unsqueeze(1) * self.n_local).masked_fill(~slot_on, -1)
         slot_map = torch.empty((sum(recv_splits), topk_idx.shape[1]), dtype=torch.int8, device=topk_idx.device)
-        slot_work = comm_ledger.all_to_all_single(slot_map, local_id.to(torch.int8), "ep", self.group, recv_splits,
-                                                  send_splits, async_op=self.overlap)
+        slot_work = comm_ledger.all_to_all_single(slot_map, local_id.to(torch.int8), self.label, self.group,
+                                                  recv_splits, send_splits, async_op=self.overlap)
         rows = x.index_select(0, pair_token)
         state = _DispatchState(pair_token, slot_on, torch.empty(0), send_splits, recv_splits, topk_idx.shape[0])
         if not self.overlap:
-            return _Pending(all_to_all(rows, recv_splits, send_splits, self.group), slot_map, None, None, state)
-        flight = _InFlight(recv_splits, send_splits, self.group)
+            return _Pending(all_to_all(rows, recv_splits, send_splits, self.group, self.label), slot_map, None, None,
+                            state)
+        flight = _InFlight(recv_splits, send_splits, self.group, self.label)
         return _Pending(_start_exchange(rows, flight), slot_map, flight, slot_work, state)
 
-    def finish(self, pending: _Pending):
+    def arrived(self, pending: _Pending) -> tuple["torch.Tensor | QuantisedRows", torch.Tensor]:
+        """The received rows and their slot map (long), once the exchange `start` began has landed."""
         received = pending.received
         if pending.flight is not None:
-            comm_ledger.wait(pending.slot_work, "all_to_all", "ep")
+            comm_ledger.wait(pending.slot_work, "all_to_all", self.label)
             received = _finish_exchange(received, pending.flight)
-        slot_map = pending.slot_map.long()
+        return received, pending.slot_map.long()
+
+    def finish(self, pending: _Pending):
+        received, slot_map = self.arrived(pending)
         order, counts = permute_by_expert(slot_map.clamp(min=0), slot_map >= 0, self.n_local)
         pending.state.order = order
         return received.index_select(0, order // slot_map.shape[1]), counts, pending.state
 
     def combine(self, y: torch.Tensor, topk_weight: torch.Tensor, ctx: _DispatchState) -> torch.Tensor:
-        gates = topk_weight.float()[ctx.pair_token] * ctx.slot_on  # a slot served elsewhere weighs 0 here
-        gates = all_to_all(gates, ctx.recv_splits, ctx.send_splits, self.group)
-        per_pair = unpermute_and_combine(y, ctx.order, gates, gates.shape[0], y.dtype)
-        returned = all_to_all(per_pair, ctx.send_splits, ctx.recv_splits, self.group)
-        out = torch.zeros(ctx.n_tokens, y.shape[1], dtype=torch.float32, device=y.device)
-        return out.index_add(0, ctx.pair_token, returned.float()).to(y.dtype)
+        gates = self.send_gates(topk_weight, ctx)
+        return self.return_sums(unpermute_and_combine(y, ctx.order, gates, gates.shape[0], y.dtype), ctx)
+
+    def send_gates(self, topk_weight: torch.Tensor, ctx: _DispatchState) -> torch.Tensor:
+        """Combine, first half: the received pairs' gates [recv pairs, K] (fp32; a slot served elsewhere weighs 0)."""
+        gates = topk_weight.float()[ctx.pair_token] * ctx.slot_on
+        return all_to_all(gates, ctx.recv_splits, ctx.send_splits, self.group, self.label)
+
+    def return_sums(self, per_pair: torch.Tensor, ctx: _DispatchState) -> torch.Tensor:
+        """Combine, second half: one gated sum per received pair goes back; the source adds its pairs -> [T, H]."""
+        returned = all_to_all(per_pair, ctx.send_splits, ctx.recv_splits, self.group, self.label)
+        out = torch.zeros(ctx.n_tokens, per_pair.shape[1], dtype=torch.float32, device=per_pair.device)
+        return out.index_add(0, ctx.pair_token, returned.float()).to(per_pair.dtype)
 
 
 def apply_expert_parallel(model: nn.Module, ep_rank: int, ep_size: int, group: Any, overlap: bool = False) -> None:

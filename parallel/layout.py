@@ -204,15 +204,38 @@ def resolve_dp_shard(parallel, world_size: Optional[int]) -> int:
     return world_size // rest
 
 
-def resolved(parallel, world_size: Optional[int] = None):
-    """A copy of the parallel config with dp_shard a number (resolve_dp_shard); itself when it already is."""
+def resolve_ep_ranks_per_node(parallel, local_world_size: Optional[int]) -> int:
+    """parallel.ep_ranks_per_node as a number: an explicit value as it is; "auto" (the default) is how
+    many ranks of one EP group share a node, torchrun's LOCAL_WORLD_SIZE / tp (tp is the innermost mesh
+    dimension, so consecutive EP ranks sit tp ranks apart), at most ep; ep (one node) outside torchrun."""
+    v = getattr(parallel, "ep_ranks_per_node", AUTO)
+    if v != AUTO:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise LayoutError(f"parallel.ep_ranks_per_node: must be auto or an integer >= 1, got {v!r}")
+        return v
+    if local_world_size is None:
+        return parallel.ep
+    return max(1, min(parallel.ep, local_world_size // max(parallel.tp, 1)))
+
+
+def ep_nodes(parallel) -> int:
+    """Nodes one EP group spans: ep / ep_ranks_per_node (1 when the group fits in one node)."""
+    rpn = resolve_ep_ranks_per_node(parallel, None)
+    return 1 if rpn >= parallel.ep else parallel.ep // rpn
+
+
+def resolved(parallel, world_size: Optional[int] = None, local_world_size: Optional[int] = None):
+    """A copy of the parallel config with dp_shard (resolve_dp_shard) and ep_ranks_per_node
+    (resolve_ep_ranks_per_node) numbers; itself when they already are."""
     dp_shard = resolve_dp_shard(parallel, world_size)
-    if parallel.dp_shard == dp_shard:
+    ranks_per_node = resolve_ep_ranks_per_node(parallel, local_world_size)
+    if parallel.dp_shard == dp_shard and getattr(parallel, "ep_ranks_per_node", AUTO) == ranks_per_node:
         return parallel
     import copy
 
     out = copy.copy(parallel)
     out.dp_shard = dp_shard
+    out.ep_ranks_per_node = ranks_per_node
     return out
 
 
@@ -251,6 +274,42 @@ def check_expert_parallel(parallel, model: "ModelConfig") -> None:
         raise LayoutError(
             f"parallel.ep: ep={p.ep} must divide parallel.dp_shard={dp_shard} (experts are split over the sharded "
             "data-parallel ranks); set dp_shard to a multiple of ep"
+        )
+
+
+def check_node_limited(parallel, model: "ModelConfig") -> None:
+    """An EP group spanning nodes fills whole nodes, and every routing group lives on one node, so
+    topk_group bounds the nodes a token reaches (V3 §3.2.2 node-limited routing). Experts are placed
+    contiguously (node n holds experts [n E/nodes, (n+1) E/nodes)) and routing group g is experts
+    [g E/n_group, (g+1) E/n_group) (models/router.py), so the groups map to nodes iff nodes divides n_group.
+    Without groups (n_group 1, or greedy top-k, which ignores them) there is nothing to map."""
+    p = parallel
+    if p.ep == 1:
+        return
+    rpn = resolve_ep_ranks_per_node(p, None)
+    if rpn >= p.ep:
+        return
+    if p.ep % rpn:
+        raise LayoutError(
+            f"parallel.ep_ranks_per_node: ep={p.ep} is not a multiple of ep_ranks_per_node={rpn}, so an EP group "
+            "would fill part of a node; use an ep that is a multiple of it, or an ep_ranks_per_node that divides ep"
+        )
+    nodes = p.ep // rpn
+    n, groups = model.n_routed_experts, model.n_group
+    if groups > 1 and model.topk_method != "greedy" and groups % nodes:  # the router's group-limited selection
+        fits = [d for d in range(1, groups + 1) if groups % d == 0 and p.ep % d == 0]
+        raise LayoutError(
+            f"parallel.ep_ranks_per_node: the EP group spans {nodes} nodes (ep={p.ep} / ep_ranks_per_node={rpn}), "
+            f"which model.n_group={groups} routing groups cannot be split over: groups would straddle nodes and "
+            f"topk_group would no longer bound the nodes a token reaches; use an n_group that is a multiple of "
+            f"{nodes}, or an ep_ranks_per_node giving a node count (ep / ep_ranks_per_node) that divides n_group: "
+            f"{', '.join(map(str, fits))}"
+        )
+    if n // nodes >= 128:
+        raise LayoutError(
+            f"parallel.ep_ranks_per_node: {n // nodes} experts per node (model.n_routed_experts={n} over {nodes} "
+            "nodes); the node-level slot map is int8 and holds at most 127; span more nodes (a smaller "
+            "ep_ranks_per_node)"
         )
 
 
@@ -305,6 +364,7 @@ def check(parallel, model: "ModelConfig", world_size: Optional[int] = None) -> N
     if world_size is not None:
         check_world_size(parallel, world_size)
     check_expert_parallel(parallel, model)
+    check_node_limited(parallel, model)
     check_tensor_parallel(parallel, model)
     if parallel.tp > 1 and parallel.data_parallel == "zero1":
         raise LayoutError("parallel.data_parallel: zero1 with tp > 1 is not supported yet; use fsdp")

@@ -8,6 +8,9 @@ Flattened views:
   dp_shard  = edp x ep                  FSDP2 shards dense parameters over it
   edp       expert-data-parallel        FSDP2 shards / ZeRO-1 reduces expert parameters over it
   ep        expert-parallel             experts are split over it, tokens all-to-all'd within it
+An EP group spanning nodes (ep = nodes x parallel.ep_ranks_per_node) also gets two plain process
+groups for the hierarchical dispatch (`node_groups`): inter-node (one rank per node, same local
+index) and intra-node (the group's ranks on one node).
 gloo on CPU, NCCL on CUDA, chosen at run time.
 """
 
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -31,7 +34,8 @@ if TYPE_CHECKING:
 def init_distributed(parallel, model: "ModelConfig") -> ParallelContext:
     """Initialise the default process group from torchrun's env and build the mesh."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    parallel = layout.resolved(parallel, world_size)  # dp_shard auto: what the other degrees leave
+    local = int(os.environ["LOCAL_WORLD_SIZE"]) if os.environ.get("LOCAL_WORLD_SIZE") else None
+    parallel = layout.resolved(parallel, world_size, local)  # the autos: dp_shard, ep_ranks_per_node
     layout.check(parallel, model, world_size)
     if world_size == 1 and not dist.is_initialized():
         return ParallelContext.single()
@@ -79,6 +83,8 @@ def build_context(parallel, device: torch.device) -> ParallelContext:
     mesh["edp", "ep"]._flatten("dp_shard")
     mesh["dp_replicate", "edp"]._flatten("expert_dp")
     rank = dist.get_rank()
+    nodes = layout.ep_nodes(p)
+    inter, intra = node_groups(mesh, nodes, p.ep // nodes) if nodes > 1 else (None, None)
     return ParallelContext(
         rank=rank,
         world_size=dist.get_world_size(),
@@ -90,8 +96,29 @@ def build_context(parallel, device: torch.device) -> ParallelContext:
         ep_size=p.ep,
         ep_rank=mesh["ep"].get_local_rank(),
         ep_group=mesh["ep"].get_group(),
+        ep_nodes=nodes,
+        ep_inter_group=inter,
+        ep_intra_group=intra,
         tp_size=p.tp,
         pp_size=p.pp,
         pp_rank=mesh["pp"].get_local_rank(),
         pp_group=mesh["pp"].get_group(),
     )
+
+
+def node_groups(mesh, nodes: int, ranks_per_node: int) -> tuple[Any, Any]:
+    """This rank's two groups of a hierarchical EP exchange: (inter-node: the ranks with its local index
+    on every node of its EP group, intra-node: its node's ranks of the group). EP rank e sits on node
+    e // ranks_per_node with local index e % ranks_per_node. Every rank creates every group, in one order."""
+    ranks = mesh.mesh  # global ranks, [pp, dp_replicate, edp, ep, tp]
+    split = ranks.reshape(ranks.shape[:3] + (nodes, ranks_per_node) + ranks.shape[4:])  # ep -> node x local
+    me = dist.get_rank()
+    mine: list[Any] = []
+    for members in (split.movedim(3, -1).reshape(-1, nodes), split.movedim(4, -1).reshape(-1, ranks_per_node)):
+        found = None
+        for row in members.tolist():
+            group = dist.new_group(row)
+            if me in row:
+                found = group
+        mine.append(found)
+    return mine[0], mine[1]

@@ -1,6 +1,7 @@
 """Apply the configured layout to a freshly built model, from outside the model.
 
-Order: expert parallelism (slice experts, install the all-to-all dispatcher), tensor
+Order: expert parallelism (slice experts, install the all-to-all dispatcher, hierarchical when the EP
+group spans nodes), tensor
 parallelism (DTensor plans), then data parallelism (FSDP2 wrapping, or nothing for ZeRO-1 whose work happens in the
 optimizer). Returns what the trainer needs to reduce and clip gradients.
 """
@@ -17,6 +18,7 @@ from parallel.context import ParallelContext
 from parallel.data_parallel import ZeroOneOptimizer, apply_fsdp, clip_grad_norm, grad_norm_replicas
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.layout import fsdp_applies
+from parallel.node_dispatch import apply_node_limited_dispatch
 from parallel.tensor_parallel import apply_tensor_parallel
 
 
@@ -39,6 +41,9 @@ def parallelize(
         return ParallelPlan("single", grad_norm_replicas(model, "single", ctx))
     if ctx.ep_size > 1:
         apply_expert_parallel(model, ctx.ep_rank, ctx.ep_size, ctx.ep_group, ep_overlap)
+        if ctx.ep_nodes > 1:  # the EP group spans nodes: dispatch hierarchically
+            apply_node_limited_dispatch(model, ctx.ep_nodes, ctx.ep_size // ctx.ep_nodes, ctx.ep_inter_group,
+                                        ctx.ep_intra_group, ep_overlap)
     if ctx.tp_size > 1:
         apply_tensor_parallel(model, ctx.mesh["tp"])
     if data_parallel == "fsdp" and (pipeline is None or fsdp_applies(pipeline.parallel)):  # pp-only layouts skip it

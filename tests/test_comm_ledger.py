@@ -3,7 +3,8 @@
 Two ranks train 2 steps of the small model as EP2 over FSDP2 (dp_shard = ep = 2: FSDP2's
 all-gathers and reduce-scatters of the dense blocks and the root, counted through FSDP2's
 custom-collective seam, and the deduplicated all-to-all) and as EP2 over ZeRO-1 (its gradient
-all-reduce and parameter all-gathers). Every rank's `comm` of every step must equal the
+all-reduce and parameter all-gathers); four ranks as node-limited EP4 on 2 "nodes" x 2 ranks
+(the hierarchical dispatch's inter-node and intra-node all-to-alls, under their own group names). Every rank's `comm` of every step must equal the
 prediction key by key, calls and bytes, except the routed tokens' all-to-all bytes, which depend
 on the routing: their mean over the ranks lies within the predicted bounds and within 15% of the
 uniform-routing expectation, and equals the planner's figure for the (token, rank) pairs the
@@ -28,11 +29,13 @@ from models.accounting import build_meta_model
 from train.plan_comm import expected_ranks_per_token, fp8_dispatch_layers, predict_comm, routed_all_to_all_bytes
 
 REPO = Path(__file__).resolve().parents[1]
-LAYOUTS = {
-    "ep2_fsdp": {"parallel.dp_shard": 2, "parallel.ep": 2, "parallel.data_parallel": "fsdp"},
-    "ep2_zero1": {"parallel.dp_shard": 2, "parallel.ep": 2, "parallel.data_parallel": "zero1"},
-    "ep2_fsdp_fp8": {"parallel.dp_shard": 2, "parallel.ep": 2, "parallel.data_parallel": "fsdp",
-                     "train.precision": "fp8"},
+LAYOUTS = {  # name -> (ranks, overrides)
+    "ep2_fsdp": (2, {"parallel.dp_shard": 2, "parallel.ep": 2, "parallel.data_parallel": "fsdp"}),
+    "ep2_zero1": (2, {"parallel.dp_shard": 2, "parallel.ep": 2, "parallel.data_parallel": "zero1"}),
+    "ep2_fsdp_fp8": (2, {"parallel.dp_shard": 2, "parallel.ep": 2, "parallel.data_parallel": "fsdp",
+                         "train.precision": "fp8"}),
+    # 2 "nodes" x 2 ranks: the hierarchical dispatch's inter-node (ep_inter) and intra-node (ep_intra) exchanges
+    "ep4_2nodes": (4, {"parallel.dp_shard": 4, "parallel.ep": 4, "parallel.ep_ranks_per_node": 2}),
 }
 
 
@@ -66,32 +69,38 @@ def train_comm(rank: int, overrides: list[str]) -> dict:
 @pytest.mark.multirank
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_ledger_matches_prediction(layout, tmp_path):
+    world, extra = LAYOUTS[layout]
     overrides = small_overrides(tmp_path / "run", tmp_path / "cache", **{
         "train.steps": 2, "train.micro_batch_size": 2, "train.grad_accum_steps": 2, "train.threads": 1,
-        "checkpoint.at_end": "false", **LAYOUTS[layout]})
+        "checkpoint.at_end": "false", **extra})
     cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
     predicted = predict_comm(cfg)["by"]
     fp8 = fp8_dispatch_layers(cfg, build_meta_model(cfg.model)) > 0
     assert fp8 == (layout == "ep2_fsdp_fp8")
-    results = run_ranks(2, train_comm, overrides)
+    results = run_ranks(world, train_comm, overrides)
     steps = [[json.loads(c) for c in r["comm"]] for r in results]
     assert [json.loads(c) for c in results[0]["logged"]] == steps[0]
-    assert "all_to_all/ep" in predicted and any(k.startswith(("reduce_scatter/", "all_reduce/dp")) for k in predicted)
+    routed = ["all_to_all/ep_inter", "all_to_all/ep_intra"] if "parallel.ep_ranks_per_node" in extra else [
+        "all_to_all/ep"]
+    assert all(k in predicted for k in routed) and any(k.startswith(("reduce_scatter/", "all_reduce/dp"))
+                                                       for k in predicted)
     for step in range(2):
-        for rank in range(2):
+        for rank in range(world):
             got = steps[rank][step]["by"]
             assert got.keys() == predicted.keys(), (layout, rank, step, got.keys(), predicted.keys())
             for key, want in predicted.items():
                 assert got[key]["calls"] == want["calls"], (layout, key, got[key], want)
-                if key != "all_to_all/ep":
+                if key not in routed:
                     assert got[key]["bytes"] == want["bytes"], (layout, key, got[key], want)
-        want = predicted["all_to_all/ep"]
-        mean = sum(steps[r][step]["by"]["all_to_all/ep"]["bytes"] for r in range(2)) / 2
-        assert want["bytes_min"] <= mean <= want["bytes_max"], (mean, want)
-        assert abs(mean / want["bytes"] - 1) < 0.15, (mean, want)
-        per_step = len(results[0]["pairs"]) // 2  # MoE layers x micro-batches
-        sent = sum(sum(r["pairs"][step * per_step:(step + 1) * per_step]) for r in results) / 2
-        assert mean == routed_all_to_all_bytes(cfg, sent, sent if fp8 else 0), (layout, step, mean, sent)
+        for key in routed:
+            want = predicted[key]
+            mean = sum(steps[r][step]["by"][key]["bytes"] for r in range(world)) / world
+            assert want["bytes_min"] <= mean <= want["bytes_max"], (key, mean, want)
+            assert abs(mean / want["bytes"] - 1) < 0.15, (key, mean, want)
+        if routed == ["all_to_all/ep"]:  # flat EP: exact for the (token, rank) pairs the dispatches counted
+            per_step = len(results[0]["pairs"]) // 2  # MoE layers x micro-batches
+            sent = sum(sum(r["pairs"][step * per_step:(step + 1) * per_step]) for r in results) / world
+            assert mean == routed_all_to_all_bytes(cfg, sent, sent if fp8 else 0), (layout, step, mean, sent)
 
 
 def test_expected_ranks_per_token():

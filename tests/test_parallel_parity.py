@@ -61,6 +61,8 @@ LAYOUTS = {
     "ep2_zero1": (2, {"parallel.dp_shard": 2, "parallel.ep": 2, "parallel.data_parallel": "zero1"}),
     "ep2_dp2": (4, {"parallel.dp_shard": 4, "parallel.ep": 2, "parallel.data_parallel": "fsdp"}),
     "ep4": (4, {"parallel.dp_shard": 4, "parallel.ep": 4, "parallel.data_parallel": "fsdp"}),
+    # node-limited 2 "nodes" x 2 ranks: hierarchical dispatch (parallel/node_dispatch.py), overlap on (the default)
+    "ep4_2nodes": (4, {"parallel.dp_shard": 4, "parallel.ep": 4, "parallel.ep_ranks_per_node": 2}),
     "hsdp2x2_ep2": (4, {"parallel.dp_replicate": 2, "parallel.dp_shard": 2, "parallel.ep": 2}),
     "tp2": (2, {"parallel.tp": 2}),
     "tp2_dp2_fsdp": (4, {"parallel.tp": 2, "parallel.dp_shard": 2}),

@@ -47,6 +47,9 @@ class ParallelConfig:
     pipeline_layers_per_stage: Optional[list[int]] = None  # one count per stage (pp x stages_per_rank); None: even
     pipeline_mtp_stage: bool = False  # final norm + head + MTP as a stage of their own (no transformer layers)
     ep_overlap: bool = True  # dispatch all-to-all in flight while the shared experts compute (parallel/OVERLAP.md)
+    # ranks of one EP group per node; auto: LOCAL_WORLD_SIZE / tp at start-up (parallel/layout.py). An EP group
+    # over several nodes dispatches hierarchically, each routing group on one node (parallel/node_dispatch.py)
+    ep_ranks_per_node: Union[int, str] = "auto"
 
 
 @dataclass
@@ -164,6 +167,8 @@ class Config:
             world_size = int(os.environ["WORLD_SIZE"])
         try:
             self.parallel.dp_shard = layout.resolve_dp_shard(self.parallel, world_size)
+            local = int(os.environ["LOCAL_WORLD_SIZE"]) if os.environ.get("LOCAL_WORLD_SIZE") else None
+            self.parallel.ep_ranks_per_node = layout.resolve_ep_ranks_per_node(self.parallel, local)
         except layout.LayoutError as e:
             raise ConfigError(str(e)) from None
         try:
@@ -277,6 +282,7 @@ def _validate_layout_and_launch(cfg: "Config") -> None:
                "raise model.vocab_size or lower data.tokenizer_vocab_size")
     try:  # the layout rules that hold whatever the number of processes
         layout.check_expert_parallel(p, m)
+        layout.check_node_limited(p, m)
         layout.check_tensor_parallel(p, m)
         layout.schedule_name(p)
         if p.pp > 1:

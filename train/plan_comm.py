@@ -8,7 +8,8 @@ ranks within (`bytes_min`, `bytes_max`: every token reaches one rank / min(K, ep
 alone may receive more; `routed_all_to_all_bytes` gives the exact figure for counted pairs). Under
 FP8 with FP8 routed experts, the dispatched rows travel as E4M3 bytes plus fp32 1x128 tile scales
 (parallel/expert_parallel.py), their gradients and the combine in the compute dtype. Layouts: data
-parallelism (FSDP2 or ZeRO-1, HSDP), expert parallelism; the pipeline's and tensor parallelism's
+parallelism (FSDP2 or ZeRO-1, HSDP), expert parallelism (flat, or hierarchical across nodes: ep_inter's
+pairs are (token, node), ep_intra's (token, rank) as flat EP's); the pipeline's and tensor parallelism's
 traffic is not predicted (nor counted by the ledger yet).
 """
 
@@ -25,6 +26,7 @@ from models.config import ModelConfig
 from models.experts import GroupedExperts
 from models.fp8 import TILE, Fp8GroupedGemm
 from models.moe import moe_layers
+from parallel.layout import ep_nodes
 from train.config import Config
 from train.precision import fp8_selected
 
@@ -77,6 +79,22 @@ def _add(out: dict[str, dict[str, float]], key: str, calls: int, n_bytes: float)
     entry = out.setdefault(key, {"calls": 0, "bytes": 0})
     entry["calls"] += calls
     entry["bytes"] += n_bytes
+
+
+def _add_dispatch(out: dict[str, dict[str, float]], group: str, ranks: int, pairs_per_token: float, max_pairs: int,
+                  cfg: Config, tokens: int, layer_calls: int, fp8_share: float) -> None:
+    """One deduplicated dispatch + combine (parallel/expert_parallel.py) over `ranks` ranks, per MoE layer
+    and micro-batch: 8 calls; bytes at `pairs_per_token` pairs (bounds: 1 and `max_pairs`), a `fp8_share`
+    of the layers sending FP8 rows (both stages of a hierarchical dispatch forward them as they came)."""
+    _add(out, f"all_to_all/{group}", layer_calls, layer_calls * 8 * ranks)  # pair counts (int64)
+    per_pair = (1 - fp8_share) * routed_bytes_per_pair(cfg, False) + fp8_share * routed_bytes_per_pair(cfg, True)
+    entry = out[f"all_to_all/{group}"]
+    fixed = entry["bytes"]
+    pairs = tokens * layer_calls
+    entry["calls"] += 7 * layer_calls
+    entry["bytes"] = fixed + pairs * pairs_per_token * per_pair
+    entry["bytes_min"] = fixed + pairs * 1 * per_pair
+    entry["bytes_max"] = fixed + pairs * max_pairs * per_pair
 
 
 def _padded_numel(shape: torch.Size, ranks: int) -> int:
@@ -143,14 +161,16 @@ def predict_comm(cfg: Config) -> dict[str, Any]:
             _add(out, f"all_gather/{group}", gathers, gathers * gather * shard)
             _add(out, f"reduce_scatter/{group}", micro, micro * 4 * ranks * shard)
     if p.ep > 1 and n_moe:
-        tokens = t.micro_batch_size * t.seq_len * micro  # per MoE layer and step
-        # pair counts (int64), slot map, rows, gates, returned rows; the backward of the last three
-        _add(out, "all_to_all/ep", 8 * n_moe * micro, 0)
-        entry = out["all_to_all/ep"]
-        fp8_share = fp8_dispatch_layers(cfg, model) / n_moe
-        for key, ranks in (("bytes", expected_ranks_per_token(mc, p.ep)), ("bytes_min", 1),
-                           ("bytes_max", min(mc.num_experts_per_tok, p.ep))):
-            pairs = tokens * n_moe * ranks
-            entry[key] = routed_all_to_all_bytes(cfg, pairs, pairs * fp8_share)
+        dispatch = (t.micro_batch_size * t.seq_len, n_moe * micro, fp8_dispatch_layers(cfg, model) / n_moe)
+        nodes = ep_nodes(p)
+        if nodes == 1:
+            _add_dispatch(out, "ep", p.ep, expected_ranks_per_token(mc, p.ep), min(mc.num_experts_per_tok, p.ep),
+                          cfg, *dispatch)
+        else:  # hierarchical (parallel/node_dispatch.py): one row per (token, node), then per (row, rank)
+            _add_dispatch(out, "ep_inter", nodes, expected_ranks_per_token(mc, nodes),
+                          min(mc.num_experts_per_tok, nodes), cfg, *dispatch)
+            if p.ep // nodes > 1:  # a one-rank intra-node group moves nothing
+                _add_dispatch(out, "ep_intra", p.ep // nodes, expected_ranks_per_token(mc, p.ep),
+                              min(mc.num_experts_per_tok, p.ep), cfg, *dispatch)
     by = dict(sorted(out.items()))
     return {"calls": sum(e["calls"] for e in by.values()), "bytes": sum(e["bytes"] for e in by.values()), "by": by}
