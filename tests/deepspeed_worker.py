@@ -1,0 +1,54 @@
+"""Ranks of tests/test_deepspeed.py: several DeepSpeed (and FSDP2) runs in one multi-rank launch."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from parallel.context import ParallelContext
+from parallel.mesh import init_distributed
+from parallel.state import full_state_dict
+from tests.parity_worker import REPO, history_metrics
+from train.config import load_config
+from train.trainer import Trainer
+
+
+def engine_state_bytes(trainer: Trainer) -> dict[str, int]:
+    """What DeepSpeed allocated on this rank for the optimizer: the fp32 master partitions, the AdamW
+    moments, and (offload) the fp32 gradient partitions the host-side update reads."""
+    if not trainer.deepspeed:
+        return {}
+    zero = trainer.optimizer.engine.optimizer
+    masters = zero.single_partition_of_fp32_groups
+    moments = [v for st in zero.optimizer.state.values() for k, v in st.items() if k in ("exp_avg", "exp_avg_sq")]
+    grads = [m.grad for m in masters if m.grad is not None] if zero.cpu_offload else []
+    return {"state": sum(t.numel() * t.element_size() for t in masters + moments),
+            "host_grads": sum(t.numel() * t.element_size() for t in grads)}
+
+
+def run_one(overrides: list[str], single: bool = False) -> dict:
+    """One training run (`single`: the single-process reference, in this rank alone)."""
+    cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
+    ctx = ParallelContext.single() if single else init_distributed(cfg.parallel, cfg.model)
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, ctx)
+    history = trainer.fit()
+    state = full_state_dict(trainer.model, ctx)
+    return {"metrics": history_metrics(history), "engine_bytes": engine_state_bytes(trainer), "steps": [h["step"] for h in history], "state": state,
+            "resumed": trainer.resumed_from is not None, "seconds": time.perf_counter() - t0}
+
+
+def run_many(rank: int, runs: list[tuple[str, list[str], bool]], tmp: str) -> dict:
+    """`runs`: (label, overrides, single) in order; the run dirs live under `tmp` (one per rank for single)."""
+    out = {}
+    try:
+        for label, overrides, single in runs:
+            if single:
+                overrides = [o.replace("RANKDIR", f"rank{rank}") for o in overrides]
+            out[label] = run_one(overrides, single)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return out
