@@ -28,26 +28,36 @@ def engine_state_bytes(trainer: Trainer) -> dict[str, int]:
             "host_grads": sum(t.numel() * t.element_size() for t in grads)}
 
 
-def run_one(overrides: list[str], single: bool = False) -> dict:
-    """One training run (`single`: the single-process reference, in this rank alone)."""
+def poison_gradient(trainer: Trainer, step: int) -> None:
+    """The head weight's gradient becomes non-finite in optimizer step `step` (the step must be skipped)."""
+    weight = trainer.model.lm_head.weight
+    weight.register_hook(lambda g: g * float("inf") if trainer.step + 1 == step else g)
+
+
+def run_one(overrides: list[str], single: bool = False, nonfinite_step: int = 0) -> dict:
+    """One training run (`single`: the single-process reference, in this rank alone; `nonfinite_step`:
+    that step's gradient is poisoned)."""
     cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
     ctx = ParallelContext.single() if single else init_distributed(cfg.parallel, cfg.model)
     t0 = time.perf_counter()
     trainer = Trainer(cfg, ctx)
+    if nonfinite_step:
+        poison_gradient(trainer, nonfinite_step)
     history = trainer.fit()
     state = full_state_dict(trainer.model, ctx)
     return {"metrics": history_metrics(history), "engine_bytes": engine_state_bytes(trainer), "steps": [h["step"] for h in history], "state": state,
-            "resumed": trainer.resumed_from is not None, "seconds": time.perf_counter() - t0}
+            "resumed": trainer.resumed_from is not None, "skipped_steps": trainer.skipped_steps, "seconds": time.perf_counter() - t0}
 
 
-def run_many(rank: int, runs: list[tuple[str, list[str], bool]], tmp: str) -> dict:
-    """`runs`: (label, overrides, single) in order; the run dirs live under `tmp` (one per rank for single)."""
+def run_many(rank: int, runs: list[tuple[str, list[str], bool, int]], tmp: str) -> dict:
+    """`runs`: (label, overrides, single, nonfinite_step) in order; a single-process run's dir names RANKDIR,
+    replaced by this rank's."""
     out = {}
     try:
-        for label, overrides, single in runs:
+        for label, overrides, single, nonfinite_step in runs:
             if single:
                 overrides = [o.replace("RANKDIR", f"rank{rank}") for o in overrides]
-            out[label] = run_one(overrides, single)
+            out[label] = run_one(overrides, single, nonfinite_step)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
