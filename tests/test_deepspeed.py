@@ -115,12 +115,21 @@ def deepspeed(stage: int, ep: int = 1, offload: str = "none") -> dict:
 
 
 FSDP_EP2 = {"parallel.data_parallel": "fsdp", "parallel.ep": 2}
+# DeepSeek-V2 balancing: softmax gates, group-limited greedy, expert + device + communication losses
+V2_LOSSES = {"model.scoring_func": "softmax", "model.topk_method": "group_limited_greedy", "model.norm_topk_prob": "false",
+             "model.routed_scaling_factor": 1.0, "model.bias_update_speed": 0.0, "model.device_aux_loss_alpha": 0.01,
+             "model.comm_aux_loss_alpha": 0.01}
 PARITY = {
     "zero1_ep2": deepspeed(1, ep=2),
     "zero2_ep2": deepspeed(2, ep=2),
     "zero1_dp2": deepspeed(1),
     "zero2_ep2_offload": deepspeed(2, ep=2, offload="cpu"),
+    "zero2_ep2_v2": {**deepspeed(2, ep=2), **V2_LOSSES},
 }
+
+
+def reference_of(label: str) -> str:
+    return "reference_v2" if label.endswith("_v2") else "reference"
 RESUMES = {"deepspeed_to_fsdp": (deepspeed(2, ep=2), FSDP_EP2), "fsdp_to_deepspeed": (FSDP_EP2, deepspeed(1, ep=2))}
 
 
@@ -132,7 +141,8 @@ def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deepspeed")
     cache = tmp / "cache"
     runs = [("reference", overrides(tmp / "RANKDIR" / "reference", cache, dp=1), True, 0),
-            ("reference_skip", overrides(tmp / "RANKDIR" / "reference_skip", cache, dp=1), True, SKIPPED)]
+            ("reference_skip", overrides(tmp / "RANKDIR" / "reference_skip", cache, dp=1), True, SKIPPED),
+            ("reference_v2", overrides(tmp / "RANKDIR" / "reference_v2", cache, dp=1, **V2_LOSSES), True, 0)]
     runs += [(label, overrides(tmp / label, cache, dp=2, **extra), False, 0) for label, extra in PARITY.items()]
     for label, (first, second) in RESUMES.items():
         runs.append((f"{label}/first", overrides(tmp / label, cache, dp=2, **first,
@@ -165,7 +175,7 @@ def assert_parity(ref: dict, got: dict, label: str, first_step: int = 1) -> None
 @pytest.mark.parametrize("label", list(PARITY))
 def test_deepspeed_matches_single_process(results, label):
     for rank, res in enumerate(results):
-        assert_parity(res["reference"], res[label], f"{label} rank {rank}")
+        assert_parity(res[reference_of(label)], res[label], f"{label} rank {rank}")
 
 
 @pytest.mark.multirank
