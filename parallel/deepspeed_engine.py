@@ -166,7 +166,6 @@ class DeepSpeedOptimizer:
 
         skip_shm_comm_build()
         ds_dist.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
-        self.model, self.zero_stage = model, zero_stage
         expert_parallel = ctx.ep_size > 1
         self.plain_groups = groups  # train/optim.py's groups, the checkpoint's param_groups
         if expert_parallel:
@@ -202,6 +201,12 @@ class DeepSpeedOptimizer:
         """Nothing: the engine clears its gradients in step()."""
 
     # ------------------------------------------------------------------ checkpoints
+    def _step_like(self, value: float) -> Any:
+        """A step count as the inner optimizer keeps it: torch's AdamW a float32 tensor, DeepSpeedCPUAdam an int."""
+        if isinstance(self.engine.optimizer.optimizer, torch.optim.AdamW):
+            return torch.tensor(value, dtype=torch.float32)
+        return int(value)
+
     def _inner_step(self) -> torch.Tensor:
         inner = self.engine.optimizer.optimizer
         for st in inner.state.values():
@@ -221,8 +226,7 @@ class DeepSpeedOptimizer:
         inner = zero.optimizer
         for flat in zero.single_partition_of_fp32_groups:
             if not inner.state.get(flat):
-                inner.state[flat] = {"step": torch.zeros((), dtype=torch.float32),
-                                     **{k: torch.zeros_like(flat) for k in ADAM_MOMENTS}}
+                inner.state[flat] = {"step": self._step_like(0.0), **{k: torch.zeros_like(flat) for k in ADAM_MOMENTS}}
         for params, flat in zip(zero.bit16_groups, zero.single_partition_of_fp32_groups):
             lazy_init_hp_params_optimizer_state(params, flat, inner.state)
         zero._hp_optimizer_states_linked = True
@@ -266,7 +270,6 @@ class DeepSpeedOptimizer:
         if len(steps) > 1:
             raise ValueError(f"checkpoint: AdamW step counts differ between parameters ({sorted(steps)}); "
                              "DeepSpeed keeps one per parameter group")
-        if steps:
+        for step in steps:
             for st in self.engine.optimizer.optimizer.state.values():
-                st["step"] = torch.tensor(steps.pop(), dtype=torch.float32)
-                steps.add(float(st["step"]))
+                st["step"] = self._step_like(step)
