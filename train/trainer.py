@@ -222,7 +222,10 @@ class Trainer:
                 with self.forward_context():
                     out = self.model(b["input_ids"], b["labels"], b.get("doc_ids"))
                 loss = combine_losses(out, lm_tokens.to(self.device), mtp_tokens.to(self.device), mtp_weight)
-                self.optimizer.backward(loss) if self.deepspeed else loss.backward()
+                if self.deepspeed:
+                    self.optimizer.backward(loss)  # the engine's backward: its gradient hooks, no scaling
+                else:
+                    loss.backward()
             sums[0] += float(loss.detach())
             sums[1] += float(out.lm_loss_sum.detach())
             if out.mtp_loss_sums is not None:
@@ -255,6 +258,7 @@ class Trainer:
         return self._count_skip(lr, gamma, grad_norm, finite)
 
     def _count_skip(self, lr: float, gamma: float, grad_norm: float, finite: bool) -> tuple[float, float, float, bool]:
+        """Count a skipped (non-finite) step, or reset the run of them."""
         if finite:
             self.consecutive_nonfinite = 0
         else:
