@@ -3,6 +3,7 @@
 #   make demo     venv + deps + a tiny CPU run
 #   make test     venv + deps + the whole test suite (what CI runs)
 #   make bench    venv + deps + benchmarks
+#   make deepspeed  venv + the optional DeepSpeed engine (DS_BUILD_OPS=0: compiles nothing)
 #   make clean    remove build/test caches (distclean: the venv too)
 #
 # Variables (override on the command line, e.g. `make test PYTHON=python3.12`):
@@ -31,10 +32,10 @@ ARGS ?=
 BENCH ?= bench/hf_baseline.py
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv demo test bench clean distclean
+.PHONY: help venv deepspeed demo test bench clean distclean
 
 help:
-	@sed -n '3,7p' Makefile | sed 's/^# *//'
+	@sed -n '3,8p' Makefile | sed 's/^# *//'
 
 venv: $(STAMP)
 
@@ -57,6 +58,12 @@ $(STAMP): pyproject.toml | $(PY)
 	fi
 	$(PIP) install -e '.[$(EXTRAS)]'
 	@touch $@
+
+# parallel.data_parallel=deepspeed. DS_BUILD_OPS=0 builds no C++/CUDA op at install time (a CPU
+# machine has no CUDA to build against); the one op the engine may need, DeepSpeedCPUAdam for
+# offload_optimizer=cpu, is JIT-built on first use and cached (TORCH_EXTENSIONS_DIR).
+deepspeed: venv
+	DS_BUILD_OPS=0 $(PIP) install -e '.[$(EXTRAS),deepspeed]'
 
 # The trainer (`python -m train`) takes over once it exists; until then the
 # model smoke run.

@@ -179,6 +179,24 @@ def fsdp_applies(parallel) -> bool:
     return parallel.data_parallel == "fsdp" and (dp > 1 or parallel.tp > 1)
 
 
+def check_deepspeed(parallel) -> None:
+    """Layouts the DeepSpeed engine (parallel/deepspeed_engine.py) runs; the others are refused, with why."""
+    if parallel.deepspeed.zero_stage == 3:
+        raise LayoutError(
+            "parallel.deepspeed.zero_stage: 3 is refused: ZeRO-3 partitions every parameter over all data-parallel "
+            "ranks as if it were replicated, but under expert parallelism (ep > 1) each rank holds different experts "
+            "(DeepSpeed refuses MoE under ZeRO-3); with ep=1 it misses the single-process gradients (DeepSpeed "
+            "0.19.8: grad norm 0.68 instead of 1.03 with two micro-batches per step, 3e-5 off with one); "
+            "use zero_stage 1|2, or parallel.data_parallel=fsdp to shard the weights"
+        )
+    for key, why in (("pp", "the pipeline schedule runs backward itself, not DeepSpeed's engine"),
+                     ("tp", "tensor-parallel parameters are DTensors, which ZeRO cannot flatten"),
+                     ("dp_replicate", "HSDP's replicate x shard split has no DeepSpeed mapping here")):
+        if getattr(parallel, key) > 1:
+            raise LayoutError(f"parallel.{key}: {getattr(parallel, key)} with parallel.data_parallel=deepspeed is "
+                              f"not supported ({why}); set parallel.{key}=1 or use parallel.data_parallel=fsdp")
+
+
 # ------------------------------------------------------------------------------------------ dp_shard: auto
 AUTO = "auto"
 
@@ -368,5 +386,7 @@ def check(parallel, model: "ModelConfig", world_size: Optional[int] = None) -> N
     check_tensor_parallel(parallel, model)
     if parallel.tp > 1 and parallel.data_parallel == "zero1":
         raise LayoutError("parallel.data_parallel: zero1 with tp > 1 is not supported yet; use fsdp")
+    if parallel.data_parallel == "deepspeed":
+        check_deepspeed(parallel)
     if parallel.pp > 1:
         check_pipeline(parallel, model)

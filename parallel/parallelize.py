@@ -24,7 +24,7 @@ from parallel.tensor_parallel import apply_tensor_parallel
 
 @dataclass
 class ParallelPlan:
-    mode: str  # single | fsdp | zero1
+    mode: str  # single | fsdp | zero1 | deepspeed (the engine reduces and clips: parallel/deepspeed_engine.py)
     grad_replicas: list = field(default_factory=list)
 
     def clip_grad_norm(self, max_norm: float) -> float:

@@ -33,13 +33,23 @@ class RunConfig:
 
 
 @dataclass
+class DeepSpeedSettings:
+    """parallel.data_parallel=deepspeed (parallel/deepspeed_engine.py)."""
+
+    zero_stage: int = 1  # 1: AdamW state sharded | 2: + gradients | 3: refused (parallel/layout.py says why)
+    offload_optimizer: str = "none"  # none | cpu: AdamW state and update in host memory (ZeRO-Offload)
+    cpu_adam: bool = True  # offload with DeepSpeedCPUAdam (JIT-built C++); false: torch's AdamW on the host
+
+
+@dataclass
 class ParallelConfig:
     dp_replicate: int = 1
     dp_shard: Union[int, str] = "auto"  # auto: the world size left after pp x dp_replicate x tp (parallel/layout.py)
     tp: int = 1
     pp: int = 1
     ep: int = 1
-    data_parallel: str = "fsdp"  # fsdp (FSDP2) | zero1 (replicated params, sharded optimizer)
+    data_parallel: str = "fsdp"  # fsdp (FSDP2) | zero1 (replicated params, sharded optimizer) | deepspeed
+    deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
     # GPipe | 1F1B | Interleaved1F1B | LoopedBFS | InterleavedZeroBubble | ZBVZeroBubble | DualPipeV
     pipeline_schedule: str = "1F1B"
     pipeline_microbatches: Optional[int] = None  # = train.grad_accum_steps (the pipeline's micro-batches)
@@ -222,7 +232,10 @@ class Config:
                 _check(not s.boundaries, f"{key}.boundaries", "given without values")
         for key in ("dp_replicate", "dp_shard", "tp", "pp", "ep"):
             _check(getattr(p, key) >= 1, f"parallel.{key}", f"must be >= 1, got {getattr(p, key)}")
-        _check(p.data_parallel in ("fsdp", "zero1"), "parallel.data_parallel", "must be fsdp|zero1")
+        _check(p.data_parallel in ("fsdp", "zero1", "deepspeed"), "parallel.data_parallel",
+               "must be fsdp|zero1|deepspeed")
+        if p.data_parallel == "deepspeed":
+            _validate_deepspeed(self)
         _check(
             p.pipeline_microbatches is None or p.pipeline_microbatches == t.grad_accum_steps,
             "parallel.pipeline_microbatches",
@@ -234,6 +247,18 @@ class Config:
         _check(t.max_nonfinite_steps >= 0, "train.max_nonfinite_steps", "must be >= 0")
         _validate_eval(self)
         _validate_layout_and_launch(self)
+
+
+def _validate_deepspeed(cfg: "Config") -> None:
+    """parallel.deepspeed.*, and the training settings the DeepSpeed engine does not take (not built)."""
+    d = cfg.parallel.deepspeed
+    _check(d.zero_stage in (1, 2, 3), "parallel.deepspeed.zero_stage", f"must be 1|2|3, got {d.zero_stage}")
+    _check(d.offload_optimizer in ("none", "cpu"), "parallel.deepspeed.offload_optimizer",
+           f"must be none|cpu, got {d.offload_optimizer!r}")
+    _check(not cfg.optim.bf16_moments, "optim.bf16_moments",
+           "DeepSpeed keeps its own fp32 AdamW state; set optim.bf16_moments=false or parallel.data_parallel=fsdp")
+    _check(cfg.train.precision != "fp8", "train.precision",
+           "fp8 is not built with parallel.data_parallel=deepspeed; use bf16/fp32 or data_parallel=fsdp")
 
 
 def _validate_eval(cfg: "Config") -> None:
@@ -285,6 +310,8 @@ def _validate_layout_and_launch(cfg: "Config") -> None:
         layout.check_node_limited(p, m)
         layout.check_tensor_parallel(p, m)
         layout.schedule_name(p)
+        if p.data_parallel == "deepspeed":
+            layout.check_deepspeed(p)
         if p.pp > 1:
             layout.split_layers(p, m)
             layout.check_microbatches(p, t.grad_accum_steps, key="train.grad_accum_steps")

@@ -16,7 +16,9 @@ Memory model (per rank, bytes; GiB = 2**30 in the output), matching what moeforg
   dp_replicate dimension replicates: HSDP). ZeRO-1 (`zero1`) keeps weights and gradients whole and
   shards the optimizer (fp32 master copy + moments) over all data-parallel ranks (dense) / the
   expert-data-parallel ranks (experts). One process, or FSDP without data parallelism, wraps
-  nothing: plain AdamW on whole parameters.
+  nothing: plain AdamW on whole parameters. DeepSpeed (`deepspeed`, deepspeed_memory): ZeRO-1 as zero1,
+  ZeRO-2 also partitions gradients, offload_optimizer=cpu moves the optimizer states to host memory
+  (reported apart, not in the GPU total); plus DeepSpeed's contiguous reduce bucket.
 * Precision. Parameters are fp32 masters in every mode, gradients fp32, AdamW moments fp32 (bf16 with
   optim.bf16_moments). Weight copies ("bf16/fp8 weight copies"): FSDP2 gathers two blocks at a time in
   bf16 (a pipeline stage keeps all of its blocks gathered from forward to backward). Without FSDP,
@@ -48,6 +50,7 @@ from typing import Any, Optional
 
 from models.accounting import build_meta_model, count_model
 from parallel import layout
+from parallel.deepspeed_engine import REDUCE_BUCKET_ELEMENTS
 from train.activations import ActivationModel, Recompute
 from train.config import Config, ConfigError, load_config
 from train.plan_comm import predict_comm
@@ -214,13 +217,14 @@ class RankMemory:
     in_flight: float
     total: float = 0.0
     notes: list[str] = field(default_factory=list)
+    host: float = 0.0  # host (CPU) memory: DeepSpeed's offloaded optimizer state; not in total
 
     def gib(self) -> dict[str, Any]:
         """The figures in GiB (counts and names as they are)."""
         return {k: (round(v / GiB, 6) if k in BYTE_FIELDS else v) for k, v in asdict(self).items()}
 
 
-BYTE_FIELDS = ("weights", "grads", "optimizer", "compute_copies", "activations", "buffers", "overhead", "total")
+BYTE_FIELDS = ("weights", "grads", "optimizer", "compute_copies", "activations", "buffers", "overhead", "total", "host")
 
 
 def data_parallel_mode(cfg: Config) -> str:
@@ -233,6 +237,25 @@ def data_parallel_mode(cfg: Config) -> str:
     return p.data_parallel
 
 
+def deepspeed_memory(cfg: Config, dense: float, expert: float, edp: int) -> tuple[float, float, float, float, float]:
+    """(weights, grads, optimizer, host, reduce bucket) bytes under DeepSpeed ZeRO-1/2 (parallel/deepspeed_engine.py).
+
+    Parameters stay fp32 and whole. ZeRO-1 keeps whole gradients, ZeRO-2 only this rank's partition. The
+    fp32 master partition and the AdamW moments (12 bytes a parameter) are split over the data-parallel
+    ranks (dense) / the expert-data-parallel ranks (experts); with offload_optimizer=cpu they, and the fp32
+    gradient partition the update reads, live in host memory. The contiguous reduce bucket holds up to
+    REDUCE_BUCKET_ELEMENTS fp32 gradients."""
+    ds = cfg.parallel.deepspeed
+    weights = 4 * (dense + expert)
+    partition = dense / cfg.parallel.dp_shard + expert / edp
+    grads = 4 * partition if ds.zero_stage == 2 else weights
+    state = 12 * partition
+    bucket = 4 * min(REDUCE_BUCKET_ELEMENTS, dense + expert)
+    if ds.offload_optimizer == "cpu":
+        return weights, grads, 0.0, state + 4 * partition, bucket
+    return weights, grads, state, 0.0, bucket
+
+
 def rank_memory(cfg: Config, rank: int, units: list[Unit], recompute: Recompute, overhead_gb: float) -> RankMemory:
     p, t, mc = cfg.parallel, cfg.train, cfg.model
     precision = t.precision
@@ -243,7 +266,10 @@ def rank_memory(cfg: Config, rank: int, units: list[Unit], recompute: Recompute,
     fp8_w = (sum(u.fp8_dense for u in units) / tp + sum(u.fp8_expert for u in units) / ep)
     moments = 4 if cfg.optim.bf16_moments else 8
     mode = data_parallel_mode(cfg)
-    if mode == "single":  # plain AdamW on whole parameters
+    host = ds_bucket = 0.0
+    if mode == "deepspeed":
+        weights, grads, optimizer, host, ds_bucket = deepspeed_memory(cfg, dense, expert, edp)
+    elif mode == "single":  # plain AdamW on whole parameters
         weights = 4 * (dense + expert)
         grads = weights
         optimizer = moments * (dense + expert)
@@ -305,11 +331,12 @@ def rank_memory(cfg: Config, rank: int, units: list[Unit], recompute: Recompute,
         buffers += 2 * tokens * mc.num_experts_per_tok * mc.hidden_size * c / tp
     if precision == "fp8":  # the emulated expert GEMM dequantises one layer's gate_up weights to fp32 (transient)
         buffers += 4 * max((u.fp8_expert / ep for u in layer_units), default=0.0) * 2 / 3
+    buffers += ds_bucket
     overhead = overhead_gb * GiB
     rm = RankMemory(
         rank=rank, units=[u.name for u in units], params=int(dense + expert), weights=weights, grads=grads,
         optimizer=optimizer, compute_copies=compute, activations=activations, buffers=buffers,
-        overhead=overhead, in_flight=round(flight, 2),
+        overhead=overhead, in_flight=round(flight, 2), host=host,
     )
     rm.total = weights + grads + optimizer + compute + activations + buffers + overhead
     return rm
@@ -459,7 +486,8 @@ def plan(cfg: Config, gpus: Optional[int] = None, gpu_mem_gb: float = 80.0, reco
         "attention": am.attention_terms(4),
         "moe": am.moe_terms(4) if cfg.model.n_routed_experts else {},
     }
-    if not errors and p.pp == 1 and p.tp == 1:  # per rank and step, keyed as the ledger keys it
+    # per rank and step, keyed as the ledger keys it; DeepSpeed's own collectives bypass the ledger
+    if not errors and p.pp == 1 and p.tp == 1 and p.data_parallel != "deepspeed":
         out["comm"] = predict_comm(cfg)
     out["errors"] = errors
     out["warnings"] = warnings
@@ -494,6 +522,8 @@ def print_plan(result: dict[str, Any], config: str) -> None:
         extra = f"  ({w['in_flight']:g} micro-batches in flight)" if key == "activations" else ""
         print(f"  {label:<26}{w[key]:>9.2f}{extra}")
     print(f"  {'total':<26}{w['total']:>9.2f} of {mem['gpu_mem_gb']:g} -> {mem['verdict']}")
+    if w["host"]:
+        print(f"  {'host memory (offload)':<26}{w['host']:>9.2f}  (optimizer states + fp32 gradient partition)")
     if len(mem["ranks"]) > 1:
         print("  per pipeline rank: " + " ".join(f"{r['total']:.1f}" for r in mem["ranks"]))
     if not mem["fits"]:

@@ -100,11 +100,15 @@ class Trainer:
         if self.pipeline is not None:
             self.pipeline.build_schedule(cfg.train.grad_accum_steps, cfg.train.micro_batch_size, cfg.train.seq_len,
                                          cfg.model.hidden_size, cfg.model.num_nextn_predict_layers)
-        self.optimizer = build_parallel_optimizer(
-            self.model, self.plan, self.ctx,
-            make_optimizer=lambda groups: make_adamw(groups, cfg.optim),
-            param_groups=lambda model: parameter_groups(model, cfg.optim.weight_decay),
-        )
+        self.deepspeed = self.plan.mode == "deepspeed"  # the engine reduces, clips and steps (its own file)
+        if self.deepspeed:
+            self.optimizer = self._deepspeed_optimizer()
+        else:
+            self.optimizer = build_parallel_optimizer(
+                self.model, self.plan, self.ctx,
+                make_optimizer=lambda groups: make_adamw(groups, cfg.optim),
+                param_groups=lambda model: parameter_groups(model, cfg.optim.weight_decay),
+            )
         self.schedules = Schedules(
             cfg.optim, cfg.train.mtp_weight, cfg.train.bias_update_speed, cfg.train.steps,
             cfg.model.mtp_loss_weight, cfg.model.bias_update_speed,
@@ -135,6 +139,21 @@ class Trainer:
             tok_dir = self.run_dir / "tokenizer"
             if not tok_dir.exists():
                 shutil.copytree(self.tokenizer.path, tok_dir)
+
+    def _deepspeed_optimizer(self):
+        """parallel.data_parallel=deepspeed: the engine around the model and train/optim.py's AdamW."""
+        from parallel.deepspeed_engine import DeepSpeedOptimizer, build_cpu_adam
+
+        cfg, ds = self.cfg, self.cfg.parallel.deepspeed
+        cpu_adam = None
+        if ds.cpu_adam:
+            def cpu_adam(groups):
+                return build_cpu_adam(groups, cfg.optim.lr, tuple(cfg.optim.betas), cfg.optim.eps)
+        return DeepSpeedOptimizer(
+            self.model, self.ctx, ds.zero_stage, ds.offload_optimizer, cfg.train.micro_batch_size,
+            cfg.train.grad_accum_steps, cfg.optim.grad_clip, parameter_groups(self.model, cfg.optim.weight_decay),
+            make_optimizer=lambda groups: make_adamw(groups, cfg.optim), cpu_adam=cpu_adam,
+        )
 
     # ---------------------------------------------------------------- one step
     def precision_context(self) -> contextlib.AbstractContextManager:
@@ -203,7 +222,10 @@ class Trainer:
                 with self.forward_context():
                     out = self.model(b["input_ids"], b["labels"], b.get("doc_ids"))
                 loss = combine_losses(out, lm_tokens.to(self.device), mtp_tokens.to(self.device), mtp_weight)
-                loss.backward()
+                if self.deepspeed:
+                    self.optimizer.backward(loss)  # the engine's backward: its gradient hooks, no scaling
+                else:
+                    loss.backward()
             sums[0] += float(loss.detach())
             sums[1] += float(out.lm_loss_sum.detach())
             if out.mtp_loss_sums is not None:
@@ -219,22 +241,31 @@ class Trainer:
     def _update(self, objective: float) -> tuple[float, float, float, bool]:
         """Gradient reduction, clipping and the AdamW step, skipped (and counted) when the loss or the
         gradient norm is not finite. Returns (lr, bias update speed, grad norm, finite)."""
+        lr = self.schedules.lr(self.step)
+        gamma = self.schedules.bias_update_speed(self.step, self.tokens_seen)
+        if self.deepspeed:  # reduce, norm, clip and AdamW in the engine, which skips a non-finite gradient
+            set_lr(self.optimizer, lr)  # itself (a non-finite loss makes the gradient non-finite): count what it did
+            grad_norm = self.optimizer.step()
+            return self._count_skip(lr, gamma, grad_norm, math.isfinite(grad_norm))
         if hasattr(self.optimizer, "reduce_gradients"):  # ZeRO-1: one summed all-reduce per group
             self.optimizer.reduce_gradients()
         grad_norm = self.plan.clip_grad_norm(self.cfg.optim.grad_clip)
         finite = math.isfinite(objective) and math.isfinite(grad_norm)
-        lr = self.schedules.lr(self.step)
-        gamma = self.schedules.bias_update_speed(self.step, self.tokens_seen)
         if finite:
             set_lr(self.optimizer, lr)
             self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return self._count_skip(lr, gamma, grad_norm, finite)
+
+    def _count_skip(self, lr: float, gamma: float, grad_norm: float, finite: bool) -> tuple[float, float, float, bool]:
+        """Count a skipped (non-finite) step, or reset the run of them."""
+        if finite:
             self.consecutive_nonfinite = 0
         else:
             self.skipped_steps += 1
             self.consecutive_nonfinite += 1
             log.warning("step %d: non-finite loss or gradient; skipping the update (%d in a row)",
                         self.step + 1, self.consecutive_nonfinite)
-        self.optimizer.zero_grad(set_to_none=True)
         return lr, gamma, grad_norm, finite
 
     def _raise_if_diverged(self) -> None:
