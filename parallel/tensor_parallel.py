@@ -6,7 +6,7 @@ Per block (Megatron-style column -> row pairs, heads split over the `tp` ranks):
           and their RMSNorms stay replicated (they are small, V2 §2.1.2).
   GQA     (gpt-oss) q_proj, k_proj, v_proj column-parallel (q heads and kv heads both split,
           so each rank keeps whole kv groups), o_proj row-parallel; the per-head `sinks`
-          sharded along the heads like q_proj's rows (`_shard_sinks`).
+          sharded along the heads like q_proj's rows (`shard_sinks`).
   MLP     gate_proj / up_proj column-parallel, down_proj row-parallel (dense layers and
           shared experts alike).
   MoE     router and routed experts replicated over tp (experts are split by expert
@@ -68,7 +68,7 @@ def _local_sinks_post_hook(module: nn.Module, args: tuple, output: torch.Tensor)
     module.__dict__.pop("sinks", None)
 
 
-def _shard_sinks(module: GroupedQueryAttention, tp_mesh) -> None:
+def shard_sinks(module: GroupedQueryAttention, tp_mesh) -> None:
     """sinks [H] -> a DTensor sharded over tp along the heads (rank r: the heads of its q_proj rows)."""
     sinks = module.sinks
     module.sinks = nn.Parameter(distribute_tensor(sinks.detach(), tp_mesh, [Shard(0)]), sinks.requires_grad)
@@ -94,7 +94,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
             plan = {"q_proj": ColwiseParallel(), "k_proj": ColwiseParallel(), "v_proj": ColwiseParallel(),
                     "o_proj": RowwiseParallel()}
             parallelize_module(module, tp_mesh, plan)
-            _shard_sinks(module, tp_mesh)
+            shard_sinks(module, tp_mesh)
         elif isinstance(module, SwiGLU):
             parallelize_module(module, tp_mesh, MLP_PLAN())
     parallelize_module(

@@ -47,6 +47,8 @@ class ParallelConfig:
     pipeline_layers_per_stage: Optional[list[int]] = None  # one count per stage (pp x stages_per_rank); None: even
     pipeline_mtp_stage: bool = False  # final norm + head + MTP as a stage of their own (no transformer layers)
     ep_overlap: bool = True  # dispatch all-to-all in flight while the shared experts compute (parallel/OVERLAP.md)
+    # tp > 1: norms, residuals, router and dispatch on each tp rank's sequence shard (parallel/sequence_parallel.py)
+    sequence_parallel: bool = True
 
 
 @dataclass
@@ -278,6 +280,7 @@ def _validate_layout_and_launch(cfg: "Config") -> None:
     try:  # the layout rules that hold whatever the number of processes
         layout.check_expert_parallel(p, m)
         layout.check_tensor_parallel(p, m)
+        layout.check_sequence_length(p, t.seq_len)
         layout.schedule_name(p)
         if p.pp > 1:
             layout.split_layers(p, m)
