@@ -285,6 +285,11 @@ def sequence_parallel(parallel) -> bool:
     return parallel.tp > 1 and bool(parallel.sequence_parallel)
 
 
+def sequence_shards(parallel) -> int:
+    """Ranks the tokens between TP regions (and so the routed tokens) are split over: tp under SP, else 1."""
+    return parallel.tp if sequence_parallel(parallel) else 1
+
+
 def check_sequence_length(parallel, seq_len: int, key: str = "train.seq_len") -> None:
     """Under sequence parallelism every tp rank holds seq_len / tp positions."""
     if sequence_parallel(parallel) and seq_len % parallel.tp:
@@ -296,7 +301,7 @@ def check_sequence_length(parallel, seq_len: int, key: str = "train.seq_len") ->
 
 def local_seq_len(parallel, seq_len: int) -> int:
     """Positions of the residual stream one rank holds between TP regions."""
-    return seq_len // parallel.tp if sequence_parallel(parallel) else seq_len
+    return seq_len // sequence_shards(parallel)
 
 
 def check_pipeline(parallel, model: "ModelConfig") -> None:
