@@ -13,6 +13,8 @@ Per block (Megatron-style column -> row pairs, heads split over the `tp` ranks):
           parallelism instead); every tp rank routes the same tokens.
 Embedding is vocab-parallel (row-wise over the vocabulary) and the output head is
 column-parallel with vocab-parallel cross-entropy (`loss_parallel`).
+This is the plan of `parallel.sequence_parallel=false`; with sequence parallelism (the default)
+parallel/sequence_parallel.py applies the same splits with the sequence sharded between them.
 
 The one place DTensor cannot see a partial gradient is MLA's shared RoPE key k^R:
 it is computed by the replicated kv_a_proj_with_mqa and consumed by this rank's heads
