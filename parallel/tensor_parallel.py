@@ -86,6 +86,8 @@ def MLP_PLAN() -> dict:
 def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
     """Shard attention heads, MLP widths, embedding and head over `tp_mesh`."""
     group = tp_mesh.get_group()
+    tied = model.lm_head is not None and model.embed_tokens is not None and \
+        model.lm_head.weight is model.embed_tokens.weight
     for module in model.modules():
         if isinstance(module, MultiHeadLatentAttention):
             plan = {"kv_b_proj": ColwiseParallel(), "o_proj": RowwiseParallel()}
@@ -107,3 +109,5 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
             "lm_head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False),
         },
     )
+    if tied:  # each plan distributed the shared weight on its own (both Shard(0)): share one DTensor again
+        model.lm_head.weight = model.embed_tokens.weight
