@@ -6,8 +6,10 @@ one thread per rank, gloo):
   EP4          4 ranks: dp_shard 4, ep 4, FSDP2
   node 2x2     node-limited routing on 2 "nodes" x 2 ranks (issue 15 part B: runs once
                parallel.ep_ranks_per_node exists, else printed as 'not built' with the reason)
-  TP2+SP       tp 2 with parallel.sequence_parallel (issue 15 part B: likewise)
-  TP2xEP2      4 ranks: tp 2, dp_shard 2, ep 2 (today's TP: every TP rank routes the same tokens)
+  TP2+SP       2 ranks: tp 2 with parallel.sequence_parallel (each tp rank routes its half of the
+               sequence; no all-to-all: the row shows SP's collectives over tp instead)
+  TP2xEP2      4 ranks: tp 2, dp_shard 2, ep 2, with sequence parallelism (the default): each tp rank
+               routes and dispatches its own sequence shard
 
 Per layout, per token and per MoE layer (forward; the backward moves the same rows back):
   naive dispatch   one row per kept (token, expert) assignment: what the dispatcher sent before
@@ -18,6 +20,10 @@ Per layout, per token and per MoE layer (forward; the backward moves the same ro
                    per distinct destination rank, nothing else
   fp8 dispatch     not built (issue 15: FP8 payload + 1x128 tile scales): printed as such
   combine          the gates (fp32 per slot) and one returned row per pair
+Under tp: `routed_tokens_per_rank` (tokens the routers of one rank saw per step, per MoE layer call,
+counted by a hook on every router: B x S / tp with SP) and `tp_bytes_per_token` (the ledger's
+all-gathers, reduce-scatters and all-reduces over tp, forward and backward, per token of the rank's
+tp group and per step).
 The pairs and assignments are counted by wrapping parallel.expert_parallel.pairs_per_rank inside the
 bench process; the all-to-all bytes and the exposed all-to-all time (`wait_s`: the whole duration of
 synchronous all-to-alls plus the blocked part of async waits, forward and backward) come from the
@@ -47,13 +53,13 @@ import torch  # noqa: E402
 
 GLOBAL_SEQS = 8
 SEQ_LEN = 256
-COUNTS = {"tokens": 0, "pairs": 0, "assignments": 0, "dispatches": 0}
+COUNTS = {"tokens": 0, "pairs": 0, "assignments": 0, "dispatches": 0, "routed": 0, "router_calls": 0}
 
 LAYOUTS = {  # name -> (ranks, overrides) or None when the layout needs issue 15 part B
     "EP2": (2, {"parallel.dp_shard": 2, "parallel.ep": 2}),
     "EP4": (4, {"parallel.dp_shard": 4, "parallel.ep": 4}),
     "node-limited 2x2": None,  # PART_B
-    "TP2+SP": None,  # PART_B
+    "TP2+SP": (2, {"parallel.tp": 2, "parallel.sequence_parallel": "true"}),
     "TP2xEP2": (4, {"parallel.tp": 2, "parallel.dp_shard": 2, "parallel.ep": 2}),
 }
 
@@ -61,7 +67,6 @@ LAYOUTS = {  # name -> (ranks, overrides) or None when the layout needs issue 15
 PART_B = {  # layout -> (ranks, overrides, the config key it needs from issue 15 part B)
     "node-limited 2x2": (4, {"parallel.dp_shard": 4, "parallel.ep": 4, "parallel.ep_ranks_per_node": 2},
                          "ep_ranks_per_node"),
-    "TP2+SP": (2, {"parallel.tp": 2, "parallel.sequence_parallel": "true"}, "sequence_parallel"),
 }
 
 
@@ -93,6 +98,12 @@ def count_pairs() -> None:
     ep.pairs_per_rank = counted
 
 
+def count_routed(module, args, out) -> None:
+    if torch.is_grad_enabled():
+        COUNTS["routed"] += args[0].shape[0]
+        COUNTS["router_calls"] += 1
+
+
 def bench_rank(rank: int, ranks: int, extra: dict, overlap: bool, steps: int, warmup: int, run_dir: str) -> dict:
     from bench.expert_parallel import tiny_trainer
 
@@ -108,13 +119,19 @@ def bench_rank(rank: int, ranks: int, extra: dict, overlap: bool, steps: int, wa
     ]
     rows = []
     with tiny_trainer(overrides) as trainer:
+        from models.moe import moe_layers
+
+        for layer in moe_layers(trainer.model):
+            layer.gate.register_forward_hook(count_routed)
         for i in range(warmup + steps):
             for k in COUNTS:
                 COUNTS[k] = 0
             m = trainer.train_step()
             if i >= warmup:
-                a2a = m.get("comm", {}).get("by", {}).get("all_to_all/ep", {})
-                rows.append({"step_s": m["step_time_s"], "a2a_bytes": a2a.get("bytes", 0),
+                by = m.get("comm", {}).get("by", {})
+                a2a = by.get("all_to_all/ep", {})
+                tp_bytes = sum(v["bytes"] for k, v in by.items() if k.endswith("/tp"))
+                rows.append({"step_s": m["step_time_s"], "a2a_bytes": a2a.get("bytes", 0), "tp_bytes": tp_bytes,
                              "a2a_wait_s": a2a.get("wait_s", 0.0), **{k: float(v) for k, v in COUNTS.items()}})
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
 
@@ -168,10 +185,14 @@ def main(argv=None) -> int:
         ranks, extra = spec
         off = run(ranks, extra, False, args.steps, args.warmup)
         on = run(ranks, extra, True, args.steps, args.warmup)
+        tp = int(extra.get("parallel.tp", 1))
         b = bytes_per_token(on, int(extra.get("parallel.ep", 1)), mc.hidden_size, mc.num_experts_per_tok)
+        tp_group_tokens = GLOBAL_SEQS * SEQ_LEN * tp / ranks  # the tokens one tp group trains per step
         measured = on["a2a_bytes"] / max(on["tokens"], 1) / 2  # the ledger: forward and backward move the same
         results.append({
             "layout": name, **b,
+            "routed_tokens_per_rank": on["routed"] / max(on["router_calls"], 1),
+            "tp_bytes_per_token": on["tp_bytes"] / tp_group_tokens if tp > 1 else None,
             "ratio_to_min": b["dispatch_bytes_per_token"] / max(b["min_dispatch_bytes_per_token"], 1e-9),
             "fp8_dispatch_bytes_per_token": None, "fp8_dispatch": "not built",
             "ledger_dispatch_plus_combine_bytes_per_token": measured,  # cross-check of the two above
@@ -192,6 +213,12 @@ def main(argv=None) -> int:
     for r in results:
         if "not_built" in r:
             print(f"{r['layout']:<18} not built: {r['not_built']}")
+            continue
+        if r["tp_bytes_per_token"] is not None:
+            print(f"{r['layout']:<18} tokens routed per rank and MoE layer call: {r['routed_tokens_per_rank']:,.0f}; "
+                  f"over tp per token and step: {r['tp_bytes_per_token']:,.0f} B")
+        if not r["min_dispatch_bytes_per_token"]:  # no all-to-all (ep 1)
+            print(f"{'':<18} tokens/s vs 1 rank x 1 thread: {r['tokens_per_s_ratio_overlap_off']:.2f}x")
             continue
         print(f"{r['layout']:<18} dispatch B/token/layer: naive {r['naive_dispatch_bytes_per_token']:,.0f}  dedup "
               f"{r['dispatch_bytes_per_token']:,.0f}  min {r['min_dispatch_bytes_per_token']:,.0f}  "

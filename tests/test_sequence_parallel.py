@@ -4,7 +4,8 @@ One 2-rank launch trains the small model as TP2 with SP on and with SP off (toda
   - with SP every tp rank routes only its own sequence shard: the tokens each MoE router sees per
     rank are B x S / tp (and with SP off, all B x S), counted by a hook on every router;
   - the two runs agree step by step (losses, grad norms, final parameters and router biases) within
-    the parity tolerances (each matches the single process: tests/test_parallel_parity.py's tp2 runs SP);
+    the parity tolerances, here with MLA without q_lora and tied embeddings (the default model matches the
+    single process under SP in tests/test_parallel_parity.py's tp2 layouts);
   - every SP collective is counted under the group "tp" (none without SP).
 The config errors (sequence not divisible by tp, an ep group over the tp ranks) need no launch.
 """
@@ -51,7 +52,10 @@ def train_counting_routed(rank: int, runs: list[list[str]]) -> list[dict]:
 def test_sp_routes_each_shard_once_and_matches_tp(tmp_path):
     common = {"train.steps": 2, "train.micro_batch_size": MICRO, "train.grad_accum_steps": 2, "train.threads": 1,
               "train.seq_len": SEQ, "checkpoint.at_end": "false", "model.bias_update_speed": 0.01,
-              "model.aux_loss_alpha": 0.01, "optim.eps": 1e-6, "optim.warmup_steps": 1, "parallel.tp": 2}
+              "model.aux_loss_alpha": 0.01, "optim.eps": 1e-6, "optim.warmup_steps": 1, "parallel.tp": 2,
+              # the other gather point (MLA without q_lora: the hidden state) and a head tied to the embedding;
+              # tests/test_parallel_parity.py's tp2 covers the latents' gather and an untied head
+              "model.q_lora_rank": "null", "model.tie_word_embeddings": "true"}
     runs = [small_overrides(tmp_path / name, tmp_path / "cache", **common, **{"parallel.sequence_parallel": sp})
             for name, sp in (("sp", "true"), ("tp", "false"))]
     results = run_ranks(2, train_counting_routed, runs)
