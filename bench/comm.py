@@ -6,8 +6,10 @@ one thread per rank, gloo):
   EP4          4 ranks: dp_shard 4, ep 4, FSDP2
   node 2x2     4 ranks: dp_shard 4, ep 4, parallel.ep_ranks_per_node 2: node-limited routing on
                2 "nodes" x 2 ranks, hierarchical dispatch (parallel/node_dispatch.py)
-  TP2+SP       tp 2 with parallel.sequence_parallel (issue 15 part B: likewise)
-  TP2xEP2      4 ranks: tp 2, dp_shard 2, ep 2 (today's TP: every TP rank routes the same tokens)
+  TP2+SP       2 ranks: tp 2 with parallel.sequence_parallel (each tp rank routes its half of the
+               sequence; no all-to-all: the row shows SP's collectives over tp instead)
+  TP2xEP2      4 ranks: tp 2, dp_shard 2, ep 2, with sequence parallelism (the default): each tp rank
+               routes and dispatches its own sequence shard
 
 Per layout, per token and per MoE layer (forward; the backward moves the same rows back):
   naive dispatch   one row per kept (token, expert) assignment: what the dispatcher sent before
@@ -25,6 +27,10 @@ node 2x2 splits these by stage: `dispatch` / `min dispatch` / `combine` are the 
 (one row per (token, node) and its slot map; min: one row per (token, node)), `intra_node_*` the
 intra-node stage's (one row per (forwarded row, rank of the node)), `inter_node_crossing_*` the rows
 that really leave their node (to the other node, not the rank's own), `total_dispatch_*` both stages.
+Under tp: `routed_tokens_per_rank` (tokens the routers of one rank saw per step, per MoE layer call,
+counted by a hook on every router: B x S / tp with SP) and `tp_bytes_per_token` (the ledger's
+all-gathers, reduce-scatters and all-reduces over tp, forward and backward, per token of the rank's
+tp group and per step).
 The pairs and assignments are counted by wrapping parallel.expert_parallel.pairs_per_rank inside the
 bench process; the all-to-all bytes and the exposed all-to-all time (`wait_s`: the whole duration of
 synchronous all-to-alls plus the blocked part of async waits, forward and backward) come from the
@@ -44,7 +50,6 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -55,30 +60,16 @@ import torch  # noqa: E402
 GLOBAL_SEQS = 8
 SEQ_LEN = 256
 COUNTS = {"tokens": 0, "pairs": 0, "assignments": 0, "dispatches": 0, "remote_pairs": 0,  # flat / inter-node
-          "intra_pairs": 0}  # node-limited: the intra-node stage
+          "intra_pairs": 0,  # node-limited: the intra-node stage
+          "routed": 0, "router_calls": 0}  # tokens every router saw (tp: each rank's shard under SP)
 
-LAYOUTS = {  # name -> (ranks, overrides) or None when the layout needs issue 15 part B
+LAYOUTS = {  # name -> (ranks, overrides)
     "EP2": (2, {"parallel.dp_shard": 2, "parallel.ep": 2}),
     "EP4": (4, {"parallel.dp_shard": 4, "parallel.ep": 4}),
     "node-limited 2x2": (4, {"parallel.dp_shard": 4, "parallel.ep": 4, "parallel.ep_ranks_per_node": 2}),
-    "TP2+SP": None,  # PART_B
+    "TP2+SP": (2, {"parallel.tp": 2, "parallel.sequence_parallel": "true"}),
     "TP2xEP2": (4, {"parallel.tp": 2, "parallel.dp_shard": 2, "parallel.ep": 2}),
 }
-
-
-PART_B = {  # layout -> (ranks, overrides, the config key it needs from issue 15 part B)
-    "TP2+SP": (2, {"parallel.tp": 2, "parallel.sequence_parallel": "true"}, "sequence_parallel"),
-}
-
-
-def missing_part_b(name: str) -> Optional[str]:
-    """Why `name` cannot run in this checkout, or None when its part-B config key exists."""
-    from train.config import ParallelConfig
-
-    key = PART_B[name][2]
-    if hasattr(ParallelConfig(), key):
-        return None
-    return f"parallel.{key} does not exist here: issue 15 part B (branch seqpar) has not landed on main"
 
 
 def count_pairs(n_experts: int, own: int) -> None:
@@ -106,6 +97,12 @@ def count_pairs(n_experts: int, own: int) -> None:
     ep.pairs_per_rank = counted
 
 
+def count_routed(module, args, out) -> None:
+    if torch.is_grad_enabled():
+        COUNTS["routed"] += args[0].shape[0]
+        COUNTS["router_calls"] += 1
+
+
 def bench_rank(rank: int, ranks: int, extra: dict, overlap: bool, steps: int, warmup: int, run_dir: str,
                precision: str = "fp32") -> dict:
     from bench.expert_parallel import tiny_trainer
@@ -124,13 +121,19 @@ def bench_rank(rank: int, ranks: int, extra: dict, overlap: bool, steps: int, wa
     ]
     rows = []
     with tiny_trainer(overrides) as trainer:
+        from models.moe import moe_layers
+
+        for layer in moe_layers(trainer.model):
+            layer.gate.register_forward_hook(count_routed)
         for i in range(warmup + steps):
             for k in COUNTS:
                 COUNTS[k] = 0
             m = trainer.train_step()
             if i >= warmup:
-                a2a = [v for k, v in m.get("comm", {}).get("by", {}).items() if k.startswith("all_to_all/ep")]
-                rows.append({"step_s": m["step_time_s"], "a2a_bytes": sum(v["bytes"] for v in a2a),
+                by = m.get("comm", {}).get("by", {})
+                a2a = [v for k, v in by.items() if k.startswith("all_to_all/ep")]
+                tp_bytes = sum(v["bytes"] for k, v in by.items() if k.endswith("/tp"))
+                rows.append({"step_s": m["step_time_s"], "a2a_bytes": sum(v["bytes"] for v in a2a), "tp_bytes": tp_bytes,
                              "a2a_wait_s": sum(v.get("wait_s", 0.0) for v in a2a),
                              **{k: float(v) for k, v in COUNTS.items()}})
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
@@ -206,15 +209,6 @@ def main(argv=None) -> int:
     for name, spec in LAYOUTS.items():
         if args.only and name not in args.only:
             continue
-        if spec is None:
-            why = missing_part_b(name)
-            if why is not None:
-                results.append({"layout": name, "not_built": why, "dispatch_bytes_per_token": None,
-                                "fp8_dispatch_bytes_per_token": None,
-                                "naive_dispatch_bytes_per_token": None, "min_dispatch_bytes_per_token": None,
-                                "tokens_per_s_ratio": None})
-                continue
-            spec = PART_B[name][:2]
         ranks, extra = spec
         off = run(ranks, extra, False, args.steps, args.warmup)
         on = run(ranks, extra, True, args.steps, args.warmup)
@@ -222,12 +216,17 @@ def main(argv=None) -> int:
         nodes = ep // int(extra.get("parallel.ep_ranks_per_node", ep))
         b = bytes_per_token(on, ep, mc.hidden_size, mc.num_experts_per_tok, nodes)
         b8 = fp8_dispatch(run(ranks, extra, True, args.steps, args.warmup, "fp8"), ep, mc.hidden_size,
-                          mc.num_experts_per_tok, nodes)
+                          mc.num_experts_per_tok, nodes) if ep > 1 else {"fp8_dispatch_bytes_per_token": None,
+                                                                         "fp8_ledger_to_plan": None}
+        tp = int(extra.get("parallel.tp", 1))
+        tp_group_tokens = GLOBAL_SEQS * SEQ_LEN * tp / ranks  # the tokens one tp group trains per step
         measured = on["a2a_bytes"] / max(on["tokens"], 1) / 2  # the ledger: forward and backward move the same
         results.append({
             "layout": name, **b,
             "ratio_to_min": b["dispatch_bytes_per_token"] / max(b["min_dispatch_bytes_per_token"], 1e-9),
             **b8,
+            "routed_tokens_per_rank": on["routed"] / max(on["router_calls"], 1),
+            "tp_bytes_per_token": on["tp_bytes"] / tp_group_tokens if tp > 1 else None,
             "ledger_dispatch_plus_combine_bytes_per_token": measured,  # cross-check of the two above
             "exposed_all_to_all_s_overlap_off": off["a2a_wait_s"], "exposed_all_to_all_s_overlap_on": on["a2a_wait_s"],
             "step_s_overlap_off": off["step_s"], "step_s_overlap_on": on["step_s"],
@@ -244,8 +243,11 @@ def main(argv=None) -> int:
     print(f"tiny model, seq {SEQ_LEN}, {GLOBAL_SEQS} seq/step, fp32, 1 thread per rank; one rank x 1 thread: "
           f"{base_tps:,.0f} tokens/s; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
     for r in results:
-        if "not_built" in r:
-            print(f"{r['layout']:<18} not built: {r['not_built']}")
+        if r["tp_bytes_per_token"] is not None:
+            print(f"{r['layout']:<18} tokens routed per rank and MoE layer call: {r['routed_tokens_per_rank']:,.0f}; "
+                  f"over tp per token and step: {r['tp_bytes_per_token']:,.0f} B")
+        if not r["min_dispatch_bytes_per_token"]:  # no all-to-all (ep 1)
+            print(f"{'':<18} tokens/s vs 1 rank x 1 thread: {r['tokens_per_s_ratio_overlap_off']:.2f}x")
             continue
         print(f"{r['layout']:<18} dispatch B/token/layer: naive {r['naive_dispatch_bytes_per_token']:,.0f}  dedup "
               f"{r['dispatch_bytes_per_token']:,.0f}  min {r['min_dispatch_bytes_per_token']:,.0f}  "

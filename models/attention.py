@@ -112,7 +112,6 @@ class MultiHeadLatentAttention(nn.Module):
     ) -> torch.Tensor:
         """x [B, S, H]. With a `cache`, the new tokens' latents are stored; an empty cache (prefill) runs
         the training path, a filled one (decode) the absorbed path over every cached token."""
-        bsz, seq, _ = x.shape
         q_in, kv_latent, k_pe = self.latents(x)
         if cache is None:
             out = self.attend(q_in, kv_latent, k_pe, rope, mask)
@@ -121,7 +120,7 @@ class MultiHeadLatentAttention(nn.Module):
             out = self.attend(q_in, kv_latent, k_pe, rope, mask)
         else:
             out = self.attend_absorbed(q_in, *cache.append(kv_latent, self.rope_key(k_pe, rope).squeeze(2)), rope, mask)
-        return self.o_proj(out.reshape(bsz, seq, -1))
+        return self.o_proj(out.flatten(2))  # [B, S, h * d_v]; S is the gathered sequence under SP
 
     def latents(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The down-projections: (query input of the up-projection, normed c_KV, raw k^R) (V3 eqs. 1, 3, 6)."""

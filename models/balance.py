@@ -13,15 +13,15 @@ V2 adds device-level and communication losses with D = n_group expert groups
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 
-def group_statistics(
+def group_sums(
     scores: torch.Tensor, topk_idx: torch.Tensor, group_ids: torch.Tensor, num_groups: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-group selection counts [G, E], mean normalised scores P [G, E] and token counts [G]."""
+    """Per-group selection counts [G, E], sums of the normalised scores [G, E] and token counts [G]."""
     n_tokens, n_experts = scores.shape
     probs = scores / scores.sum(dim=-1, keepdim=True)
     tokens = torch.zeros(num_groups, device=scores.device, dtype=scores.dtype).index_add_(
@@ -31,8 +31,7 @@ def group_statistics(
     selected = torch.zeros(n_tokens, n_experts, device=scores.device, dtype=scores.dtype)
     selected.scatter_(1, topk_idx, 1.0)
     counts = torch.zeros(num_groups, n_experts, device=scores.device, dtype=scores.dtype).index_add_(0, group_ids, selected)
-    tokens_safe = tokens.clamp(min=1).unsqueeze(1)
-    return counts, prob_sum / tokens_safe, tokens
+    return counts, prob_sum, tokens
 
 
 def balance_losses(
@@ -46,26 +45,39 @@ def balance_losses(
     alpha_expert: float,
     alpha_device: float,
     alpha_comm: float,
+    reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """Sum of the enabled balance losses, averaged over non-empty groups. scores: [T, E] fp32."""
-    counts, p, tokens = group_statistics(scores, topk_idx, group_ids, num_groups)
+    """Sum of the enabled balance losses, averaged over non-empty groups. scores: [T, E] fp32.
+
+    `reduce` sums the per-group sums over the processes that each hold some of every group's tokens
+    (sequence parallelism), so f and P are those of the whole groups."""
+    counts, prob_sum, tokens = group_sums(scores, topk_idx, group_ids, num_groups)
     n_experts = scores.shape[1]
+    d = n_device_groups
+    sent_per_group = None
+    if alpha_comm > 0:  # a token counts once per device it is sent to
+        sent = counts.new_zeros(topk_idx.shape[0], d).scatter_(1, topk_idx // (n_experts // d), 1.0)
+        sent_per_group = counts.new_zeros(num_groups, d).index_add_(0, group_ids, sent)
+    if reduce is not None:
+        parts = [counts, prob_sum, tokens.unsqueeze(1)] + ([] if sent_per_group is None else [sent_per_group])
+        widths = [p.shape[1] for p in parts]
+        parts = list(reduce(torch.cat(parts, dim=1)).split(widths, dim=1))
+        counts, prob_sum, tokens = parts[0], parts[1], parts[2].squeeze(1)
+        sent_per_group = parts[3] if sent_per_group is not None else None
     present = tokens > 0
     t = tokens.clamp(min=1).unsqueeze(1)
+    p = prob_sum / t
     f = counts * n_experts / (top_k * t)  # f_{g,i}
     per_group = torch.zeros(num_groups, device=scores.device, dtype=scores.dtype)
     if alpha_expert > 0:
         per_group = per_group + alpha_expert * (f * p).sum(-1)
     if alpha_device > 0 or alpha_comm > 0:
-        d = n_device_groups
         p_dev = p.view(num_groups, d, -1).sum(-1)  # P'_i = sum of P_j over the device's experts
         if alpha_device > 0:
             f_dev = f.view(num_groups, d, -1).mean(-1)  # f'_i = mean of f_j over the device's experts
             per_group = per_group + alpha_device * (f_dev * p_dev).sum(-1)
         if alpha_comm > 0:
             # f''_i = D / (M T) * #tokens sent to device i (a token counts once per device)
-            sent = (counts.new_zeros(topk_idx.shape[0], d).scatter_(1, topk_idx // (n_experts // d), 1.0))
-            sent_per_group = counts.new_zeros(num_groups, d).index_add_(0, group_ids, sent)
             f_comm = sent_per_group * d / (devices_per_token * t)
             per_group = per_group + alpha_comm * (f_comm * p_dev).sum(-1)
     return per_group[present].sum() / present.sum().clamp(min=1)

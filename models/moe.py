@@ -11,7 +11,7 @@ parallelism, so this file never calls torch.distributed.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -154,6 +154,10 @@ class MoE(nn.Module):
         )
         self.dispatcher: TokenDispatcher = LocalDispatcher(cfg.n_routed_experts)
         self.step_state: Optional[Any] = None  # a models.moe_state.MoEStepState, which sets it
+        # Under sequence parallelism (set by parallel/): this layer sees sequence shard `index` of `count`
+        # (doc_ids stay whole), and `balance_reduce` sums the balance statistics over the shards.
+        self.sequence_shard: tuple[int, int] = (0, 1)
+        self.balance_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     def forward(self, x: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         bsz, seq, hidden = x.shape
@@ -180,8 +184,10 @@ class MoE(nn.Module):
         cfg = self.cfg
         if cfg.aux_loss_alpha == 0 and cfg.device_aux_loss_alpha == 0 and cfg.comm_aux_loss_alpha == 0:
             return scores.new_zeros(())
-        if cfg.seq_aux:
-            group_ids, n_groups = balance_group_ids(bsz, seq, doc_ids, scores.device)
+        if cfg.seq_aux:  # group ids over the whole sequence, then this shard's positions
+            index, count = self.sequence_shard
+            group_ids, n_groups = balance_group_ids(bsz, seq * count, doc_ids, scores.device)
+            group_ids = group_ids.view(bsz, count, seq)[:, index].flatten()
         else:
             group_ids, n_groups = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device), 1
         return balance_losses(
@@ -195,6 +201,7 @@ class MoE(nn.Module):
             alpha_expert=cfg.aux_loss_alpha,
             alpha_device=cfg.device_aux_loss_alpha,
             alpha_comm=cfg.comm_aux_loss_alpha,
+            reduce=self.balance_reduce,
         )
 
     def reset_parameters(self, std: float) -> None:

@@ -10,12 +10,16 @@ over a group of one rank moves nothing and is not counted.
 
 moeforge's own collectives (EP all-to-all, dp sums, gradient-norm and ZeRO-1 all-reduces,
 ZeRO-1's parameter all-gather, pipeline sums, load gathers, the TP RoPE-key gradient sum) call
-the functions below, which record and then call torch.distributed. FSDP2's all-gathers and
+the functions below, which record and then call torch.distributed. Sequence parallelism's
+all-gathers, reduce-scatters and sums over tp (parallel/sequence_parallel.py) are issued by moeforge
+as functional collectives and recorded with `LEDGER.record` (the bytes of the input buffer, as here;
+a recompute region's replay of a forward is not counted again). FSDP2's all-gathers and
 reduce-scatters are counted from outside through FSDP2's own seam,
 `FSDPModule.set_custom_all_gather / set_custom_reduce_scatter` (see `count_fsdp_collectives`):
 FSDP2 hands `LedgeredAllGather` / `LedgeredReduceScatter` the exact flat buffers it
 communicates (padding included), they record them and run FSDP2's default collective. Not
-counted (yet): DTensor redistributions inside tensor-parallel modules, the pipeline
+counted (yet): DTensor redistributions inside tensor-parallel modules (plain TP's all-reduces,
+loss_parallel's reductions), the pipeline
 schedule's activation send/recv, and HSDP's replicate-dimension all-reduce inside FSDP2.
 
 The ledger is per process (one process is one rank): `LEDGER.reset()` starts a step,

@@ -44,6 +44,7 @@ class ParallelContext:
     pp_size: int = 1
     pp_rank: int = 0  # pipeline rank (which stages this rank runs)
     pp_group: Optional[Any] = None  # the ranks of one pipeline (same data-parallel coordinates)
+    sp_group: Optional[Any] = None  # the tp group under sequence parallelism (tp ranks hold different tokens)
 
     @classmethod
     def single(cls) -> "ParallelContext":
@@ -68,6 +69,12 @@ class ParallelContext:
     def dp_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over the data-parallel replicas (token counts of the global batch)."""
         return self.all_reduce_sum(tensor, self.dp_group, "dp")
+
+    def load_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum of routing statistics over every rank that routed different tokens: data-parallel replicas and,
+        under sequence parallelism, the tp ranks."""
+        tensor = self.dp_sum(tensor)
+        return tensor if self.sp_group is None else self.all_reduce_sum(tensor, self.sp_group, "tp")
 
     def barrier(self) -> None:
         if self.distributed:

@@ -288,6 +288,11 @@ def check_expert_parallel(parallel, model: "ModelConfig") -> None:
             f"use an ep that divides it ({', '.join(map(str, divisors[:12]))})"
         )
     dp_shard = resolve_dp_shard(p, None)
+    if dp_shard % p.ep and p.tp > 1 and (dp_shard * p.tp) % p.ep == 0:
+        raise LayoutError(
+            f"parallel.ep: ep={p.ep} spans the tp ranks (dp_shard={dp_shard} x tp={p.tp}); an expert-parallel group "
+            "over tensor-parallel ranks is not supported yet: set dp_shard to a multiple of ep"
+        )
     if dp_shard % p.ep:
         raise LayoutError(
             f"parallel.ep: ep={p.ep} must divide parallel.dp_shard={dp_shard} (experts are split over the sharded "
@@ -350,6 +355,30 @@ def check_tensor_parallel(parallel, model: "ModelConfig") -> None:
     for key, (size, what) in sizes.items():
         if size % tp:
             raise LayoutError(f"parallel.tp: {key}={size} is not divisible by tp={tp}; use a tp that divides {what}")
+
+
+def sequence_parallel(parallel) -> bool:
+    """Whether the layout splits the sequence over the tp ranks between TP regions (parallel.sequence_parallel)."""
+    return parallel.tp > 1 and bool(parallel.sequence_parallel)
+
+
+def sequence_shards(parallel) -> int:
+    """Ranks the tokens between TP regions (and so the routed tokens) are split over: tp under SP, else 1."""
+    return parallel.tp if sequence_parallel(parallel) else 1
+
+
+def check_sequence_length(parallel, seq_len: int, key: str = "train.seq_len") -> None:
+    """Under sequence parallelism every tp rank holds seq_len / tp positions."""
+    if sequence_parallel(parallel) and seq_len % parallel.tp:
+        raise LayoutError(
+            f"{key}: {seq_len} is not divisible by parallel.tp={parallel.tp} (sequence parallelism splits the "
+            "sequence over the tp ranks); use a multiple of tp or set parallel.sequence_parallel=false"
+        )
+
+
+def local_seq_len(parallel, seq_len: int) -> int:
+    """Positions of the residual stream one rank holds between TP regions."""
+    return seq_len // sequence_shards(parallel)
 
 
 def check_pipeline(parallel, model: "ModelConfig") -> None:

@@ -103,6 +103,7 @@ def build_context(parallel, device: torch.device) -> ParallelContext:
         pp_size=p.pp,
         pp_rank=mesh["pp"].get_local_rank(),
         pp_group=mesh["pp"].get_group(),
+        sp_group=mesh["tp"].get_group() if layout.sequence_parallel(p) else None,
     )
 
 

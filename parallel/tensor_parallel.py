@@ -6,13 +6,15 @@ Per block (Megatron-style column -> row pairs, heads split over the `tp` ranks):
           and their RMSNorms stay replicated (they are small, V2 §2.1.2).
   GQA     (gpt-oss) q_proj, k_proj, v_proj column-parallel (q heads and kv heads both split,
           so each rank keeps whole kv groups), o_proj row-parallel; the per-head `sinks`
-          sharded along the heads like q_proj's rows (`_shard_sinks`).
+          sharded along the heads like q_proj's rows (`shard_sinks`).
   MLP     gate_proj / up_proj column-parallel, down_proj row-parallel (dense layers and
           shared experts alike).
   MoE     router and routed experts replicated over tp (experts are split by expert
           parallelism instead); every tp rank routes the same tokens.
 Embedding is vocab-parallel (row-wise over the vocabulary) and the output head is
 column-parallel with vocab-parallel cross-entropy (`loss_parallel`).
+This is the plan of `parallel.sequence_parallel=false`; with sequence parallelism (the default)
+parallel/sequence_parallel.py applies the same splits with the sequence sharded between them.
 
 The one place DTensor cannot see a partial gradient is MLA's shared RoPE key k^R:
 it is computed by the replicated kv_a_proj_with_mqa and consumed by this rank's heads
@@ -68,7 +70,7 @@ def _local_sinks_post_hook(module: nn.Module, args: tuple, output: torch.Tensor)
     module.__dict__.pop("sinks", None)
 
 
-def _shard_sinks(module: GroupedQueryAttention, tp_mesh) -> None:
+def shard_sinks(module: GroupedQueryAttention, tp_mesh) -> None:
     """sinks [H] -> a DTensor sharded over tp along the heads (rank r: the heads of its q_proj rows)."""
     sinks = module.sinks
     module.sinks = nn.Parameter(distribute_tensor(sinks.detach(), tp_mesh, [Shard(0)]), sinks.requires_grad)
@@ -84,6 +86,8 @@ def MLP_PLAN() -> dict:
 def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
     """Shard attention heads, MLP widths, embedding and head over `tp_mesh`."""
     group = tp_mesh.get_group()
+    tied = model.lm_head is not None and model.embed_tokens is not None and \
+        model.lm_head.weight is model.embed_tokens.weight
     for module in model.modules():
         if isinstance(module, MultiHeadLatentAttention):
             plan = {"kv_b_proj": ColwiseParallel(), "o_proj": RowwiseParallel()}
@@ -94,7 +98,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
             plan = {"q_proj": ColwiseParallel(), "k_proj": ColwiseParallel(), "v_proj": ColwiseParallel(),
                     "o_proj": RowwiseParallel()}
             parallelize_module(module, tp_mesh, plan)
-            _shard_sinks(module, tp_mesh)
+            shard_sinks(module, tp_mesh)
         elif isinstance(module, SwiGLU):
             parallelize_module(module, tp_mesh, MLP_PLAN())
     parallelize_module(
@@ -105,3 +109,5 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
             "lm_head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False),
         },
     )
+    if tied:  # each plan distributed the shared weight on its own (both Shard(0)): share one DTensor again
+        model.lm_head.weight = model.embed_tokens.weight

@@ -2,9 +2,11 @@
 
 Two ranks train 2 steps of the small model as EP2 over FSDP2 (dp_shard = ep = 2: FSDP2's
 all-gathers and reduce-scatters of the dense blocks and the root, counted through FSDP2's
-custom-collective seam, and the deduplicated all-to-all) and as EP2 over ZeRO-1 (its gradient
-all-reduce and parameter all-gathers); four ranks as node-limited EP4 on 2 "nodes" x 2 ranks
-(the hierarchical dispatch's inter-node and intra-node all-to-alls, under their own group names). Every rank's `comm` of every step must equal the
+custom-collective seam, and the deduplicated all-to-all), as EP2 over ZeRO-1 (its gradient
+all-reduce and parameter all-gathers), as TP2 with sequence parallelism (its all-gathers and
+reduce-scatters along the sequence and its sums over tp), and four ranks as node-limited EP4 on
+2 "nodes" x 2 ranks (the hierarchical dispatch's inter-node and intra-node all-to-alls, under their
+own group names). Every rank's `comm` of every step must equal the
 prediction key by key, calls and bytes, except the routed tokens' all-to-all bytes, which depend
 on the routing: their mean over the ranks lies within the predicted bounds and within 15% of the
 uniform-routing expectation, and equals the planner's figure for the (token, rank) pairs the
@@ -36,6 +38,9 @@ LAYOUTS = {  # name -> (ranks, overrides)
                          "train.precision": "fp8"}),
     # 2 "nodes" x 2 ranks: the hierarchical dispatch's inter-node (ep_inter) and intra-node (ep_intra) exchanges
     "ep4_2nodes": (4, {"parallel.dp_shard": 4, "parallel.ep": 4, "parallel.ep_ranks_per_node": 2}),
+    # sequence parallelism's all-gathers / reduce-scatters / sums over tp; batch-wise balance statistics
+    # (seq_aux per document would make their size depend on the documents in the batch)
+    "tp2_sp": (2, {"parallel.tp": 2, "model.seq_aux": "false", "model.aux_loss_alpha": 0.01}),
 }
 
 
@@ -80,10 +85,12 @@ def test_ledger_matches_prediction(layout, tmp_path):
     results = run_ranks(world, train_comm, overrides)
     steps = [[json.loads(c) for c in r["comm"]] for r in results]
     assert [json.loads(c) for c in results[0]["logged"]] == steps[0]
-    routed = ["all_to_all/ep_inter", "all_to_all/ep_intra"] if "parallel.ep_ranks_per_node" in extra else [
-        "all_to_all/ep"]
-    assert all(k in predicted for k in routed) and any(k.startswith(("reduce_scatter/", "all_reduce/dp"))
-                                                       for k in predicted)
+    if "parallel.ep_ranks_per_node" in extra:
+        routed = ["all_to_all/ep_inter", "all_to_all/ep_intra"]
+    else:
+        routed = ["all_to_all/ep"] if "all_to_all/ep" in predicted else []
+    assert all(k in predicted for k in routed) and (routed or "reduce_scatter/tp" in predicted)
+    assert any(k.startswith(("reduce_scatter/", "all_reduce/dp")) for k in predicted)
     for step in range(2):
         for rank in range(world):
             got = steps[rank][step]["by"]

@@ -155,6 +155,16 @@ def test_sharding_arithmetic_on_a_small_model(repo_root):
     assert zero["optimizer"] < fsdp["optimizer"] * 1.6  # 12 B / 4 (dense) vs 8 B / 4
 
 
+def test_tp_activations_follow_sequence_parallelism(repo_root):
+    """Under SP a tp rank keeps 1/tp of the activations and the planner predicts its tp collectives; plain TP
+    keeps the whole sequence's (and has no communication prediction)."""
+    tiny = repo_root / "configs" / "tiny.yaml"
+    sp = plan(load_config(tiny, ["parallel.tp=2"]), 2)
+    tp = plan(load_config(tiny, ["parallel.tp=2", "parallel.sequence_parallel=false"]), 2)
+    assert sp["memory"]["ranks"][0]["activations"] == pytest.approx(tp["memory"]["ranks"][0]["activations"] / 2, rel=1e-3)
+    assert "reduce_scatter/tp" in sp["comm"]["by"] and "comm" not in tp
+
+
 def test_pipeline_placement_and_warnings(repo_root):
     tiny = repo_root / "configs" / "tiny.yaml"
     # 1F1B over 2 stages: the last stage keeps its own embedding copy for MTP; rank 0 holds 2 micro-batches.

@@ -60,6 +60,8 @@ class ParallelConfig:
     # ranks of one EP group per node; auto: LOCAL_WORLD_SIZE / tp at start-up (parallel/layout.py). An EP group
     # over several nodes dispatches hierarchically, each routing group on one node (parallel/node_dispatch.py)
     ep_ranks_per_node: Union[int, str] = "auto"
+    # tp > 1: norms, residuals, router and dispatch on each tp rank's sequence shard (parallel/sequence_parallel.py)
+    sequence_parallel: bool = True
 
 
 @dataclass
@@ -309,6 +311,7 @@ def _validate_layout_and_launch(cfg: "Config") -> None:
         layout.check_expert_parallel(p, m)
         layout.check_node_limited(p, m)
         layout.check_tensor_parallel(p, m)
+        layout.check_sequence_length(p, t.seq_len)
         layout.schedule_name(p)
         if p.data_parallel == "deepspeed":
             layout.check_deepspeed(p)

@@ -29,8 +29,13 @@ Memory model (per rank, bytes; GiB = 2**30 in the output), matching what moeforg
   re-gather writes the weight each micro-batch (a new version, so a new copy per micro-batch in flight).
 * Activations: train/activations.py, term by term what the code saves for backward, per token and
   layer kind, for fp32 / bf16 / fp8 and every train.recompute mode (parallel/recompute.py's semantics);
-  tests/test_plan_measured.py checks it against the bytes autograd saves on CPU. Tensor parallelism is
-  assumed sequence-parallel (activations / tp). A block recomputed whole keeps its input and, under EP,
+  tests/test_plan_measured.py checks it against the bytes autograd saves on CPU. Under tensor
+  parallelism with parallel.sequence_parallel (the default) every rank holds 1/tp of the tokens between
+  TP regions and 1/tp of the heads and widths inside them: activations / tp. That misses the full-sequence
+  inputs the column-parallel projections (MLA's latents, SwiGLU, the head) save after their all-gather:
+  measured on tiny (2 layers, fp32, 2 x 48 tokens, TP2+SP) a rank saves 0.74x the single process's
+  activations, against the 0.50x predicted. Without SP every rank keeps the whole sequence's activations
+  (measured there: 0.99x of the unsplit prediction). A block recomputed whole keeps its input and, under EP,
   the rows its all-to-alls moved; one such block's activations live again while it recomputes.
 * Buffers, one micro-batch at a time: the head (final norm, and the fused head+CE's grad_h and fp32
   weight gradient, for the main head and every MTP depth), the EP all-to-all send and receive rows of
@@ -320,15 +325,15 @@ def rank_memory(cfg: Config, rank: int, units: list[Unit], recompute: Recompute,
             recomputing = max(recomputing, am.block_whole(u.moe, u.mtp))
     names = {u.name for u in units}
     per_token += 8.0 * ("embedding" in names) + 8.0 * sum(u.mtp for u in units)  # token ids the lookups save
-    activations = tokens * (per_token * flight + recomputing) / tp
+    activations = tokens * (per_token * flight + recomputing) / layout.sequence_shards(p)
 
     buffers = 0.0
     if "head" in names:  # one micro-batch at a time: its backward follows its forward on the last stage
         head_mb = (t.grad_accum_steps if (p.pp > 1 and p.pipeline_schedule == "GPipe") else 1)
-        buffers += (tokens * am.head_per_token() / tp + am.head_per_micro_batch()) * head_mb
+        buffers += (tokens * am.head_per_token() / layout.sequence_shards(p) + am.head_per_micro_batch()) * head_mb
     if ep > 1 and any(u.moe for u in layer_units):  # all-to-all send + receive of one layer, compute dtype
         c = 4 if precision == "fp32" else 2
-        buffers += 2 * tokens * mc.num_experts_per_tok * mc.hidden_size * c / tp
+        buffers += 2 * tokens * mc.num_experts_per_tok * mc.hidden_size * c / layout.sequence_shards(p)
     if precision == "fp8":  # the emulated expert GEMM dequantises one layer's gate_up weights to fp32 (transient)
         buffers += 4 * max((u.fp8_expert / ep for u in layer_units), default=0.0) * 2 / 3
     buffers += ds_bucket
@@ -487,7 +492,7 @@ def plan(cfg: Config, gpus: Optional[int] = None, gpu_mem_gb: float = 80.0, reco
         "moe": am.moe_terms(4) if cfg.model.n_routed_experts else {},
     }
     # per rank and step, keyed as the ledger keys it; DeepSpeed's own collectives bypass the ledger
-    if not errors and p.pp == 1 and p.tp == 1 and p.data_parallel != "deepspeed":
+    if not errors and p.pp == 1 and (p.tp == 1 or layout.sequence_parallel(p)) and p.data_parallel != "deepspeed":
         out["comm"] = predict_comm(cfg)
     out["errors"] = errors
     out["warnings"] = warnings

@@ -9,8 +9,12 @@ alone may receive more; `routed_all_to_all_bytes` gives the exact figure for cou
 FP8 with FP8 routed experts, the dispatched rows travel as E4M3 bytes plus fp32 1x128 tile scales
 (parallel/expert_parallel.py), their gradients and the combine in the compute dtype. Layouts: data
 parallelism (FSDP2 or ZeRO-1, HSDP), expert parallelism (flat, or hierarchical across nodes: ep_inter's
-pairs are (token, node), ep_intra's (token, rank) as flat EP's); the pipeline's and tensor parallelism's
-traffic is not predicted (nor counted by the ledger yet).
+pairs are (token, node), ep_intra's (token, rank) as flat EP's), tensor parallelism with sequence
+parallelism (its all-gathers and reduce-scatters along the sequence, the balance statistics and the
+replicated parameters' gradient sum, group "tp"; the balance statistics assume one document per
+sequence, `bytes_max` one per token; each tp rank dispatches its own sequence shard). Not predicted
+(nor counted by the ledger): the pipeline's traffic, tensor parallelism without SP, and
+loss_parallel's DTensor-internal reductions.
 """
 
 from __future__ import annotations
@@ -23,10 +27,14 @@ import torch
 
 from models.accounting import build_meta_model
 from models.config import ModelConfig
+from models.attention import MultiHeadLatentAttention
 from models.experts import GroupedExperts
 from models.fp8 import TILE, Fp8GroupedGemm
+from models.gqa_attention import GroupedQueryAttention
+from models.mlp import SwiGLU
 from models.moe import moe_layers
-from parallel.layout import ep_nodes
+from parallel.layout import ep_nodes, sequence_parallel, sequence_shards
+from parallel.sequence_parallel import replicated_parameter_names
 from train.config import Config
 from train.precision import fp8_selected
 
@@ -111,11 +119,48 @@ def _is_expert(name: str) -> bool:
     return ".experts." in name
 
 
+def _sequence_parallel_comm(out: dict, cfg: Config, model: torch.nn.Module, compute: int, grad_elems: int) -> None:
+    """SP's collectives over tp (parallel/sequence_parallel.py): per micro-batch an all-gather of B x S/tp
+    positions before every column-parallel region (width: MLA's latents, else H) and a reduce-scatter of
+    B x S positions x H after every row-parallel one and the embedding, each with its mirror in backward;
+    the balance statistics per MoE layer; per step the replicated gradients and the expert loads."""
+    p, mc, t = cfg.parallel, cfg.model, cfg.train
+    full = t.micro_batch_size * t.seq_len
+    widths: list[int] = []  # gathered values per position
+    scatters = 0
+    for m in model.modules():
+        if isinstance(m, MultiHeadLatentAttention) and m.q_lora_rank is not None:
+            widths += [m.q_lora_rank, m.kv_lora_rank + m.qk_rope_head_dim]
+        elif isinstance(m, (MultiHeadLatentAttention, GroupedQueryAttention, SwiGLU)):
+            widths.append(mc.hidden_size)
+        scatters += isinstance(m, (MultiHeadLatentAttention, GroupedQueryAttention, SwiGLU))
+    heads = 1 + mc.num_nextn_predict_layers  # the head and the embedding run once per depth
+    widths += [mc.hidden_size] * heads
+    scatters += heads
+    micro = t.grad_accum_steps
+    calls = micro * (len(widths) + scatters)
+    gathered = micro * compute * (full // p.tp) * (sum(widths) + scatters * mc.hidden_size)
+    _add(out, "all_gather/tp", calls, gathered)
+    _add(out, "reduce_scatter/tp", calls, gathered * p.tp)
+    n_moe = len(moe_layers(model))
+    stats = stats_max = 0  # the balance statistics' sums: [groups, 2E + 1 (+ n_group)] fp32 per layer
+    if n_moe and (mc.aux_loss_alpha or mc.device_aux_loss_alpha or mc.comm_aux_loss_alpha):
+        width = 4 * (2 * mc.n_routed_experts + 1 + (mc.n_group if mc.comm_aux_loss_alpha else 0))
+        stats = micro * n_moe * width * (t.micro_batch_size if mc.seq_aux else 1)  # one document per sequence
+        stats_max = micro * n_moe * width * (full if mc.seq_aux else 1)  # one per token
+        _add(out, "all_reduce/tp", micro * n_moe, stats)
+    _add(out, "all_reduce/tp", 1, 4 * grad_elems)  # replicated parameters' gradients, one flat fp32 sum
+    if n_moe:
+        _add(out, "all_reduce/tp", 1, 4 * n_moe * (mc.n_routed_experts + 1))  # expert loads + dropped
+    if stats_max > stats:
+        out["all_reduce/tp"]["bytes_max"] = out["all_reduce/tp"]["bytes"] - stats + stats_max
+
+
 def predict_comm(cfg: Config) -> dict[str, Any]:
     """{"calls", "bytes", "by": {"kind/group": {"calls", "bytes"[, "bytes_min", "bytes_max"]}}} of one rank's step."""
     p, mc, t = cfg.parallel, cfg.model, cfg.train
-    if p.pp > 1 or p.tp > 1:
-        raise ValueError("predict_comm: pipeline and tensor parallelism are not predicted yet")
+    if p.pp > 1 or (p.tp > 1 and not sequence_parallel(p)):
+        raise ValueError("predict_comm: pipeline and tensor parallelism without SP are not predicted yet")
     world = p.dp_replicate * p.dp_shard
     edp = p.dp_shard // p.ep
     dp, expert_dp = world, p.dp_replicate * edp
@@ -124,7 +169,7 @@ def predict_comm(cfg: Config) -> dict[str, Any]:
     params = {n: q for n, q in model.named_parameters() if q.requires_grad}
     depth, micro = mc.num_nextn_predict_layers, t.grad_accum_steps
     out: dict[str, dict[str, float]] = {}
-    if world > 1:
+    if world * p.tp > 1:
         _add(out, "all_reduce/world", 1, 8)  # gradient-norm square sum (fp64)
     if dp > 1:
         _add(out, "all_reduce/dp", 1, 8 * (1 + depth))  # global target-token counts
@@ -132,10 +177,17 @@ def predict_comm(cfg: Config) -> dict[str, Any]:
         if n_moe:
             _add(out, "all_reduce/dp", 1, 4 * n_moe * (mc.n_routed_experts + 1))  # expert counts + dropped
     mode = p.data_parallel if world > 1 else "single"
+    compute = 4 if t.precision == "fp32" else 2
 
     def shape_of(name: str) -> torch.Size:
         shape = params[name].shape
         return torch.Size((shape[0] // p.ep,) + tuple(shape[1:])) if _is_expert(name) and p.ep > 1 else shape
+
+    if sequence_parallel(p):
+        sharded_over = (lambda n: edp if _is_expert(n) else p.dp_shard) if mode == "fsdp" else (lambda n: 1)
+        grad_elems = sum(_padded_numel(shape_of(n), sharded_over(n)) for n in replicated_parameter_names(model)
+                         if n in params)
+        _sequence_parallel_comm(out, cfg, model, compute, grad_elems)
 
     if mode == "zero1":
         for expert, ranks, group in ((False, dp, "dp"), (True, expert_dp, "expert_dp")):
@@ -161,7 +213,7 @@ def predict_comm(cfg: Config) -> dict[str, Any]:
             _add(out, f"all_gather/{group}", gathers, gathers * gather * shard)
             _add(out, f"reduce_scatter/{group}", micro, micro * 4 * ranks * shard)
     if p.ep > 1 and n_moe:
-        dispatch = (t.micro_batch_size * t.seq_len, n_moe * micro, fp8_dispatch_layers(cfg, model) / n_moe)
+        dispatch = (t.micro_batch_size * t.seq_len // sequence_shards(p), n_moe * micro, fp8_dispatch_layers(cfg, model) / n_moe)
         nodes = ep_nodes(p)
         if nodes == 1:
             _add_dispatch(out, "ep", p.ep, expected_ranks_per_token(mc, p.ep), min(mc.num_experts_per_tok, p.ep),

@@ -29,6 +29,7 @@ from models.moe_state import ExpertLoad, MoEStepState
 from models.transformer import Transformer, combine_losses
 from parallel.comm_ledger import LEDGER
 from parallel.context import ParallelContext
+from parallel.layout import local_seq_len
 from parallel.checkpointing import CheckpointState
 from parallel.parallelize import build_parallel_optimizer, parallelize
 from parallel.recompute import apply_recompute
@@ -98,7 +99,8 @@ class Trainer:
         self.plan = parallelize(self.model, self.ctx, cfg.parallel.data_parallel, self.precision.fsdp_policy(),
                                 pipeline=self.pipeline, ep_overlap=cfg.parallel.ep_overlap)
         if self.pipeline is not None:
-            self.pipeline.build_schedule(cfg.train.grad_accum_steps, cfg.train.micro_batch_size, cfg.train.seq_len,
+            self.pipeline.build_schedule(cfg.train.grad_accum_steps, cfg.train.micro_batch_size,
+                                         local_seq_len(cfg.parallel, cfg.train.seq_len),
                                          cfg.model.hidden_size, cfg.model.num_nextn_predict_layers)
         self.deepspeed = self.plan.mode == "deepspeed"  # the engine reduces, clips and steps (its own file)
         if self.deepspeed:
@@ -197,7 +199,7 @@ class Trainer:
         totals = self.ctx.dp_sum(forward_backward(batches, lm_tokens, mtp_tokens, mtp_weight).to(self.device)).cpu()
         release_quantised_weights(self.model)  # the step's FP8 weight copies: the weights change next
         lr, gamma, grad_norm, finite = self._update(float(totals[0]))
-        load = self.moe_state.end_step(gamma if finite else 0.0, reduce=self.ctx.dp_sum)
+        load = self.moe_state.end_step(gamma if finite else 0.0, reduce=self.ctx.load_sum)
         self._raise_if_diverged()
         if self.pipeline is not None and self.has_moe:  # every stage's layers (collective over the pipeline ranks)
             load = self.pipeline.gather_load(load)
@@ -241,6 +243,7 @@ class Trainer:
     def _update(self, objective: float) -> tuple[float, float, float, bool]:
         """Gradient reduction, clipping and the AdamW step, skipped (and counted) when the loss or the
         gradient norm is not finite. Returns (lr, bias update speed, grad norm, finite)."""
+        self.plan.finish_gradients()  # sequence parallelism: gradients of the replicated parameters over tp
         lr = self.schedules.lr(self.step)
         gamma = self.schedules.bias_update_speed(self.step, self.tokens_seen)
         if self.deepspeed:  # reduce, norm, clip and AdamW in the engine, which skips a non-finite gradient
