@@ -14,6 +14,9 @@ Async saves (`checkpoint.async_save`): the state is copied to CPU memory at the 
 step, a background thread writes the shards, and the marker + rename happen only once
 that write has finished (`Checkpointer.finish`, called when the write is seen done,
 before the next save, and at the end of training), so an unfinished write is never loaded.
+The writer thread is the Checkpointer's own and `Checkpointer.close` joins it: dcp.async_save's
+executor shuts itself down with wait=False, so its thread, still holding the save's process
+group, could outlive the run and keep that group's gloo threads alive into interpreter exit.
 
 Before any shard is read, `validate_checkpoint` checks the marker, the JSON files, the
 metadata and that every shard file exists with at least the bytes the metadata expects,
@@ -37,7 +40,7 @@ import pickle
 import re
 import shutil
 import warnings
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
@@ -48,11 +51,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint import state_dict_saver as dcp_saver
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from models.config import ModelConfig
 from parallel.checkpointing import CheckpointState
@@ -203,6 +208,7 @@ class Checkpointer:
         self.root, self.state, self.ctx = root, state, state.ctx
         self.keep_last, self.async_save = cfg.keep_last, cfg.async_save
         self.pending: Optional[AsyncCheckpoint] = None  # an async save still being written
+        self._writer: Optional[ThreadPoolExecutor] = None  # the async saves' background thread
 
     def save(self, step: int, meta: dict[str, Any], rank_state: dict[str, Any]) -> Path:
         """Write the checkpoint of `step`: model and optimizer (DCP shards), `meta` (meta.json)
@@ -220,9 +226,7 @@ class Checkpointer:
             if not self.async_save:
                 dcp.save(state_dict, checkpoint_id=str(tmp))
         if self.async_save:
-            response = dcp.async_save(state_dict, checkpoint_id=str(tmp), process_group=_checkpoint_group())
-            future = getattr(response, "upload_completion", response)  # AsyncSaveResponse with async staging
-            self.pending = AsyncCheckpoint(future, tmp, final, step, needed)
+            self.pending = AsyncCheckpoint(self._write_in_background(state_dict, tmp), tmp, final, step, needed)
             return final
         self.ctx.barrier()  # every rank's shards are written
         if is_main:
@@ -250,6 +254,22 @@ class Checkpointer:
             if self.ctx.is_main:
                 self._publish(pending.tmp, pending.final, pending.step)
         return pending.final
+
+    def _write_in_background(self, state_dict: dict[str, Any], tmp: Path) -> Future:
+        """What dcp.async_save does (copy to CPU memory now, then dcp.save on a background thread)
+        on this Checkpointer's own writer thread, which `close` can join."""
+        stager = DefaultStager(StagingOptions(False, False, False, False))  # dcp.async_save's default
+        staged = stager.stage(state_dict)
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeforge_checkpoint")
+        return self._writer.submit(_save_staged, staged, stager, str(tmp), _checkpoint_group())
+
+    def close(self) -> None:
+        """Join the background writer (after its write, published or not): once this returns, no thread
+        of ours holds the async-save group, so the process groups can end before interpreter exit."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
 
     def load_latest(self) -> Optional[tuple[Path, dict[str, Any], Optional[dict[str, Any]]]]:
         """Load the newest complete checkpoint, falling back to older ones if corrupt:
@@ -314,6 +334,14 @@ class Checkpointer:
             m = re.match(r"^step_(\d+)\.tmp$", p.name)
             if m and int(m.group(1)) < step:
                 _remove(p)
+
+
+def _save_staged(staged: dict[str, Any], stager: DefaultStager, checkpoint_id: str, group: Optional[Any]) -> Any:
+    """The background writer's job: DCP's collective save of the CPU copy, then the copy's release."""
+    try:
+        return dcp_saver.save(staged, checkpoint_id=checkpoint_id, process_group=group)  # looked up now, as DCP does
+    finally:
+        stager.close()
 
 
 def _remove(path: Path) -> None:

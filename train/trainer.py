@@ -331,6 +331,7 @@ class Trainer:
                     self.save()
             self.checkpointer.finish()  # the last async checkpoint is published before fit returns
         finally:
+            self.checkpointer.close()  # its writer thread ends here, not at interpreter exit
             signal.signal(signal.SIGTERM, previous)
             self.logger.close()
         return history
