@@ -392,14 +392,14 @@ def load_checkpoint(
     """
     problem: Optional[CheckpointError] = None
     try:
-        meta, rank_state, _ = validate_checkpoint(path, rank)
+        meta, rank_state, metadata = validate_checkpoint(path, rank)
     except CheckpointError as e:
         problem = e
     if agree is not None and not agree(problem is None):
         raise problem or CheckpointError(f"{path}: another rank cannot read this checkpoint")
     if problem is not None:
         raise problem
-    to_fill = state.state_dict()
+    to_fill = state.state_dict(with_ema=has_ema(metadata))  # without one, CheckpointState.load starts it anew
     try:
         dcp.load(to_fill, storage_reader=SafeFileSystemReader(str(path)), planner=_SafeLoadPlanner())
     except CheckpointError:
@@ -408,6 +408,17 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: cannot load shards ({describe_error(e)})") from None
     state.load(to_fill)
     return meta, rank_state
+
+
+def has_ema(metadata: Metadata) -> bool:
+    """Whether the checkpoint holds an EMA of the weights (train.ema_decay > 0 when it was saved)."""
+    return any(key.startswith("ema.") for key in metadata.state_dict_metadata)
+
+
+def no_ema(path: Path) -> CheckpointError:
+    """The error for --ema on a checkpoint without an EMA."""
+    return CheckpointError(f"{path}: no EMA of the weights in this checkpoint (its run had train.ema_decay=0); "
+                           "leave out --ema, or train with train.ema_decay > 0")
 
 
 def read_rank_state(path: Path, rank: int) -> Optional[dict[str, Any]]:
@@ -505,17 +516,22 @@ class SavedModel:
     """The model tensors of one checkpoint, read on demand by parameter name, in one process.
 
     Any saving layout reads alike: DCP reassembles FSDP shards, and row ranges are read by
-    their global offsets (a range may span chunks saved by several ranks).
+    their global offsets (a range may span chunks saved by several ranks). `ema=True` reads the
+    parameters' EMA (train.ema_decay) in their place, and the buffers (router biases) as saved.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, ema: bool = False) -> None:
         self.path = path
         self.reader = _CachedMetadataReader(str(path))
-        self.tensors: dict[str, TensorStorageMetadata] = {
-            k[len("model."):]: v
-            for k, v in self.reader.read_metadata().state_dict_metadata.items()
-            if k.startswith("model.") and isinstance(v, TensorStorageMetadata)
-        }
+        self._keys: dict[str, str] = {}  # tensor name -> the checkpoint key read for it
+        self.tensors: dict[str, TensorStorageMetadata] = {}
+        saved = self.reader.read_metadata().state_dict_metadata
+        for section in ("model.", "ema.") if ema else ("model.",):
+            for k, v in saved.items():
+                if k.startswith(section) and isinstance(v, TensorStorageMetadata):
+                    self._keys[k[len(section):]], self.tensors[k[len(section):]] = k, v
+        if ema and not any(k.startswith("ema.") for k in self._keys.values()):
+            raise no_ema(path)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.size) for k, v in self.tensors.items()}
@@ -535,10 +551,10 @@ class SavedModel:
         try:
             with warnings.catch_warnings():  # "torch.distributed is disabled ... single process": intended
                 warnings.simplefilter("ignore", UserWarning)
-                dcp.load({}, storage_reader=self.reader, planner=_RegionLoadPlanner({"model." + name: (offsets, buf)}),
+                dcp.load({}, storage_reader=self.reader, planner=_RegionLoadPlanner({self._keys[name]: (offsets, buf)}),
                          no_dist=True)
         except (Exception, CheckpointException) as e:  # CheckpointException (a BaseException): unreadable shards
-            raise CheckpointError(f"{self.path}: cannot read model.{name} ({describe_error(e)})") from None
+            raise CheckpointError(f"{self.path}: cannot read {self._keys[name]} ({describe_error(e)})") from None
         return buf
 
     def saved_rows(self, name: str, row: int) -> tuple[int, int]:
@@ -547,7 +563,7 @@ class SavedModel:
             first = chunk.offsets[0]
             if first <= row < first + chunk.sizes[0]:
                 return first, first + chunk.sizes[0]
-        raise CheckpointError(f"{self.path}: model.{name} has no saved chunk for row {row}")
+        raise CheckpointError(f"{self.path}: {self._keys[name]} has no saved chunk for row {row}")
 
 
 def describe_error(e: BaseException) -> str:
