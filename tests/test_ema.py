@@ -187,6 +187,22 @@ def test_two_rank_ema_equals_the_single_process(layout, reference, tmp_path, cac
         torch.testing.assert_close(got[n], ref, rtol=1e-4, atol=5e-5, msg=lambda m: f"{n}: {m}")
 
 
+def test_planner_reports_the_ema_as_host_memory(repo_root, tmp_path):
+    """train.plan counts the EMA's CPU buffers (what WeightEMA allocates) beside the GPU total, not in it."""
+    from models.transformer import Transformer
+    from train.plan import GiB, plan
+
+    def planned(**extra) -> dict:
+        return plan(load_config(repo_root / "configs" / "tiny.yaml", overrides(tmp_path, tmp_path, **extra)))
+
+    on, off = planned(**{"train.ema_decay": 0.9}), planned()
+    assert off["memory"]["per_rank_gb"]["host_ema"] == 0
+    assert on["memory"]["per_rank_gb"]["total"] == off["memory"]["per_rank_gb"]["total"]
+    cfg = load_config(repo_root / "configs" / "tiny.yaml", overrides(tmp_path, tmp_path))
+    measured = WeightEMA(Transformer(cfg.model), 0.9).nbytes()
+    assert on["memory"]["per_rank_gb"]["host_ema"] * GiB == pytest.approx(measured, rel=1e-4)
+
+
 def test_evaluate_ema_loads_the_checkpoints_ema(reference, tmp_path, capsys):
     """train.evaluate --ema: the model computes with the saved EMA (and a checkpoint without one is refused)."""
     from train.evaluate import main as evaluate_main
