@@ -15,9 +15,8 @@ averages laid out like the parameters they average, so it reshards like the weig
 
 from __future__ import annotations
 
-from typing import Any, Optional
-
 import logging
+from typing import Any, Optional
 
 import torch
 from torch import nn
