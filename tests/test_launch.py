@@ -221,21 +221,28 @@ def gloo_threads() -> int:
     return sum(name.startswith(("pt_gloo", "gloo_tcp")) for name in names)
 
 
-def run_and_count_gloo_threads(rank: int, overrides: list[str]) -> tuple[int, int]:
+def run_and_count_gloo_threads(rank: int, overrides: list[str]) -> tuple[int, int, int]:
+    """(run's exit code, gloo threads left, our background threads left: async-save writer, EMA blend)."""
+    import threading
+
     from train.config import load_config
     from train.launch import run
 
     code = run(load_config("configs/tiny.yaml", overrides))
-    return code, gloo_threads()
+    return code, gloo_threads(), sum(t.name.startswith("moeforge_") for t in threading.enumerate())
 
 
 @pytest.mark.multirank
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="thread names from Linux /proc")
-def test_run_ends_its_gloo_threads_before_exit(tmp_path):
+@pytest.mark.parametrize("async_save", [False, True], ids=["no_save", "async_save"])
+def test_run_ends_its_gloo_threads_before_exit(tmp_path, async_save):
     """launch.run returns with every process group's gloo threads joined: left to interpreter exit,
-    a worker releasing the last collective's tensors needs the GIL and the rank aborts (SIGABRT)."""
+    a worker releasing the last collective's tensors needs the GIL and the rank aborts (SIGABRT).
+    With checkpoint.async_save the save's background writer and its group end before the groups do,
+    and the EMA's background thread (train.ema_decay) ends with the run too."""
     overrides = small_overrides(tmp_path / "run", tmp_path / "cache", **{
-        "train.steps": 1, "train.micro_batch_size": 2, "checkpoint.at_end": "false",
+        "train.steps": 1, "train.micro_batch_size": 2, "checkpoint.at_end": str(async_save).lower(),
+        "checkpoint.async_save": str(async_save).lower(), "train.ema_decay": 0.9 if async_save else 0.0,
         "parallel.dp_shard": 2, "parallel.ep": 2,
     })
-    assert run_ranks(2, run_and_count_gloo_threads, overrides) == [(0, 0), (0, 0)]
+    assert run_ranks(2, run_and_count_gloo_threads, overrides) == [(0, 0, 0), (0, 0, 0)]

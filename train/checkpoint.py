@@ -14,6 +14,9 @@ Async saves (`checkpoint.async_save`): the state is copied to CPU memory at the 
 step, a background thread writes the shards, and the marker + rename happen only once
 that write has finished (`Checkpointer.finish`, called when the write is seen done,
 before the next save, and at the end of training), so an unfinished write is never loaded.
+The writer thread is the Checkpointer's own and `Checkpointer.close` joins it: dcp.async_save's
+executor shuts itself down with wait=False, so its thread, still holding the save's process
+group, could outlive the run and keep that group's gloo threads alive into interpreter exit.
 
 Before any shard is read, `validate_checkpoint` checks the marker, the JSON files, the
 metadata and that every shard file exists with at least the bytes the metadata expects,
@@ -37,7 +40,7 @@ import pickle
 import re
 import shutil
 import warnings
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
@@ -48,11 +51,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint import state_dict_saver as dcp_saver
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from models.config import ModelConfig
 from parallel.checkpointing import CheckpointState
@@ -203,6 +208,7 @@ class Checkpointer:
         self.root, self.state, self.ctx = root, state, state.ctx
         self.keep_last, self.async_save = cfg.keep_last, cfg.async_save
         self.pending: Optional[AsyncCheckpoint] = None  # an async save still being written
+        self._writer: Optional[ThreadPoolExecutor] = None  # the async saves' background thread
 
     def save(self, step: int, meta: dict[str, Any], rank_state: dict[str, Any]) -> Path:
         """Write the checkpoint of `step`: model and optimizer (DCP shards), `meta` (meta.json)
@@ -220,9 +226,7 @@ class Checkpointer:
             if not self.async_save:
                 dcp.save(state_dict, checkpoint_id=str(tmp))
         if self.async_save:
-            response = dcp.async_save(state_dict, checkpoint_id=str(tmp), process_group=_checkpoint_group())
-            future = getattr(response, "upload_completion", response)  # AsyncSaveResponse with async staging
-            self.pending = AsyncCheckpoint(future, tmp, final, step, needed)
+            self.pending = AsyncCheckpoint(self._write_in_background(state_dict, tmp), tmp, final, step, needed)
             return final
         self.ctx.barrier()  # every rank's shards are written
         if is_main:
@@ -250,6 +254,22 @@ class Checkpointer:
             if self.ctx.is_main:
                 self._publish(pending.tmp, pending.final, pending.step)
         return pending.final
+
+    def _write_in_background(self, state_dict: dict[str, Any], tmp: Path) -> Future:
+        """What dcp.async_save does (copy to CPU memory now, then dcp.save on a background thread)
+        on this Checkpointer's own writer thread, which `close` can join."""
+        stager = DefaultStager(StagingOptions(False, False, False, False))  # dcp.async_save's default
+        staged = stager.stage(state_dict)
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeforge_checkpoint")
+        return self._writer.submit(_save_staged, staged, stager, str(tmp), _checkpoint_group())
+
+    def close(self) -> None:
+        """Join the background writer (after its write, published or not): once this returns, no thread
+        of ours holds the async-save group, so the process groups can end before interpreter exit."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
 
     def load_latest(self) -> Optional[tuple[Path, dict[str, Any], Optional[dict[str, Any]]]]:
         """Load the newest complete checkpoint, falling back to older ones if corrupt:
@@ -316,6 +336,14 @@ class Checkpointer:
                 _remove(p)
 
 
+def _save_staged(staged: dict[str, Any], stager: DefaultStager, checkpoint_id: str, group: Optional[Any]) -> Any:
+    """The background writer's job: DCP's collective save of the CPU copy, then the copy's release."""
+    try:
+        return dcp_saver.save(staged, checkpoint_id=checkpoint_id, process_group=group)  # looked up now, as DCP does
+    finally:
+        stager.close()
+
+
 def _remove(path: Path) -> None:
     (path / MARKER).unlink(missing_ok=True)
     shutil.rmtree(path, ignore_errors=True)
@@ -364,14 +392,14 @@ def load_checkpoint(
     """
     problem: Optional[CheckpointError] = None
     try:
-        meta, rank_state, _ = validate_checkpoint(path, rank)
+        meta, rank_state, metadata = validate_checkpoint(path, rank)
     except CheckpointError as e:
         problem = e
     if agree is not None and not agree(problem is None):
         raise problem or CheckpointError(f"{path}: another rank cannot read this checkpoint")
     if problem is not None:
         raise problem
-    to_fill = state.state_dict()
+    to_fill = state.state_dict(with_ema=has_ema(metadata))  # without one, CheckpointState.load starts it anew
     try:
         dcp.load(to_fill, storage_reader=SafeFileSystemReader(str(path)), planner=_SafeLoadPlanner())
     except CheckpointError:
@@ -380,6 +408,17 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: cannot load shards ({describe_error(e)})") from None
     state.load(to_fill)
     return meta, rank_state
+
+
+def has_ema(metadata: Metadata) -> bool:
+    """Whether the checkpoint holds an EMA of the weights (train.ema_decay > 0 when it was saved)."""
+    return any(key.startswith("ema.") for key in metadata.state_dict_metadata)
+
+
+def no_ema(path: Path) -> CheckpointError:
+    """The error for --ema on a checkpoint without an EMA."""
+    return CheckpointError(f"{path}: no EMA of the weights in this checkpoint (its run had train.ema_decay=0); "
+                           "leave out --ema, or train with train.ema_decay > 0")
 
 
 def read_rank_state(path: Path, rank: int) -> Optional[dict[str, Any]]:
@@ -477,17 +516,22 @@ class SavedModel:
     """The model tensors of one checkpoint, read on demand by parameter name, in one process.
 
     Any saving layout reads alike: DCP reassembles FSDP shards, and row ranges are read by
-    their global offsets (a range may span chunks saved by several ranks).
+    their global offsets (a range may span chunks saved by several ranks). `ema=True` reads the
+    parameters' EMA (train.ema_decay) in their place, and the buffers (router biases) as saved.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, ema: bool = False) -> None:
         self.path = path
         self.reader = _CachedMetadataReader(str(path))
-        self.tensors: dict[str, TensorStorageMetadata] = {
-            k[len("model."):]: v
-            for k, v in self.reader.read_metadata().state_dict_metadata.items()
-            if k.startswith("model.") and isinstance(v, TensorStorageMetadata)
-        }
+        self._keys: dict[str, str] = {}  # tensor name -> the checkpoint key read for it
+        self.tensors: dict[str, TensorStorageMetadata] = {}
+        saved = self.reader.read_metadata().state_dict_metadata
+        for section in ("model.", "ema.") if ema else ("model.",):
+            for k, v in saved.items():
+                if k.startswith(section) and isinstance(v, TensorStorageMetadata):
+                    self._keys[k[len(section):]], self.tensors[k[len(section):]] = k, v
+        if ema and not any(k.startswith("ema.") for k in self._keys.values()):
+            raise no_ema(path)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.size) for k, v in self.tensors.items()}
@@ -507,10 +551,10 @@ class SavedModel:
         try:
             with warnings.catch_warnings():  # "torch.distributed is disabled ... single process": intended
                 warnings.simplefilter("ignore", UserWarning)
-                dcp.load({}, storage_reader=self.reader, planner=_RegionLoadPlanner({"model." + name: (offsets, buf)}),
+                dcp.load({}, storage_reader=self.reader, planner=_RegionLoadPlanner({self._keys[name]: (offsets, buf)}),
                          no_dist=True)
         except (Exception, CheckpointException) as e:  # CheckpointException (a BaseException): unreadable shards
-            raise CheckpointError(f"{self.path}: cannot read model.{name} ({describe_error(e)})") from None
+            raise CheckpointError(f"{self.path}: cannot read {self._keys[name]} ({describe_error(e)})") from None
         return buf
 
     def saved_rows(self, name: str, row: int) -> tuple[int, int]:
@@ -519,7 +563,7 @@ class SavedModel:
             first = chunk.offsets[0]
             if first <= row < first + chunk.sizes[0]:
                 return first, first + chunk.sizes[0]
-        raise CheckpointError(f"{self.path}: model.{name} has no saved chunk for row {row}")
+        raise CheckpointError(f"{self.path}: {self._keys[name]} has no saved chunk for row {row}")
 
 
 def describe_error(e: BaseException) -> str:

@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from data.config import DataConfig, SourceConfig
 from models.config import ModelConfig
 from parallel import layout
+from parallel.ema import check_decay
 from parallel.recompute import DEEPSEEK_V3_MODULES, check_recompute
 
 
@@ -123,6 +124,10 @@ class TrainConfig:
     # CPU runs: glibc malloc keeps freed activation memory instead of re-faulting it every step
     # (train/allocator.py; ~10% faster steps, same peak memory)
     retain_host_memory: bool = True
+    # EMA of the weights in CPU memory, updated on a background thread after each optimizer step
+    # (DeepSeek-V3 §3.2.3; parallel/ema.py): 0 = off, else the decay d in ema <- d*ema + (1-d)*w
+    ema_decay: float = 0.0
+    ema_interval: int = 1  # update the EMA every N optimizer steps
 
 
 @dataclass
@@ -207,6 +212,10 @@ class Config:
         _check(bool(t.fp8.modules), "train.fp8.modules", "must list at least one module pattern (\"*\" = all)")
         try:
             check_recompute(t.recompute, t.recompute_modules, t.recompute_num_layers)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        try:
+            check_decay(t.ema_decay, t.ema_interval)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         _check(t.log_interval > 0, "train.log_interval", "must be > 0")

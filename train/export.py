@@ -1,6 +1,6 @@
 """Export a moeforge checkpoint to a Hugging Face DeepSeek-V3 (or V2) or GptOss directory.
 
-    python -m train.export --checkpoint RUN_DIR/checkpoints/step_N --out DIR [--dtype fp32|bf16|fp8] [--max-shard-size 5GB]
+    python -m train.export --checkpoint RUN_DIR/checkpoints/step_N --out DIR [--dtype fp32|bf16|fp8] [--max-shard-size 5GB] [--ema]
 
 `--dtype mxfp4` (gpt-oss): the expert weights in MXFP4 blocks / scales, as OpenAI released them,
 and every other tensor in bfloat16.
@@ -10,7 +10,8 @@ checkpoint is taken). DIR receives config.json, model-0000k-of-0000n.safetensors
 model.safetensors.index.json, and the run's tokenizer files; `transformers.AutoModelForCausalLM`
 and `AutoTokenizer.from_pretrained(DIR)` load it. `--dtype fp8` writes DeepSeek-V3's released FP8
 format (float8_e4m3fn Linear weights with 128x128-block `weight_scale_inv`, the rest in bf16;
-train/hf/quant_fp8.py). The writing itself is train/hf/write.py.
+train/hf/quant_fp8.py). `--ema` writes the EMA of the weights that the checkpoint holds when the
+run had train.ema_decay > 0 (fp32 unless --dtype), in the same format. The writing itself is train/hf/write.py.
 """
 
 from __future__ import annotations
@@ -41,12 +42,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "the rest bfloat16 (default: the checkpoint's)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: RUN_DIR/tokenizer)")
+    p.add_argument("--ema", action="store_true", help="export the weights' EMA (train.ema_decay > 0) instead")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         dtype = torch.bfloat16 if args.dtype == MXFP4 else DTYPES.get(args.dtype) if args.dtype else None
         out = export_checkpoint(args.checkpoint, args.out, dtype, args.max_shard_size, args.tokenizer,
-                                mxfp4=args.dtype == MXFP4)
+                                mxfp4=args.dtype == MXFP4, ema=args.ema)
     except (ckpt.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

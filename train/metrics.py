@@ -7,7 +7,7 @@ dashboard per run without any set-up:
 
   train/       loss, total_loss, mtp_loss, mtp_weight, aux_loss
   optim/       lr, grad_norm, skipped_steps
-  perf/        tokens_per_s, step_time_s, tokens, model_flops_per_s, mfu
+  perf/        tokens_per_s, step_time_s, tokens, model_flops_per_s, mfu, ema_lag_s (train.ema_decay > 0)
   system/      memory_mb (peak; GPU: max allocated), and on CUDA allocated/reserved now
   val/         val_loss, val_mtp_loss (held-out evaluation, train/evaluation.py), val_mtp_loss_depth_<k>, val_tokens
   moe/         load_max_mean (mean over layers), load_max_mean_worst, load_min_mean, experts_idle,
@@ -49,6 +49,7 @@ SECTIONS = {
     "loss": "train", "total_loss": "train", "mtp_loss": "train", "mtp_weight": "train", "aux_loss": "train",
     "lr": "optim", "grad_norm": "optim", "skipped_steps": "optim",
     "tokens_per_s": "perf", "step_time_s": "perf", "tokens": "perf", "model_flops_per_s": "perf", "mfu": "perf",
+    "ema_lag_s": "perf",
     "memory_mb": "system", "memory_allocated_mb": "system", "memory_reserved_mb": "system",
     "load_max_mean": "moe", "load_max_mean_worst": "moe", "load_min_mean": "moe", "experts_idle": "moe",
     "router_bias_absmax": "moe", "router_bias_std": "moe", "bias_update_speed": "moe", "dropped_tokens": "moe",

@@ -223,13 +223,15 @@ class RankMemory:
     total: float = 0.0
     notes: list[str] = field(default_factory=list)
     host: float = 0.0  # host (CPU) memory: DeepSpeed's offloaded optimizer state; not in total
+    host_ema: float = 0.0  # CPU memory, not in `total`: the weights' EMA (train.ema_decay), averages + snapshot
 
     def gib(self) -> dict[str, Any]:
         """The figures in GiB (counts and names as they are)."""
         return {k: (round(v / GiB, 6) if k in BYTE_FIELDS else v) for k, v in asdict(self).items()}
 
 
-BYTE_FIELDS = ("weights", "grads", "optimizer", "compute_copies", "activations", "buffers", "overhead", "total", "host")
+BYTE_FIELDS = ("weights", "grads", "optimizer", "compute_copies", "activations", "buffers", "overhead", "total",
+               "host", "host_ema")
 
 
 def data_parallel_mode(cfg: Config) -> str:
@@ -344,6 +346,8 @@ def rank_memory(cfg: Config, rank: int, units: list[Unit], recompute: Recompute,
         overhead=overhead, in_flight=round(flight, 2), host=host,
     )
     rm.total = weights + grads + optimizer + compute + activations + buffers + overhead
+    # parallel/ema.py: two fp32 CPU buffers (average, snapshot) per parameter element this rank holds
+    rm.host_ema = 2 * weights if t.ema_decay else 0.0
     return rm
 
 
@@ -529,6 +533,9 @@ def print_plan(result: dict[str, Any], config: str) -> None:
     print(f"  {'total':<26}{w['total']:>9.2f} of {mem['gpu_mem_gb']:g} -> {mem['verdict']}")
     if w["host"]:
         print(f"  {'host memory (offload)':<26}{w['host']:>9.2f}  (optimizer states + fp32 gradient partition)")
+    if w["host_ema"]:
+        print(f"host memory per GPU's process (GiB, CPU, not in the total): EMA of the weights {w['host_ema']:.2f} "
+              "(fp32 average + snapshot, train.ema_decay)")
     if len(mem["ranks"]) > 1:
         print("  per pipeline rank: " + " ".join(f"{r['total']:.1f}" for r in mem["ranks"]))
     if not mem["fits"]:

@@ -31,6 +31,7 @@ from parallel.comm_ledger import LEDGER
 from parallel.context import ParallelContext
 from parallel.layout import local_seq_len
 from parallel.checkpointing import CheckpointState
+from parallel.ema import WeightEMA
 from parallel.parallelize import build_parallel_optimizer, parallelize
 from parallel.recompute import apply_recompute
 from train import checkpoint as ckpt
@@ -125,8 +126,10 @@ class Trainer:
         self.tokens_seen = 0
         self.skipped_steps = 0
         self.consecutive_nonfinite = 0
+        # This rank's weights' EMA in CPU memory (train.ema_decay > 0), from the initial (or HF) weights.
+        self.ema = WeightEMA(self.model, t.ema_decay, t.ema_interval) if t.ema_decay else None
         self.checkpointer = ckpt.Checkpointer(self.ckpt_dir, cfg.checkpoint,
-                                              CheckpointState(self.model, self.optimizer, self.ctx))
+                                              CheckpointState(self.model, self.optimizer, self.ctx, self.ema))
         self.moe_state = MoEStepState(moe_layers(self.model))  # this rank's MoE layers (its stages' only)
         self.expert_load: Optional[ExpertLoad] = None  # the last step's, for the logger's charts
         self.n_micro_global = cfg.train.grad_accum_steps * self.ctx.dp_size  # micro-batches per global batch
@@ -206,6 +209,8 @@ class Trainer:
         self.expert_load = load
         step_tokens = self.cfg.train.micro_batch_size * self.cfg.train.seq_len * self.n_micro_global
         self.step += 1
+        if self.ema is not None:  # snapshot now, before the next step changes the weights; blend in the background
+            self.ema.update(self.step)
         self.tokens_seen += step_tokens
         metrics = {"loss": float(totals[1] / lm_tokens.clamp(min=1)), "total_loss": float(totals[0]), "lr": lr,
                    "grad_norm": grad_norm}
@@ -300,6 +305,8 @@ class Trainer:
             metrics["comm"] = LEDGER.summary()
         if self.skipped_steps:
             metrics["skipped_steps"] = self.skipped_steps
+        if self.ema is not None:
+            metrics["ema_lag_s"] = self.ema.lag_s  # the last finished background update's duration
         bad = dict(getattr(self.data, "bad_records", {}) or {})  # data.on_bad_record=skip counts, this rank
         if bad:
             metrics["bad_records"] = sum(bad.values())
@@ -365,6 +372,9 @@ class Trainer:
                     self.save()
             self.checkpointer.finish()  # the last async checkpoint is published before fit returns
         finally:
+            self.checkpointer.close()  # its writer thread ends here, not at interpreter exit
+            if self.ema is not None:
+                self.ema.close()
             signal.signal(signal.SIGTERM, previous)
             self.logger.close()
         return history

@@ -125,6 +125,7 @@ def export_checkpoint(
     max_shard_size: str | int = "5GB",
     tokenizer_dir: Optional[str | os.PathLike] = None,
     mxfp4: bool = False,
+    ema: bool = False,
 ) -> Path:
     """Write the HF directory `out` from a moeforge checkpoint; returns `out`.
 
@@ -132,6 +133,7 @@ def export_checkpoint(
     torch.float8_e4m3fn writes DeepSeek-V3's released FP8 format (train/hf/quant_fp8.py): the family's
     quantised Linears as float8_e4m3fn + weight_scale_inv, every other tensor in bf16.
     mxfp4: write the family's MXFP4 tensors (gpt-oss's expert weights) as MXFP4 blocks and scales, as released.
+    ema: write the EMA of the weights (train.ema_decay) instead of the weights; CheckpointError without one.
     """
     from safetensors.torch import save_file
 
@@ -143,7 +145,7 @@ def export_checkpoint(
     if cfg.capacity_factor is not None:
         log.warning("model.capacity_factor=%s: moeforge drops over-capacity tokens, transformers never does; "
                     "outputs can differ where tokens were dropped", cfg.capacity_factor)
-    saved = ckpt.SavedModel(path)
+    saved = ckpt.SavedModel(path, ema=ema)
     shapes = saved.shapes()
     layout = family.layout(cfg, shapes, model_type)
     if mxfp4 and not any(e.mxfp4 for e in layout):
