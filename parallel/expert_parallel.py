@@ -10,9 +10,10 @@ Deduplicated dispatch (dropless, uneven splits; V3 report §3.2.2 sends a token 
      expert lives elsewhere (int8: n_local < 128 on every layout moeforge builds);
   4. the receiving rank expands each row to its local experts (`permute_by_expert` on the
      slot map), in local-expert-major, source-rank-major order for the grouped GEMM.
-Combine: the gates of each pair's slots travel to the expert's rank (a small fp32 all-to-all),
-which sums its experts' gated outputs per pair (V3 eq. 12's sum over the rank's share of
-g_i FFN_i, in fp32), so one row per (token, rank) returns; the source rank adds its pairs.
+Gates: the gates of each pair's slots travel to the expert's rank (a small fp32 all-to-all, after the
+rows), where the experts apply them to their down projection's input (models/moe.py's TokenDispatcher).
+Combine: the expert's rank sums its experts' gated outputs per pair (V3 eq. 12's sum over the rank's
+share of g_i FFN_i, in fp32), so one row per (token, rank) returns; the source rank adds its pairs.
 The backward of each all-to-all is the all-to-all with the splits swapped.
 
 `pairs_per_rank` is the one rule for "which ranks a token reaches"; a hierarchical
@@ -27,7 +28,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from models.moe import MoE, TokenDispatcher, permute_by_expert, unpermute_and_combine
+from models.moe import MoE, TokenDispatcher, gates_in_order, permute_by_expert, sum_per_token
 from parallel import comm_ledger
 
 
@@ -122,8 +123,8 @@ def pairs_per_rank(topk_idx: torch.Tensor, keep: Optional[torch.Tensor], experts
 @dataclass
 class _DispatchState:
     pair_token: torch.Tensor  # source token of every pair this rank sent
-    slot_on: torch.Tensor  # [P, K] slots of each sent pair that its rank serves
     order: torch.Tensor  # expanded assignments (indices into the received slot map) in local-expert order (finish)
+    pair_of_row: torch.Tensor  # received pair of every expanded row (finish)
     send_splits: list[int]  # pairs sent to each ep rank
     recv_splits: list[int]  # pairs received from each ep rank
     n_tokens: int
@@ -162,7 +163,8 @@ class AllToAllDispatcher(TokenDispatcher):
         slot_work = comm_ledger.all_to_all_single(slot_map, local_id.to(torch.int8), "ep", self.group, recv_splits,
                                                   send_splits, async_op=self.overlap)
         rows = x.index_select(0, pair_token)
-        state = _DispatchState(pair_token, slot_on, torch.empty(0), send_splits, recv_splits, topk_idx.shape[0])
+        state = _DispatchState(pair_token, torch.empty(0), torch.empty(0), send_splits, recv_splits,
+                               topk_idx.shape[0])
         if not self.overlap:
             return _Pending(all_to_all(rows, recv_splits, send_splits, self.group), slot_map, None, None, state)
         flight = _InFlight(recv_splits, send_splits, self.group)
@@ -175,16 +177,17 @@ class AllToAllDispatcher(TokenDispatcher):
             received = _AllToAllFinish.apply(received, pending.flight)
         slot_map = pending.slot_map.long()
         order, counts = permute_by_expert(slot_map.clamp(min=0), slot_map >= 0, self.n_local)
-        pending.state.order = order
-        return received.index_select(0, order // slot_map.shape[1]), counts, pending.state
+        pending.state.order, pending.state.pair_of_row = order, order // slot_map.shape[1]
+        return received.index_select(0, pending.state.pair_of_row), counts, pending.state
 
-    def combine(self, y: torch.Tensor, topk_weight: torch.Tensor, ctx: _DispatchState) -> torch.Tensor:
-        gates = topk_weight.float()[ctx.pair_token] * ctx.slot_on  # a slot served elsewhere weighs 0 here
-        gates = all_to_all(gates, ctx.recv_splits, ctx.send_splits, self.group)
-        per_pair = unpermute_and_combine(y, ctx.order, gates, gates.shape[0], y.dtype)
+    def row_gates(self, topk_weight: torch.Tensor, ctx: _DispatchState) -> torch.Tensor:
+        gates = all_to_all(topk_weight.float()[ctx.pair_token], ctx.recv_splits, ctx.send_splits, self.group)
+        return gates_in_order(gates, ctx.order)
+
+    def combine(self, y: torch.Tensor, ctx: _DispatchState) -> torch.Tensor:
+        per_pair = sum_per_token(y, ctx.pair_of_row, sum(ctx.recv_splits))
         returned = all_to_all(per_pair, ctx.send_splits, ctx.recv_splits, self.group)
-        out = torch.zeros(ctx.n_tokens, y.shape[1], dtype=torch.float32, device=y.device)
-        return out.index_add(0, ctx.pair_token, returned.float()).to(y.dtype)
+        return sum_per_token(returned, ctx.pair_token, ctx.n_tokens)
 
 
 def apply_expert_parallel(model: nn.Module, ep_rank: int, ep_size: int, group: Any, overlap: bool = False) -> None:
