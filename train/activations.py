@@ -21,11 +21,12 @@ ceil(K / 128), the fp32 1x128 tile scales of one FP8 row.
   dense MLP (SwiGLU)     post-attention norm; normed x read by gate and up; gate and up outputs, silu(gate)
                          (all c); down_proj's input.
   MoE                    post-attention norm; the router's fp32 input (4H), sigmoid scores (4E), top-k ids
-                         (8k) and weights (4k + 4 for their sum); three int64 index vectors over the k
-                         routed copies (dispatch order, token of each row, combine's token index: 24k) and
-                         the gate of every row (4k); per routed copy: the rows the grouped GEMM saves (4H
-                         fp32, 2H bf16 cast, or H + sc(H) FP8), the gate|up output (2I c), the SwiGLU output
-                         (I c, or I + sc(I) FP8) and the expert output combine saves (H c); the shared
+                         (8k) and weights (4k + 4 for their sum); two int64 index vectors over the k
+                         routed copies (dispatch order, token of each row -- combine's sum per token keeps
+                         the same one: 16k) and the gate of every row (4k); per routed copy: the rows the
+                         grouped GEMM saves (4H fp32, 2H bf16 cast, or H + sc(H) FP8), the gate|up output
+                         (2I c) and the gated SwiGLU output (I c, or I + sc(I) FP8). No expert output: the
+                         gates are applied to the down projection's input (models/moe.py); the shared
                          experts as a SwiGLU of width n_shared I on the same normed x; the sequence-wise
                          balance loss (normalised scores 4E, their sum 4, token ids 8) when an alpha > 0.
   MTP module (extra)     enorm on the fp32 embedding, hnorm (on the final norm's fp32 output),
@@ -53,7 +54,7 @@ Recomputation (parallel/recompute.py's semantics, train.recompute):
   shared_experts the shared experts keep only their (already saved) normed input.
   full           a recomputed block keeps its input (H r); a MoE block, split at the dispatcher so that no
                  collective is inside a region, also keeps what runs outside its regions (full_moe_kept:
-                 the dispatched rows and the expert outputs combine saves among them); while a block
+                 the dispatched rows among them); while a block
                  recomputes, its full activations live once.
 """
 
@@ -183,7 +184,7 @@ class ActivationModel:
         router_input = 0 if (self.rc.has("layernorm") and r == 4) else 4 * H
         t = {"norm": self.norm(H, r),
              "router": router_input + 4 * E + 8 * k + 4 * k + 4,  # input, scores, top-k ids, weights, their sum
-             "dispatch/combine indices": 24 * k + 4 * k}  # three int64 index vectors, row gates
+             "dispatch/combine indices": 16 * k + 4 * k}  # two int64 index vectors, row gates
         t["routed rows (grouped GEMM input)"] = k * (H + self._sc(H) if self.fp8 else H * c)
         if self.rc.has("moe_act") and self.fp8:  # only the FP8 copy of the gate|up output (models/fp8.py)
             t["routed SwiGLU input"] = k * (2 * I + self._sc(2 * I))
@@ -191,7 +192,6 @@ class ActivationModel:
             t["routed SwiGLU input"] = k * 2 * I * c
             if not self.rc.has("moe_act"):
                 t["routed SwiGLU output"] = k * (I + self._sc(I) if self.fp8 else I * c)
-        t["routed outputs (combine)"] = k * H * c
         if mc.n_shared_experts and not self.rc.has("shared_experts"):
             # fp32: gate/up read the router's input storage (counted); else each its cast / FP8 copy
             t["shared experts"] = self.swiglu(mc.n_shared_experts * I, r, readers_saved=not (c == 4 and r == 4))
@@ -207,12 +207,12 @@ class ActivationModel:
     def full_moe_kept(self, r: int) -> float:
         """What a MoE block recomputed in full keeps besides its input: parallel/recompute.py splits it at the
         dispatcher (no collective inside a region), so the post-attention residual (the norm's input), the
-        router's saves (its input only if it is a copy), the indices, the dispatched rows (the experts'
-        region input, in the stream's dtype: what EP's all-to-all received) and the expert outputs combine
-        saves stay."""
+        router's saves (its input only if it is a copy), the indices and row gates, and the dispatched rows
+        (the experts' region input, in the stream's dtype: what EP's all-to-all received) stay; combine keeps
+        only its index (the gates are applied inside the experts' region)."""
         mc = self.mc
         H, k, E = mc.hidden_size, mc.num_experts_per_tok, mc.n_routed_experts
-        b = H * r + (4 * H if r != 4 else 0) + 4 * E + 12 * k + 4 + 28 * k + k * H * r + k * H * self.c
+        b = H * r + (4 * H if r != 4 else 0) + 4 * E + 12 * k + 4 + 20 * k + k * H * r
         if mc.aux_loss_alpha or mc.device_aux_loss_alpha or mc.comm_aux_loss_alpha:
             b += 4 * E + 4 + 8
         return float(b)
