@@ -6,8 +6,9 @@ activation term) must fall within 10% of it, kind by kind: the tiny config in fp
 one (hidden 512, q_proj without query compression, v_head_dim == qk_head_dim so nothing is padded, 2 shared
 experts of a width that is not a multiple of 128) in bf16 and fp8 without recomputation, where train.plan's
 per-rank activations and weight copies are checked too; every recompute mode (each selective module,
-DeepSeek-V3's three, full, full every 2nd block) on tiny bf16, and DeepSeek's modules and full also in fp8
-and on the wider config.
+DeepSeek-V3's three, full, full every 2nd block) on tiny bf16, DeepSeek's modules and full also in fp8
+and on the wider config, all six (the 671B preset's set) in fp8 on both, and mla_up_proj + core_attn (one region from the
+latents) on the wider bf16 config.
 """
 
 from __future__ import annotations
@@ -31,10 +32,13 @@ DEEPSEEK = "[layernorm,mla_up_proj,moe_act]"
 MODES = ([[f"train.recompute=selective", f"train.recompute_modules=[{m}]"] for m in MODULES]
          + [["train.recompute=selective", f"train.recompute_modules={DEEPSEEK}"], ["train.recompute=full"],
             ["train.recompute=full", "train.recompute_num_layers=2"]])
-# every mode on tiny bf16; DeepSeek's modules and full also in fp8 and on the wider config
+# all six modules: the 671B preset's set (configs/deepseek_v3_671b.yaml)
+ALL_SIX = ["train.recompute=selective", f"train.recompute_modules=[{','.join(MODULES)}]"]
+# every mode on tiny bf16; DeepSeek's modules and full also in fp8 and on the wider config; all six in fp8
 CASES = ([(*case, []) for case in NONE] + [("tiny", "bf16", [], mode) for mode in MODES]
          + [("tiny", "fp8", [], MODES[-3]), ("tiny", "fp8", [], MODES[-2]), ("wider", "bf16", WIDER, MODES[-3]),
-            ("wider", "fp8", WIDER, MODES[-2])])
+            ("wider", "fp8", WIDER, MODES[-2]), ("tiny", "fp8", [], ALL_SIX), ("wider", "fp8", WIDER, ALL_SIX),
+            ("wider", "bf16", WIDER, ["train.recompute=selective", "train.recompute_modules=[mla_up_proj,core_attn]"])])
 
 
 def _cfg(repo_root, precision, extra):

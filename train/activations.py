@@ -46,7 +46,8 @@ Recomputation (parallel/recompute.py's semantics, train.recompute):
                  are RoPE's tables, the raw RoPE key (kv_a's output) and the latents themselves
                  where no projection saves them as they are (FP8 saves quantised copies).
   core_attn      the core's output, log-sum-exp and padded v are recomputed; q, k and the unpadded v (a
-                 view of kv_b's output: that whole storage) are kept. With mla_up_proj: nothing of it kept.
+                 view of kv_b's output: that whole storage) are kept. With mla_up_proj: nothing of it kept,
+                 nor the up-projections' own (FP8) input copies and RoPE's tables (one region from the latents).
   moe_act        the routed SwiGLU output is recomputed from the kept gate|up output (c bytes). Under fp8
                  the kept gate|up output is its FP8 copy (2I + sc(2I), report §3.3.3) and the down
                  projection's FP8 copy of the SwiGLU output is recomputed too.
@@ -132,22 +133,30 @@ class ActivationModel:
         H, nh, dqk, dv, dn, dr = (mc.hidden_size, mc.num_attention_heads, mc.qk_head_dim, mc.v_head_dim,
                                   mc.qk_nope_head_dim, mc.qk_rope_head_dim)
         kv = mc.kv_lora_rank
-        t = {"input norm": self.norm(H, r), "q_a/kv_a inputs": self._normed_inputs(H, 2, r)}
-        if mc.q_lora_rank:
-            t["q latent norm + q_b input"] = self.norm(mc.q_lora_rank, c) + self._normed_inputs(mc.q_lora_rank, 1, c)
-        # kv_a_layernorm reads a split view of kv_a's output [kv_lora + d_rope]
-        t["kv latent norm + kv_b input"] = (self.norm(kv, c, storage=kv + dr)
-                                            + self._normed_inputs(kv, 1, c))
         padded = dv < dqk
         up_proj, core = self.rc.has("mla_up_proj"), self.rc.has("core_attn")
+        # both: one region from the latents (parallel/recompute.py's attend): the up-projections' own input
+        # copies and RoPE's tables inside it are recomputed too
+        region = up_proj and core
+        readers = 1 if region and not mc.q_lora_rank else 2  # q_proj (no query compression) inside the region
+        t = {"input norm": self.norm(H, r), "q_a/kv_a inputs": self._normed_inputs(H, readers, r)}
+        if mc.q_lora_rank:
+            t["q latent norm + q_b input"] = (self.norm(mc.q_lora_rank, c)
+                                              + (0 if region else self._normed_inputs(mc.q_lora_rank, 1, c)))
+        # kv_a_layernorm reads a split view of kv_a's output [kv_lora + d_rope]
+        t["kv latent norm + kv_b input"] = (self.norm(kv, c, storage=kv + dr)
+                                            + (0 if region else self._normed_inputs(kv, 1, c)))
         v_bytes = nh * (dqk if padded else dn + dv) * c  # padded: its own storage; else a view of kv_b's output
-        t["RoPE tables"] = 2 * 4 * dr / self.micro_batch_size  # complex64 cos/sin [S, dr/2] of q and k
+        if not region:
+            t["RoPE tables"] = 2 * 4 * dr / self.micro_batch_size  # complex64 cos/sin [S, dr/2] of q and k
         if up_proj:  # q, k, v and the core's padded copy of v recomputed from the latents
             if c != 4 and not self.rc.has("layernorm"):  # (fp32 / layernorm: the kv norm keeps that storage)
                 t["raw RoPE key (kv_a output)"] = (kv + dr) * c
             if not self.rc.has("layernorm"):  # the recomputation's inputs, where no projection saves them as they are
-                latents = ((mc.q_lora_rank, c) if mc.q_lora_rank else (H, r), (kv, c))
-                t["up-projection inputs"] = sum(w * nb for w, nb in latents if self.fp8 or nb != c)
+                # (w, bytes, also saved as it is outside a region): a norm's output read only by an up-projection;
+                # the normed x without query compression, which kv_a saves as it is when it is in the compute dtype
+                latents = (((mc.q_lora_rank, c, region) if mc.q_lora_rank else (H, r, False)), (kv, c, region))
+                t["up-projection inputs"] = sum(w * nb for w, nb, kept in latents if kept or self.fp8 or nb != c)
         else:
             t["core q, k"] = 2 * nh * dqk * c
             t["core v"] = nh * (dn + dv) * c if core else v_bytes  # core_attn keeps the unpadded view
