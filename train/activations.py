@@ -29,6 +29,8 @@ ceil(K / 128), the fp32 1x128 tile scales of one FP8 row.
                          gates are applied to the down projection's input (models/moe.py); the shared
                          experts as a SwiGLU of width n_shared I on the same normed x; the sequence-wise
                          balance loss (normalised scores 4E, their sum 4, token ids 8) when an alpha > 0.
+  gpt-oss                GQA attention (gqa_attention_terms) and, in the MoE block, the softmax router and the
+                         clamped experts' fp32 gate|up output + bias (moe_terms).
   MTP module (extra)     enorm on the fp32 embedding, hnorm (on the final norm's fp32 output),
                          eh_proj's input (2H), its final norm (on the block's c-byte output); its block as
                          above with r = c.
@@ -170,8 +172,19 @@ class ActivationModel:
             t["o_proj input"] = self.linear_inputs(nh * dv, 1, c)
         return t
 
+    def gqa_attention_terms(self, r: int) -> dict[str, float]:
+        """Per-token bytes of one gpt-oss attention (models/gqa_attention.py; mla_up_proj / core_attn do not
+        apply): q, k, v with k and v repeated to every query head, the output (sink-weighted) and two fp32
+        per-head rows (log-sum-exp, sink weights), o_proj's own copy of the transposed output."""
+        mc, c = self.mc, self.c
+        H, nh, hd = mc.hidden_size, mc.num_attention_heads, mc.head_dim
+        return {"input norm": self.norm(H, r), "q/k/v inputs": self._normed_inputs(H, 3, r),
+                "core q, k, v": 3 * nh * hd * c, "core output + lse + sink weights": nh * hd * c + 8 * nh,
+                "o_proj input": self.linear_inputs(nh * hd, 1, c)}
+
     def attention(self, r: int) -> float:
-        return float(sum(self.attention_terms(r).values()))
+        terms = self.gqa_attention_terms(r) if self.mc.is_gpt_oss else self.attention_terms(r)
+        return float(sum(terms.values()))
 
     def swiglu(self, width: int, input_bytes: int, readers_saved: bool = True) -> float:
         """A SwiGLU MLP of `width` on a normed H-wide input of `input_bytes` (gate, up, silu, down's input)."""
@@ -195,7 +208,15 @@ class ActivationModel:
              "router": router_input + 4 * E + 8 * k + 4 * k + 4,  # input, scores, top-k ids, weights, their sum
              "dispatch/combine indices": 16 * k + 4 * k}  # two int64 index vectors, row gates
         t["routed rows (grouped GEMM input)"] = k * (H + self._sc(H) if self.fp8 else H * c)
-        if self.rc.has("moe_act") and self.fp8:  # only the FP8 copy of the gate|up output (models/fp8.py)
+        if mc.is_gpt_oss:
+            # softmax router: no sum of the weights; clamped experts with biases: the gate|up output plus its
+            # fp32 bias is fp32 (and the bias's row index, int64), the gated activation fp32 too, which the
+            # down GEMM saves as it is (fp32) or as its own bf16 / FP8 copy (which moe_act cannot drop)
+            t["router"] -= 4
+            t["routed SwiGLU input"] = k * (2 * I * 4 + 8)
+            if not (self.rc.has("moe_act") and c == 4):
+                t["routed SwiGLU output"] = k * (I + self._sc(I) if self.fp8 else I * c)
+        elif self.rc.has("moe_act") and self.fp8:  # only the FP8 copy of the gate|up output (models/fp8.py)
             t["routed SwiGLU input"] = k * (2 * I + self._sc(2 * I))
         else:  # the gate|up output; the SwiGLU output unless moe_act recomputes it
             t["routed SwiGLU input"] = k * 2 * I * c
