@@ -9,7 +9,7 @@ full training steps from the real Trainer: forward, backward, clipping, AdamW, b
 Each rank runs in its own process (tests.distributed.run_ranks: torch.multiprocessing
 spawn with torchrun's environment variables). Inside the bench process only, without
 touching library code, the following are wrapped with timers:
-  dispatch   TokenDispatcher.start + finish (LocalDispatcher / AllToAllDispatcher), fwd + bwd
+  dispatch   TokenDispatcher.start + finish + row_gates (LocalDispatcher / AllToAllDispatcher), fwd + bwd
   experts    GroupedExperts.forward                                             fwd + bwd
   combine    TokenDispatcher.combine                                            fwd + bwd
   a2a        torch.distributed.all_to_all_single (part of dispatch + combine:
