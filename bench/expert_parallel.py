@@ -9,7 +9,7 @@ full training steps from the real Trainer: forward, backward, clipping, AdamW, b
 Each rank runs in its own process (tests.distributed.run_ranks: torch.multiprocessing
 spawn with torchrun's environment variables). Inside the bench process only, without
 touching library code, the following are wrapped with timers:
-  dispatch   TokenDispatcher.start + finish (LocalDispatcher / AllToAllDispatcher), fwd + bwd
+  dispatch   TokenDispatcher.start + finish + row_gates (LocalDispatcher / AllToAllDispatcher), fwd + bwd
   experts    GroupedExperts.forward                                             fwd + bwd
   combine    TokenDispatcher.combine                                            fwd + bwd
   a2a        torch.distributed.all_to_all_single (part of dispatch + combine:
@@ -107,7 +107,7 @@ def install_timers() -> None:
     from parallel.expert_parallel import AllToAllDispatcher
 
     for cls in (LocalDispatcher, AllToAllDispatcher):
-        start, finish, combine = cls.start, cls.finish, cls.combine
+        start, finish, row_gates, combine = cls.start, cls.finish, cls.row_gates, cls.combine
 
         def timed_start(self, x, topk_idx, keep, _f=start):
             t = time.perf_counter()
@@ -121,19 +121,25 @@ def install_timers() -> None:
             TIMERS.total["dispatch_fwd"] += time.perf_counter() - t
             return out
 
-        def timed_combine(self, y, topk_weight, ctx, _f=combine):
+        def timed_row_gates(self, topk_weight, ctx, _f=row_gates):  # the gates' exchange belongs to dispatch
             t = time.perf_counter()
-            out = _boundary(_f(self, _boundary(y, "combine", "experts"), topk_weight, ctx), None, "combine")
+            out = _f(self, topk_weight, ctx)
+            TIMERS.total["dispatch_fwd"] += time.perf_counter() - t
+            return out
+
+        def timed_combine(self, y, ctx, _f=combine):
+            t = time.perf_counter()
+            out = _boundary(_f(self, _boundary(y, "combine", "experts"), ctx), None, "combine")
             TIMERS.total["combine_fwd"] += time.perf_counter() - t
             return out
 
-        cls.start, cls.finish, cls.combine = timed_start, timed_finish, timed_combine
+        cls.start, cls.finish, cls.row_gates, cls.combine = timed_start, timed_finish, timed_row_gates, timed_combine
 
     forward = GroupedExperts.forward
 
-    def timed_forward(self, x, counts, _f=forward):
+    def timed_forward(self, x, counts, gates=None, _f=forward):
         t = time.perf_counter()
-        y = _f(self, _boundary(x, "experts", "dispatch"), counts)
+        y = _f(self, _boundary(x, "experts", "dispatch"), counts, gates)
         TIMERS.total["experts_fwd"] += time.perf_counter() - t
         return y
 

@@ -30,21 +30,43 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 class _SwiGLUFused(torch.autograd.Function):
-    """silu(gate) * up from one [N, 2I] projection output (gate | up), without splitting it.
+    """silu(gate) * up from one [N, 2I] projection output (gate | up), without splitting it; with
+    `gates` [N] (fp32), each row times its gate (`apply_gates`).
 
     Autograd through `.chunk(2)` concatenates the two half gradients into a fresh [N, 2I]
-    tensor; this backward writes both halves of one buffer directly.
+    tensor; this backward writes both halves of one buffer directly. Saved: gate_up (and the gates).
     """
 
     @staticmethod
-    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(gate_up)
-        return swiglu_forward(gate_up)
+    def forward(ctx, gate_up: torch.Tensor, gates: Optional[torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(gate_up, gates)
+        act = swiglu_forward(gate_up)
+        return act if gates is None else apply_gates(act, gates)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        (gate_up,) = ctx.saved_tensors
-        return swiglu_backward(grad, gate_up)
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        gate_up, gates = ctx.saved_tensors
+        if gates is None:
+            return swiglu_backward(grad, gate_up), None
+        grad, grad_gates = gates_backward(grad, swiglu_forward(gate_up), gates, ctx.needs_input_grad[1])
+        return swiglu_backward(grad, gate_up), grad_gates
+
+
+def apply_gates(act: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """g_j act_j per row j (fp32 product, act's dtype): the gates of V3 eq. 12 applied on the expert side,
+    to the down projection's input. The down projection is linear, so (g h) W^T = g (h W^T) is the gated
+    expert output; a bias b after it (gpt-oss) needs g b beside it (models/clamped_experts.py)."""
+    return (act.float() * gates.unsqueeze(1)).to(act.dtype)
+
+
+def gates_backward(grad: torch.Tensor, act: torch.Tensor, gates: torch.Tensor,
+                   need_gates: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Backward of `apply_gates`: (g_j grad_j, <grad_j, act_j>). grad_j = dout_j W is the ungated gradient
+    of the down projection's input, so <grad_j, act_j> = <dout_j, act_j W^T> = dL/dg_j without the expert
+    output y_j = act_j W^T ever being kept (row-wise dot products as one batched GEMM, in fp32)."""
+    g = grad.float()
+    grad_gates = torch.bmm(g.unsqueeze(1), act.float().unsqueeze(2)).view(-1) if need_gates else None
+    return (g * gates.unsqueeze(1)).to(grad.dtype), grad_gates
 
 
 def swiglu_backward(grad: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
@@ -63,9 +85,9 @@ def swiglu_forward(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """SwiGLU activation of a fused (gate | up) projection: silu(gate) * up."""
-    return _SwiGLUFused.apply(gate_up)
+def swiglu(gate_up: torch.Tensor, gates: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """SwiGLU activation of a fused (gate | up) projection: silu(gate) * up, times each row's gate if given."""
+    return _SwiGLUFused.apply(gate_up, gates)
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -110,7 +132,8 @@ class GroupedExperts(nn.Module):
         # Optional replacement GEMM (x, weight [E, out, in], counts, offsets) -> rows @ weight[e].T,
         # e.g. models.fp8.Fp8GroupedGemm installed by train/precision.py; None = the paths below.
         # A hook whose `swiglu_recomputed` is true also provides down_of_swiglu(gate_up, weight, counts,
-        # offsets) = its GEMM of swiglu(gate_up), which keeps only its own copy of gate_up for backward.
+        # offsets, gates) = its GEMM of swiglu(gate_up, gates), which keeps only its own copy of gate_up
+        # (and the gates) for backward.
         self.gemm: Optional[Callable[..., torch.Tensor]] = None
 
     def reset_parameters(self, std: float) -> None:
@@ -130,23 +153,26 @@ class GroupedExperts(nn.Module):
         # Rows of both GEMMs: hidden (x, the down projection's output) and intermediate (its input).
         return "grouped_mm" if grouped_mm_applies(x, x.shape[-1], self.intermediate_size) else "loop"
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x: [N, H] sorted by expert; counts: [E] rows per expert -> [N, H]."""
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, gates: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: [N, H] sorted by expert; counts: [E] rows per expert -> [N, H]. `gates` [N] (fp32): each row's
+        gate, applied to the down projection's input (`apply_gates`), so the outputs come back gated."""
         if self.gemm is not None:
             offsets = counts.cumsum(0).to(torch.int32)
             gate_up = self.gemm(x, self.gate_up_proj, counts, offsets)
             if getattr(self.gemm, "swiglu_recomputed", False):
-                return self.gemm.down_of_swiglu(gate_up, self.down_proj, counts, offsets)
-            return self.gemm(self.activation(gate_up), self.down_proj, counts, offsets)
+                return self.gemm.down_of_swiglu(gate_up, self.down_proj, counts, offsets, gates)
+            return self.gemm(self.activation(gate_up, gates), self.down_proj, counts, offsets)
         if self.resolved_implementation(x) == "grouped_mm":
             offsets = counts.cumsum(0).to(torch.int32)
-            act = self.activation(grouped_linear(x, self.gate_up_proj, offsets))
-            # The output is returned unwrapped (not a view): its consumer (gating in combine)
+            act = self.activation(grouped_linear(x, self.gate_up_proj, offsets), gates)
+            # The output is returned unwrapped (not a view): its consumer (combine's sum per token)
             # always sends a dense gradient, and FSDP2 hooks need a non-view module output.
             return torch._grouped_mm(act, self.down_proj.transpose(-2, -1), offs=offsets)
         sizes = counts.tolist()
-        return looped_linear(self.activation(looped_linear(x, self.gate_up_proj, sizes)), self.down_proj, sizes)
+        act = self.activation(looped_linear(x, self.gate_up_proj, sizes), gates)
+        return looped_linear(act, self.down_proj, sizes)
 
-    def activation(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """silu(gate) * up of the fused [rows, 2I] projection output (the down projection's input)."""
-        return swiglu(gate_up)
+    def activation(self, gate_up: torch.Tensor, gates: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """silu(gate) * up of the fused [rows, 2I] projection output, times each row's gate if given
+        (the down projection's input)."""
+        return swiglu(gate_up, gates)

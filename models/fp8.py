@@ -54,7 +54,8 @@ import torch.nn.functional as F
 import torch.utils._pytree
 from torch import nn
 
-from models.experts import grouped_mm_applies, looped_linear, swiglu_backward, swiglu_forward
+from models.experts import (apply_gates, gates_backward, grouped_mm_applies, looped_linear, swiglu_backward,
+                            swiglu_forward)
 
 log = logging.getLogger("moeforge")
 
@@ -605,33 +606,41 @@ def _grouped_backward(grad, xq, xs, wq, ws, counts, offsets, r: Fp8Recipe, x_dty
 
 
 class _Fp8SwiGLUGroupedFn(torch.autograd.Function):
-    """The down projection of the SwiGLU: out = swiglu(gate_up) @ weight[e]^T per expert, FP8 as in
-    _Fp8GroupedFn, keeping for backward only gate_up in FP8 (1 x 128 tiles) -- neither gate_up at its
-    own dtype nor the FP8 SwiGLU output: backward recomputes swiglu from the FP8 copy (and quantises it
-    again for the weight gradient), as DeepSeek-V3 caches the SwiGLU input in FP8 (report §3.3.3).
-    The forward output is that of the unfused path exactly; gradients carry gate_up's FP8 rounding."""
+    """The down projection of the SwiGLU: out = swiglu(gate_up, gates) @ weight[e]^T per expert, FP8 as in
+    _Fp8GroupedFn, keeping for backward only gate_up in FP8 (1 x 128 tiles) and the row gates -- neither
+    gate_up at its own dtype nor the FP8 SwiGLU output: backward recomputes swiglu (and its gating) from the
+    FP8 copy (and quantises it again for the weight gradient), as DeepSeek-V3 caches the SwiGLU input in FP8
+    (report §3.3.3). The forward output is that of the unfused path exactly; gradients carry gate_up's FP8
+    rounding. The gate gradient is <d act, swiglu(gate_up)> (models/experts.py's gates_backward)."""
 
     @staticmethod
     def forward(ctx, gate_up, weight, counts, offsets, recipe: Fp8Recipe, out_dtype,  # type: ignore[override]
-                weights: Optional[QuantisedWeights]):
-        gq, gs = quantize_tiles(gate_up, recipe.tile)  # the only activation kept
+                weights: Optional[QuantisedWeights], gates: Optional[torch.Tensor]):
+        gq, gs = quantize_tiles(gate_up, recipe.tile)  # the only activation kept (besides the gates)
         ctx.recipe, ctx.gate_up_dtype = recipe, gate_up.dtype
-        y, _, _, wq, ws = _grouped_forward(swiglu_forward(gate_up), weight, counts, offsets, recipe, out_dtype,
-                                           weights)
-        ctx.save_for_backward(gq, gs, wq, ws, counts, offsets)
+        act = swiglu_forward(gate_up)
+        act = act if gates is None else apply_gates(act, gates)
+        y, _, _, wq, ws = _grouped_forward(act, weight, counts, offsets, recipe, out_dtype, weights)
+        ctx.save_for_backward(gq, gs, wq, ws, counts, offsets, gates)
         return y
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        gq, gs, wq, ws, counts, offsets = ctx.saved_tensors
+        gq, gs, wq, ws, counts, offsets, gates = ctx.saved_tensors
         r: Fp8Recipe = ctx.recipe
         gate_up = dequantize_tiles(gq, gs, r.tile).to(ctx.gate_up_dtype)
-        act = swiglu_forward(gate_up)
+        ungated = swiglu_forward(gate_up)
+        act = ungated if gates is None else apply_gates(ungated, gates)
         aq, as_ = quantize_tiles(act, r.tile)
+        need_gates = gates is not None and ctx.needs_input_grad[7]
         d_act, dw = _grouped_backward(grad, aq, as_, wq, ws, counts, offsets, r, act.dtype,
-                                      ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        d_gate_up = swiglu_backward(d_act, gate_up) if d_act is not None else None
-        return d_gate_up, dw, None, None, None, None, None
+                                      ctx.needs_input_grad[0] or need_gates, ctx.needs_input_grad[1])
+        d_gate_up = d_gates = None
+        if d_act is not None:
+            if gates is not None:
+                d_act, d_gates = gates_backward(d_act, ungated, gates, need_gates)
+            d_gate_up = swiglu_backward(d_act, gate_up)
+        return d_gate_up, dw, None, None, None, None, None, d_gates
 
 
 # ---------------------------------------------------------------- rows quantised before dispatch
@@ -752,15 +761,16 @@ class Fp8GroupedGemm:
         return quantise_rows(x, self.recipe.tile) if self.quantised_dispatch else x
 
     def down_of_swiglu(self, gate_up: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
-                       offsets: torch.Tensor) -> torch.Tensor:
-        """self(swiglu(gate_up), weight, ...) keeping only gate_up in FP8 for backward (_Fp8SwiGLUGroupedFn)."""
-        return self._apply(_Fp8SwiGLUGroupedFn, gate_up, weight, counts, offsets)
+                       offsets: torch.Tensor, gates: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """self(swiglu(gate_up, gates), weight, ...) keeping only gate_up in FP8 (and the gates) for backward
+        (_Fp8SwiGLUGroupedFn)."""
+        return self._apply(_Fp8SwiGLUGroupedFn, gate_up, weight, counts, offsets, gates)
 
     def _apply(self, fn: type, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
-               offsets: torch.Tensor, *quantised: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+               offsets: torch.Tensor, *extra: Any) -> torch.Tensor:
         out_dtype = _autocast_out_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            return fn.apply(x, weight, counts, offsets, self.recipe, out_dtype, self.quantised_weights, *quantised)
+            return fn.apply(x, weight, counts, offsets, self.recipe, out_dtype, self.quantised_weights, *extra)
 
     def __repr__(self) -> str:
         return f"Fp8GroupedGemm({self.recipe})"

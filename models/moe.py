@@ -30,7 +30,13 @@ class TokenDispatcher:
 
     Dispatch comes in two halves so that work independent of the routed rows (the shared
     experts) can run while a distributed dispatcher's exchange is in flight: `start` may
-    return before the rows arrive, `finish` waits for them."""
+    return before the rows arrive, `finish` waits for them.
+
+    The gates are applied on the expert side (V3 eq. 12's g_i FFN_i(u) with FFN_i's down projection
+    linear: g (h W) = (g h) W): `row_gates` brings every row's gate to the experts, which scale their
+    down projection's input by it, so combine only sums each token's returned rows. The gate gradient
+    then comes from that input and its gradient, <dout W, h> = <dout, h W> (models/experts.py's
+    gates_backward), and no expert output is kept for backward."""
 
     def start(self, x: torch.Tensor, topk_idx: torch.Tensor, keep: Optional[torch.Tensor]) -> Any:
         """Begin dispatching x [T, H] by topk_idx [T, K]; returns what `finish` needs. x is what
@@ -40,7 +46,7 @@ class TokenDispatcher:
 
     def finish(self, pending: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """-> (rows for this rank's experts in expert-major order, rows per local expert [E_local],
-        context for combine)."""
+        context for row_gates and combine)."""
         raise NotImplementedError
 
     def dispatch(
@@ -48,8 +54,12 @@ class TokenDispatcher:
     ) -> tuple[torch.Tensor, torch.Tensor, Any]:
         return self.finish(self.start(x, topk_idx, keep))
 
-    def combine(self, y: torch.Tensor, topk_weight: torch.Tensor, ctx: Any) -> torch.Tensor:
-        """Expert outputs -> [T, H]: each token's outputs weighted by its gates and summed."""
+    def row_gates(self, topk_weight: torch.Tensor, ctx: Any) -> torch.Tensor:
+        """The fp32 gate of every row `finish` returned, in its order, from the tokens' gates [T, K]."""
+        raise NotImplementedError
+
+    def combine(self, y: torch.Tensor, ctx: Any) -> torch.Tensor:
+        """Gated expert outputs -> [T, H]: each token's returned rows summed (in fp32)."""
         raise NotImplementedError
 
 
@@ -71,43 +81,36 @@ def permute_by_expert(
     return order, counts
 
 
-class _GatedScatterSum(torch.autograd.Function):
-    """out[t] = sum over rows j of token t of w_j * y_j (V3 eq. 12's sum_i g_i FFN_i), gating in fp32.
+def gates_in_order(topk_weight: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """fp32 gates [T, K] of the assignments `order` picks (flat indices into them). Gating stays in fp32."""
+    return topk_weight.float().flatten()[order]
 
-    Hand-written backward: one gather of the output gradient serves both the row gradients
-    (g_t * w_j) and the gate gradients (<g_t, y_j>), with no [T*K, H] zero-fill or copies.
-    """
+
+class _SumPerToken(torch.autograd.Function):
+    """out[t] = sum of the rows j with token_of[j] == t, accumulated in fp32, in y's dtype. Hand-written
+    backward (a gather of the output gradient): autograd's index_add would keep the rows themselves."""
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, w_rows: torch.Tensor, token_of: torch.Tensor,  # type: ignore[override]
-                n_tokens: int) -> torch.Tensor:
+    def forward(ctx, y: torch.Tensor, token_of: torch.Tensor, n_tokens: int) -> torch.Tensor:  # type: ignore[override]
         out = torch.zeros(n_tokens, y.shape[1], dtype=torch.float32, device=y.device)
-        out.index_add_(0, token_of, y.float() * w_rows.unsqueeze(1))
-        ctx.save_for_backward(y, w_rows, token_of)
+        out.index_add_(0, token_of, y.float())
+        ctx.save_for_backward(token_of)
         return out.to(y.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        y, w_rows, token_of = ctx.saved_tensors
-        grad_rows = grad.float().index_select(0, token_of)
-        grad_w = None
-        if ctx.needs_input_grad[1]:  # row-wise dot products as one batched GEMM (vecdot materialises g*y)
-            grad_w = torch.bmm(grad_rows.unsqueeze(1), y.float().unsqueeze(2)).view(-1)
-        grad_y = grad_rows.mul_(w_rows.unsqueeze(1)).to(y.dtype) if ctx.needs_input_grad[0] else None
-        return grad_y, grad_w, None, None
+        (token_of,) = ctx.saved_tensors
+        return grad.index_select(0, token_of), None, None
 
 
-def unpermute_and_combine(
-    y: torch.Tensor, order: torch.Tensor, topk_weight: torch.Tensor, n_tokens: int, out_dtype: torch.dtype
-) -> torch.Tensor:
-    """sum_k g_{t,k} y_{t,k} for every token t, from rows y in `order`. Gating in fp32."""
-    k = topk_weight.shape[1]
-    w_rows = topk_weight.float().flatten()[order]
-    return _GatedScatterSum.apply(y, w_rows, order // k, n_tokens).to(out_dtype)
+def sum_per_token(y: torch.Tensor, token_of: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """out[t] = sum of the rows j with token_of[j] == t (V3 eq. 12's sum over i of the already gated
+    g_i FFN_i), accumulated in fp32, in y's dtype. Keeps only the index for backward."""
+    return _SumPerToken.apply(y, token_of, n_tokens)
 
 
 class LocalDispatcher(TokenDispatcher):
-    """All experts live in this process: a sort, a gather and a weighted scatter-sum."""
+    """All experts live in this process: a sort, a gather and a scatter-sum."""
 
     def __init__(self, n_experts: int) -> None:
         self.n_experts = n_experts
@@ -115,13 +118,17 @@ class LocalDispatcher(TokenDispatcher):
     def start(self, x, topk_idx, keep):
         order, counts = permute_by_expert(topk_idx, keep, self.n_experts)
         token_of = order // topk_idx.shape[1]
-        return x.index_select(0, token_of), counts, order
+        return x.index_select(0, token_of), counts, (order, token_of, topk_idx.shape[0])
 
     def finish(self, pending):
         return pending
 
-    def combine(self, y, topk_weight, ctx):
-        return unpermute_and_combine(y, ctx, topk_weight, topk_weight.shape[0], y.dtype)
+    def row_gates(self, topk_weight, ctx):
+        return gates_in_order(topk_weight, ctx[0])
+
+    def combine(self, y, ctx):
+        _, token_of, n_tokens = ctx
+        return sum_per_token(y, token_of, n_tokens)
 
 
 class MoE(nn.Module):
@@ -166,7 +173,8 @@ class MoE(nn.Module):
         pending = self.dispatcher.start(self.experts.dispatch_input(flat), routing.topk_idx, routing.keep)
         shared = None if self.shared_experts is None else self.shared_experts(flat)  # while the rows travel
         rows, counts, ctx = self.dispatcher.finish(pending)
-        routed = self.dispatcher.combine(self.experts(rows, counts), routing.topk_weight, ctx)
+        gates = self.dispatcher.row_gates(routing.topk_weight, ctx)  # applied by the experts (see TokenDispatcher)
+        routed = self.dispatcher.combine(self.experts(rows, counts, gates), ctx)
         out = routed if shared is None else routed + shared
         out = out.view(bsz, seq, hidden)
         if self.training:

@@ -10,22 +10,20 @@ Deduplicated dispatch (dropless, uneven splits; V3 report §3.2.2 sends a token 
      expert lives elsewhere (int8: n_local < 128 on every layout moeforge builds);
   4. the receiving rank expands each row to its local experts (`permute_by_expert` on the
      slot map), in local-expert-major, source-rank-major order for the grouped GEMM.
-Combine: the gates of each pair's slots travel to the expert's rank (a small fp32 all-to-all),
-which sums its experts' gated outputs per pair (V3 eq. 12's sum over the rank's share of
-g_i FFN_i, in fp32), so one row per (token, rank) returns; the source rank adds its pairs.
+Gates: the gates of each pair's slots travel to the expert's rank (a small fp32 all-to-all, after the
+rows), where the experts apply them to their down projection's input (models/moe.py's TokenDispatcher).
+Combine: the expert's rank sums its experts' gated outputs per pair (V3 eq. 12's sum over the rank's
+share of g_i FFN_i, in fp32), so one row per (token, rank) returns; the source rank adds its pairs.
 FP8 dispatch (train.precision=fp8, report §3.3): the rows arrive already quantised (models/fp8.py's
 QuantisedRows, made by the experts' GEMM hook before `start`); each row travels as its E4M3 bytes and
 fp32 1x128 tile scales in one uint8 message, is expanded by indexing both, and reaches the FP8 grouped
 GEMM as it is. Its gradient stand-in takes the all-to-all's autograd path, so backward sends the
 rows' gradient in the compute dtype, as before.
-Combine: the gates of each pair's slots travel to the expert's rank (a small fp32 all-to-all),
-which sums its experts' gated outputs per pair (V3 eq. 12's sum over the rank's share of
-g_i FFN_i, in fp32), so one row per (token, rank) returns; the source rank adds its pairs.
 The backward of each all-to-all is the all-to-all with the splits swapped.
 
 `pairs_per_rank` is the one rule for "which ranks a token reaches"; the hierarchical
 (node-limited) dispatch, parallel/node_dispatch.py, applies it twice: with ranks = nodes across
-nodes, then within one (two of these dispatchers, `arrived`, `send_gates` and `return_sums`).
+nodes, then within one (two of these dispatchers, `arrived`, `pair_gates` and `return_sums`).
 """
 
 from __future__ import annotations
@@ -37,7 +35,7 @@ import torch
 from torch import nn
 
 from models.fp8 import E4M3, QuantisedRows, gradient_stand_in
-from models.moe import MoE, TokenDispatcher, permute_by_expert, unpermute_and_combine
+from models.moe import MoE, TokenDispatcher, gates_in_order, permute_by_expert, sum_per_token
 from parallel import comm_ledger
 
 
@@ -200,8 +198,8 @@ def pairs_per_rank(topk_idx: torch.Tensor, keep: Optional[torch.Tensor], experts
 @dataclass
 class _DispatchState:
     pair_token: torch.Tensor  # source token of every pair this rank sent
-    slot_on: torch.Tensor  # [P, K] slots of each sent pair that its rank serves
     order: torch.Tensor  # expanded assignments (indices into the received slot map) in local-expert order (finish)
+    pair_of_row: torch.Tensor  # received pair of every expanded row (finish)
     send_splits: list[int]  # pairs sent to each ep rank
     recv_splits: list[int]  # pairs received from each ep rank
     n_tokens: int
@@ -242,7 +240,8 @@ class AllToAllDispatcher(TokenDispatcher):
         slot_work = comm_ledger.all_to_all_single(slot_map, local_id.to(torch.int8), self.label, self.group,
                                                   recv_splits, send_splits, async_op=self.overlap)
         rows = x.index_select(0, pair_token)
-        state = _DispatchState(pair_token, slot_on, torch.empty(0), send_splits, recv_splits, topk_idx.shape[0])
+        state = _DispatchState(pair_token, torch.empty(0), torch.empty(0), send_splits, recv_splits,
+                               topk_idx.shape[0])
         if not self.overlap:
             return _Pending(all_to_all(rows, recv_splits, send_splits, self.group, self.label), slot_map, None, None,
                             state)
@@ -260,23 +259,24 @@ class AllToAllDispatcher(TokenDispatcher):
     def finish(self, pending: _Pending):
         received, slot_map = self.arrived(pending)
         order, counts = permute_by_expert(slot_map.clamp(min=0), slot_map >= 0, self.n_local)
-        pending.state.order = order
-        return received.index_select(0, order // slot_map.shape[1]), counts, pending.state
+        pending.state.order, pending.state.pair_of_row = order, order // slot_map.shape[1]
+        return received.index_select(0, pending.state.pair_of_row), counts, pending.state
 
-    def combine(self, y: torch.Tensor, topk_weight: torch.Tensor, ctx: _DispatchState) -> torch.Tensor:
-        gates = self.send_gates(topk_weight, ctx)
-        return self.return_sums(unpermute_and_combine(y, ctx.order, gates, gates.shape[0], y.dtype), ctx)
+    def row_gates(self, topk_weight: torch.Tensor, ctx: _DispatchState) -> torch.Tensor:
+        return gates_in_order(self.pair_gates(topk_weight, ctx), ctx.order)
 
-    def send_gates(self, topk_weight: torch.Tensor, ctx: _DispatchState) -> torch.Tensor:
-        """Combine, first half: the received pairs' gates [recv pairs, K] (fp32; a slot served elsewhere weighs 0)."""
-        gates = topk_weight.float()[ctx.pair_token] * ctx.slot_on
-        return all_to_all(gates, ctx.recv_splits, ctx.send_splits, self.group, self.label)
+    def pair_gates(self, topk_weight: torch.Tensor, ctx: _DispatchState) -> torch.Tensor:
+        """The received pairs' gates [recv pairs, K] (fp32), from the source tokens' gates [T, K]."""
+        return all_to_all(topk_weight.float()[ctx.pair_token], ctx.recv_splits, ctx.send_splits, self.group,
+                          self.label)
+
+    def combine(self, y: torch.Tensor, ctx: _DispatchState) -> torch.Tensor:
+        return self.return_sums(sum_per_token(y, ctx.pair_of_row, sum(ctx.recv_splits)), ctx)
 
     def return_sums(self, per_pair: torch.Tensor, ctx: _DispatchState) -> torch.Tensor:
-        """Combine, second half: one gated sum per received pair goes back; the source adds its pairs -> [T, H]."""
+        """One gated sum per received pair goes back; the source rank adds its pairs -> [T, H]."""
         returned = all_to_all(per_pair, ctx.send_splits, ctx.recv_splits, self.group, self.label)
-        out = torch.zeros(ctx.n_tokens, per_pair.shape[1], dtype=torch.float32, device=per_pair.device)
-        return out.index_add(0, ctx.pair_token, returned.float()).to(per_pair.dtype)
+        return sum_per_token(returned, ctx.pair_token, ctx.n_tokens)
 
 
 def apply_expert_parallel(model: nn.Module, ep_rank: int, ep_size: int, group: Any, overlap: bool = False) -> None:

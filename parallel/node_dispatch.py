@@ -13,6 +13,8 @@ applied twice):
      (token, node holding any of its kept experts), with its slot map of node-local expert ids;
   2. intra-node, on the forwarding rank, over its node's ranks: each received row goes once to every
      rank of the node holding any of its experts there, which expands it to its local experts.
+Gates (applied on the expert side, models/moe.py's TokenDispatcher): the tokens' gates travel with
+the inter-node rows to the forwarding rank, then with the intra-node rows to the expert rank.
 Combine in reverse: the expert rank sums its experts' gated outputs per received row (V3 eq. 12),
 the forwarding rank's intra-node combine sums its node's ranks per (token, node), and one row per
 (token, node) returns across nodes, where the source rank adds its nodes' rows.
@@ -54,10 +56,15 @@ class NodeLimitedDispatcher(TokenDispatcher):
         rows, counts, intra = self.intra.dispatch(forwarded, node_slots.clamp(min=0), node_slots >= 0)
         return rows, counts, (pending.state, intra)
 
-    def combine(self, y: torch.Tensor, topk_weight: torch.Tensor,
-                ctx: tuple["_DispatchState", "_DispatchState"]) -> torch.Tensor:
+    def row_gates(self, topk_weight: torch.Tensor, ctx: tuple["_DispatchState", "_DispatchState"]) -> torch.Tensor:
+        """Every expanded row's gate: the tokens' gates go to the forwarding rank with the inter-node rows,
+        then with the intra-node rows to the expert rank."""
         inter, intra = ctx
-        per_node = self.intra.combine(y, self.inter.send_gates(topk_weight, inter), intra)  # [forwarded rows, H]
+        return self.intra.row_gates(self.inter.pair_gates(topk_weight, inter), intra)
+
+    def combine(self, y: torch.Tensor, ctx: tuple["_DispatchState", "_DispatchState"]) -> torch.Tensor:
+        inter, intra = ctx
+        per_node = self.intra.combine(y, intra)  # [forwarded rows, H]: the node's gated sums per (token, node)
         return self.inter.return_sums(per_node, inter)
 
 

@@ -133,7 +133,7 @@ def check_identity(p, rank, world, disp, use_keep):
     x, idx, w = p["x"][sl], p["idx"][sl], p["weight"][sl]
     keep = p["keep"][sl] if use_keep else None
     rows, counts, ctx = disp.dispatch(x, idx, keep)
-    out = disp.combine(rows, w, ctx)  # all collectives before any assertion
+    out = disp.combine(rows * disp.row_gates(w, ctx).unsqueeze(1), ctx)  # all collectives before any assertion
     # Received rows are exactly the expected ones, grouped by local expert.
     want = expected_rows(p, rank, world, use_keep)
     assert counts.tolist() == [len(r) for r in want], (counts.tolist(), [len(r) for r in want])
@@ -169,7 +169,7 @@ def check_expert_ids(p, rank, world, disp, use_keep):
     x, idx, w = p["x"][sl], p["idx"][sl], p["weight"][sl]
     keep = p["keep"][sl] if use_keep else None
     rows, counts, ctx = disp.dispatch(x, idx, keep)
-    out = disp.combine(rows * multiplier(counts, rank), w, ctx)
+    out = disp.combine(rows * multiplier(counts, rank) * disp.row_gates(w, ctx).unsqueeze(1), ctx)
     gates = w if keep is None else w * keep
     want = x * (gates * (idx + 1)).sum(1, keepdim=True)
     torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
@@ -184,7 +184,7 @@ def check_grads(p, rank, world, disp, use_keep):
     w_ref = p["weight"].clone().requires_grad_(True)
     local_disp = LocalDispatcher(N_EXPERTS)
     rows, counts, ctx = local_disp.dispatch(x_ref, p["idx"], keep_all)
-    out_ref = local_disp.combine(full(rows, counts), w_ref, ctx)
+    out_ref = local_disp.combine(full(rows, counts, local_disp.row_gates(w_ref, ctx)), ctx)
     (out_ref * p["grad_out"]).sum().backward()
     # Distributed: this rank's tokens, this rank's experts.
     experts = local_experts(full, rank, world)
@@ -192,7 +192,7 @@ def check_grads(p, rank, world, disp, use_keep):
     w = p["weight"][sl].clone().requires_grad_(True)
     keep = p["keep"][sl] if use_keep else None
     rows, counts, ctx = disp.dispatch(x, p["idx"][sl], keep)
-    out = disp.combine(experts(rows, counts), w, ctx)
+    out = disp.combine(experts(rows, counts, disp.row_gates(w, ctx)), ctx)
     (out * p["grad_out"][sl]).sum().backward()
 
     tol = dict(rtol=1e-5, atol=1e-6)

@@ -226,7 +226,7 @@ def test_router_and_experts_match_hf(hidden, inter, implementation):
     dispatcher = LocalDispatcher(5)
     rows, counts, ctx = dispatcher.dispatch(x, routing.topk_idx, routing.keep)
     assert ((x @ ref_experts.gate_up_proj + ref_experts.gate_up_proj_bias[:, None]).abs() > 7).any()  # clamps hit
-    got = dispatcher.combine(experts(rows, counts), routing.topk_weight, ctx)
+    got = dispatcher.combine(experts(rows, counts, dispatcher.row_gates(routing.topk_weight, ctx)), ctx)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
     grad = torch.randn_like(want)

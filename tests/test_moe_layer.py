@@ -61,9 +61,9 @@ def record_counts(moe: MoE) -> list:
     seen = []
     orig = moe.experts.forward
 
-    def wrapped(x, counts):
+    def wrapped(x, counts, gates=None):
         seen.append((x.shape[0], counts.clone()))
-        return orig(x, counts)
+        return orig(x, counts, gates)
 
     moe.experts.forward = wrapped
     return seen
@@ -136,12 +136,12 @@ def test_local_dispatcher_round_trip():
         block = rows[start : start + c]
         assert sorted(int((x - r).abs().sum(-1).argmin()) for r in block) == tokens
         start += c
-    torch.testing.assert_close(d.combine(rows, w, ctx), x * w.sum(-1, keepdim=True))
+    torch.testing.assert_close(d.combine(rows * d.row_gates(w, ctx).unsqueeze(1), ctx), x * w.sum(-1, keepdim=True))
     # with dropped assignments: fewer rows, and only kept gates contribute
     keep = torch.rand(T, K) > 0.3
     rows, counts, ctx = d.dispatch(x, idx, keep)
     assert rows.shape[0] == int(keep.sum()) == int(counts.sum())
-    torch.testing.assert_close(d.combine(rows, w * keep, ctx), x * (w * keep).sum(-1, keepdim=True))
+    torch.testing.assert_close(d.combine(rows * d.row_gates(w, ctx).unsqueeze(1), ctx), x * (w * keep).sum(-1, keepdim=True))
 
 
 # --------------------------------------------------------------------------- token dropping

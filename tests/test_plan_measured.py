@@ -6,8 +6,10 @@ activation term) must fall within 10% of it, kind by kind: the tiny config in fp
 one (hidden 512, q_proj without query compression, v_head_dim == qk_head_dim so nothing is padded, 2 shared
 experts of a width that is not a multiple of 128) in bf16 and fp8 without recomputation, where train.plan's
 per-rank activations and weight copies are checked too; every recompute mode (each selective module,
-DeepSeek-V3's three, full, full every 2nd block) on tiny bf16, and DeepSeek's modules and full also in fp8
-and on the wider config.
+DeepSeek-V3's three, full, full every 2nd block) on tiny bf16, DeepSeek's modules and full also in fp8
+and on the wider config, all six (the 671B preset's set) in fp8 on both, and mla_up_proj + core_attn (one region from the
+latents) on the wider bf16 config; gpt-oss (GQA attention with sinks, clamped biased experts, softmax
+router) in bf16 and, under DeepSeek's modules, in fp8.
 """
 
 from __future__ import annotations
@@ -31,14 +33,19 @@ DEEPSEEK = "[layernorm,mla_up_proj,moe_act]"
 MODES = ([[f"train.recompute=selective", f"train.recompute_modules=[{m}]"] for m in MODULES]
          + [["train.recompute=selective", f"train.recompute_modules={DEEPSEEK}"], ["train.recompute=full"],
             ["train.recompute=full", "train.recompute_num_layers=2"]])
-# every mode on tiny bf16; DeepSeek's modules and full also in fp8 and on the wider config
+# all six modules: the 671B preset's set (configs/deepseek_v3_671b.yaml)
+ALL_SIX = ["train.recompute=selective", f"train.recompute_modules=[{','.join(MODULES)}]"]
+# every mode on tiny bf16; DeepSeek's modules and full also in fp8 and on the wider config; all six in fp8
 CASES = ([(*case, []) for case in NONE] + [("tiny", "bf16", [], mode) for mode in MODES]
          + [("tiny", "fp8", [], MODES[-3]), ("tiny", "fp8", [], MODES[-2]), ("wider", "bf16", WIDER, MODES[-3]),
-            ("wider", "fp8", WIDER, MODES[-2])])
+            ("wider", "fp8", WIDER, MODES[-2]), ("tiny", "fp8", [], ALL_SIX), ("wider", "fp8", WIDER, ALL_SIX),
+            ("wider", "bf16", WIDER, ["train.recompute=selective", "train.recompute_modules=[mla_up_proj,core_attn]"]),
+            ("gpt_oss", "bf16", [], []), ("gpt_oss", "fp8", [], MODES[-3])])
 
 
-def _cfg(repo_root, precision, extra):
-    return load_config(repo_root / "configs" / "tiny.yaml", [
+def _cfg(repo_root, precision, extra, name="tiny"):
+    config = "tiny_gpt_oss.yaml" if name == "gpt_oss" else "tiny.yaml"
+    return load_config(repo_root / "configs" / config, [
         "model.num_hidden_layers=2", f"train.precision={precision}", f"train.micro_batch_size={MICRO_BATCH}",
         f"train.seq_len={SEQ}", *extra])
 
@@ -50,7 +57,7 @@ def _id(case) -> str:
 
 @pytest.mark.parametrize("name,precision,extra,mode", CASES, ids=[_id(c) for c in CASES])
 def test_predicted_saved_bytes_within_10_percent_of_measured(repo_root, name, precision, extra, mode):
-    cfg = _cfg(repo_root, precision, extra + mode)
+    cfg = _cfg(repo_root, precision, extra + mode, name)
     measured = measure_saved_bytes(cfg, micro_batches=1, backward=False)
     tokens = MICRO_BATCH * SEQ
     predicted = ActivationModel(cfg.model, precision, recompute_of(cfg), MICRO_BATCH).by_kind(tokens)

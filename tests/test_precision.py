@@ -109,7 +109,7 @@ def test_kept_out_modules_stay_out_at_run_time(model, precision):
         torch.testing.assert_close(routing.scores, torch.sigmoid(x.float() @ router.weight.t()), rtol=1e-6, atol=1e-7)
     (xn,), yn = seen["norm"]
     assert yn.dtype == torch.float32
-    (xe, _), ye = seen["layers.1.mlp.experts"]
+    (xe, _, _), ye = seen["layers.1.mlp.experts"]  # rows, counts, gates
     assert ye.dtype == torch.bfloat16  # the experts' grouped GEMM follows the policy too
     (xq,), yq = seen["layers.1.self_attn.q_a_proj"]
     w = model.layers["1"].self_attn.q_a_proj.weight

@@ -27,7 +27,7 @@ from parallel.recompute import MODULES, apply_recompute
 from tests.distributed import run_ranks
 from tests.parity_worker import REPO
 from tests.trainer_helpers import small_overrides
-from train.config import TrainConfig
+from train.config import TrainConfig, load_config
 from train.precision import policy_from_config
 
 
@@ -102,6 +102,37 @@ def test_saved_bytes_fall_from_none_to_selective_to_full(single_thread):
 def test_full_every_nth_block_by_model_position(single_thread):
     assert step("full", num_layers=2)[3].blocks == (0, 2)  # layers 0, 1, then the MTP block at position 2
     assert step("full")[3].blocks == (0, 1, 2)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_moe_act_recomputes_gpt_oss_clamped_experts(repo_root, precision, single_thread):
+    """gpt-oss's clamped SwiGLU goes through GroupedExperts.activation, which moe_act drops: the same loss and
+    gradients as none, and fewer kept bytes in fp32 (under bf16 the down GEMM saves its own bf16 copy)."""
+    from train.memory_probe import build_model, random_batch
+
+    cfg_of = lambda mode: load_config(repo_root / "configs" / "tiny_gpt_oss.yaml", [  # noqa: E731
+        "model.num_hidden_layers=2", f"train.precision={precision}", "train.seq_len=32", *mode])
+    results = []
+    for mode in ([], ["train.recompute=selective", "train.recompute_modules=[moe_act]"]):
+        cfg = cfg_of(mode)
+        model, policy, recompute = build_model(cfg)
+        kept: dict[int, int] = {}
+
+        def count(t: torch.Tensor) -> torch.Tensor:
+            if type(t) is torch.Tensor:
+                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        ids = random_batch(cfg, torch.Generator().manual_seed(1))
+        with policy.autocast(torch.device("cpu")), recompute.context(count):
+            loss = model(ids[:, :-1], ids[:, 1:]).loss(1.0)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}, sum(kept.values())))
+    (loss, grads, none_bytes), (got_loss, got_grads, got_bytes) = results
+    assert torch.equal(got_loss, loss)
+    for name, g in grads.items():
+        assert torch.equal(got_grads[name], g), name
+    assert got_bytes < none_bytes if precision == "fp32" else got_bytes <= none_bytes
 
 
 # ------------------------------------------------------------------------------------------ multi-rank

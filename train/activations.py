@@ -21,13 +21,16 @@ ceil(K / 128), the fp32 1x128 tile scales of one FP8 row.
   dense MLP (SwiGLU)     post-attention norm; normed x read by gate and up; gate and up outputs, silu(gate)
                          (all c); down_proj's input.
   MoE                    post-attention norm; the router's fp32 input (4H), sigmoid scores (4E), top-k ids
-                         (8k) and weights (4k + 4 for their sum); three int64 index vectors over the k
-                         routed copies (dispatch order, token of each row, combine's token index: 24k) and
-                         the gate of every row (4k); per routed copy: the rows the grouped GEMM saves (4H
-                         fp32, 2H bf16 cast, or H + sc(H) FP8), the gate|up output (2I c), the SwiGLU output
-                         (I c, or I + sc(I) FP8) and the expert output combine saves (H c); the shared
+                         (8k) and weights (4k + 4 for their sum); two int64 index vectors over the k
+                         routed copies (dispatch order, token of each row -- combine's sum per token keeps
+                         the same one: 16k) and the gate of every row (4k); per routed copy: the rows the
+                         grouped GEMM saves (4H fp32, 2H bf16 cast, or H + sc(H) FP8), the gate|up output
+                         (2I c) and the gated SwiGLU output (I c, or I + sc(I) FP8). No expert output: the
+                         gates are applied to the down projection's input (models/moe.py); the shared
                          experts as a SwiGLU of width n_shared I on the same normed x; the sequence-wise
                          balance loss (normalised scores 4E, their sum 4, token ids 8) when an alpha > 0.
+  gpt-oss                GQA attention (gqa_attention_terms) and, in the MoE block, the softmax router and the
+                         clamped experts' fp32 gate|up output + bias (moe_terms).
   MTP module (extra)     enorm on the fp32 embedding, hnorm (on the final norm's fp32 output),
                          eh_proj's input (2H), its final norm (on the block's c-byte output); its block as
                          above with r = c.
@@ -45,7 +48,8 @@ Recomputation (parallel/recompute.py's semantics, train.recompute):
                  are RoPE's tables, the raw RoPE key (kv_a's output) and the latents themselves
                  where no projection saves them as they are (FP8 saves quantised copies).
   core_attn      the core's output, log-sum-exp and padded v are recomputed; q, k and the unpadded v (a
-                 view of kv_b's output: that whole storage) are kept. With mla_up_proj: nothing of it kept.
+                 view of kv_b's output: that whole storage) are kept. With mla_up_proj: nothing of it kept,
+                 nor the up-projections' own (FP8) input copies and RoPE's tables (one region from the latents).
   moe_act        the routed SwiGLU output is recomputed from the kept gate|up output (c bytes). Under fp8
                  the kept gate|up output is its FP8 copy (2I + sc(2I), report §3.3.3) and the down
                  projection's FP8 copy of the SwiGLU output is recomputed too.
@@ -53,7 +57,7 @@ Recomputation (parallel/recompute.py's semantics, train.recompute):
   shared_experts the shared experts keep only their (already saved) normed input.
   full           a recomputed block keeps its input (H r); a MoE block, split at the dispatcher so that no
                  collective is inside a region, also keeps what runs outside its regions (full_moe_kept:
-                 the dispatched rows and the expert outputs combine saves among them); while a block
+                 the dispatched rows among them); while a block
                  recomputes, its full activations live once.
 """
 
@@ -133,22 +137,30 @@ class ActivationModel:
         H, nh, dqk, dv, dn, dr = (mc.hidden_size, mc.num_attention_heads, mc.qk_head_dim, mc.v_head_dim,
                                   mc.qk_nope_head_dim, mc.qk_rope_head_dim)
         kv = mc.kv_lora_rank
-        t = {"input norm": self.norm(H, r), "q_a/kv_a inputs": self._normed_inputs(H, 2, r)}
-        if mc.q_lora_rank:
-            t["q latent norm + q_b input"] = self.norm(mc.q_lora_rank, c) + self._normed_inputs(mc.q_lora_rank, 1, c)
-        # kv_a_layernorm reads a split view of kv_a's output [kv_lora + d_rope]
-        t["kv latent norm + kv_b input"] = (self.norm(kv, c, storage=kv + dr)
-                                            + self._normed_inputs(kv, 1, c))
         padded = dv < dqk
         up_proj, core = self.rc.has("mla_up_proj"), self.rc.has("core_attn")
+        # both: one region from the latents (parallel/recompute.py's attend): the up-projections' own input
+        # copies and RoPE's tables inside it are recomputed too
+        region = up_proj and core
+        readers = 1 if region and not mc.q_lora_rank else 2  # q_proj (no query compression) inside the region
+        t = {"input norm": self.norm(H, r), "q_a/kv_a inputs": self._normed_inputs(H, readers, r)}
+        if mc.q_lora_rank:
+            t["q latent norm + q_b input"] = (self.norm(mc.q_lora_rank, c)
+                                              + (0 if region else self._normed_inputs(mc.q_lora_rank, 1, c)))
+        # kv_a_layernorm reads a split view of kv_a's output [kv_lora + d_rope]
+        t["kv latent norm + kv_b input"] = (self.norm(kv, c, storage=kv + dr)
+                                            + (0 if region else self._normed_inputs(kv, 1, c)))
         v_bytes = nh * (dqk if padded else dn + dv) * c  # padded: its own storage; else a view of kv_b's output
-        t["RoPE tables"] = 2 * 4 * dr / self.micro_batch_size  # complex64 cos/sin [S, dr/2] of q and k
+        if not region:
+            t["RoPE tables"] = 2 * 4 * dr / self.micro_batch_size  # complex64 cos/sin [S, dr/2] of q and k
         if up_proj:  # q, k, v and the core's padded copy of v recomputed from the latents
             if c != 4 and not self.rc.has("layernorm"):  # (fp32 / layernorm: the kv norm keeps that storage)
                 t["raw RoPE key (kv_a output)"] = (kv + dr) * c
             if not self.rc.has("layernorm"):  # the recomputation's inputs, where no projection saves them as they are
-                latents = ((mc.q_lora_rank, c) if mc.q_lora_rank else (H, r), (kv, c))
-                t["up-projection inputs"] = sum(w * nb for w, nb in latents if self.fp8 or nb != c)
+                # (w, bytes, also saved as it is outside a region): a norm's output read only by an up-projection;
+                # the normed x without query compression, which kv_a saves as it is when it is in the compute dtype
+                latents = (((mc.q_lora_rank, c, region) if mc.q_lora_rank else (H, r, False)), (kv, c, region))
+                t["up-projection inputs"] = sum(w * nb for w, nb, kept in latents if kept or self.fp8 or nb != c)
         else:
             t["core q, k"] = 2 * nh * dqk * c
             t["core v"] = nh * (dn + dv) * c if core else v_bytes  # core_attn keeps the unpadded view
@@ -162,8 +174,19 @@ class ActivationModel:
             t["o_proj input"] = self.linear_inputs(nh * dv, 1, c)
         return t
 
+    def gqa_attention_terms(self, r: int) -> dict[str, float]:
+        """Per-token bytes of one gpt-oss attention (models/gqa_attention.py; mla_up_proj / core_attn do not
+        apply): q, k, v with k and v repeated to every query head, the output (sink-weighted) and two fp32
+        per-head rows (log-sum-exp, sink weights), o_proj's own copy of the transposed output."""
+        mc, c = self.mc, self.c
+        H, nh, hd = mc.hidden_size, mc.num_attention_heads, mc.head_dim
+        return {"input norm": self.norm(H, r), "q/k/v inputs": self._normed_inputs(H, 3, r),
+                "core q, k, v": 3 * nh * hd * c, "core output + lse + sink weights": nh * hd * c + 8 * nh,
+                "o_proj input": self.linear_inputs(nh * hd, 1, c)}
+
     def attention(self, r: int) -> float:
-        return float(sum(self.attention_terms(r).values()))
+        terms = self.gqa_attention_terms(r) if self.mc.is_gpt_oss else self.attention_terms(r)
+        return float(sum(terms.values()))
 
     def swiglu(self, width: int, input_bytes: int, readers_saved: bool = True) -> float:
         """A SwiGLU MLP of `width` on a normed H-wide input of `input_bytes` (gate, up, silu, down's input)."""
@@ -185,15 +208,22 @@ class ActivationModel:
         router_input = 0 if (self.rc.has("layernorm") and r == 4) else 4 * H
         t = {"norm": self.norm(H, r),
              "router": router_input + 4 * E + 8 * k + 4 * k + 4,  # input, scores, top-k ids, weights, their sum
-             "dispatch/combine indices": 24 * k + 4 * k}  # three int64 index vectors, row gates
+             "dispatch/combine indices": 16 * k + 4 * k}  # two int64 index vectors, row gates
         t["routed rows (grouped GEMM input)"] = k * (H + self._sc(H) if self.fp8 else H * c)
-        if self.rc.has("moe_act") and self.fp8:  # only the FP8 copy of the gate|up output (models/fp8.py)
+        if mc.is_gpt_oss:
+            # softmax router: no sum of the weights; clamped experts with biases: the gate|up output plus its
+            # fp32 bias is fp32 (and the bias's row index, int64), the gated activation fp32 too, which the
+            # down GEMM saves as it is (fp32) or as its own bf16 / FP8 copy (which moe_act cannot drop)
+            t["router"] -= 4
+            t["routed SwiGLU input"] = k * (2 * I * 4 + 8)
+            if not (self.rc.has("moe_act") and c == 4):
+                t["routed SwiGLU output"] = k * (I + self._sc(I) if self.fp8 else I * c)
+        elif self.rc.has("moe_act") and self.fp8:  # only the FP8 copy of the gate|up output (models/fp8.py)
             t["routed SwiGLU input"] = k * (2 * I + self._sc(2 * I))
         else:  # the gate|up output; the SwiGLU output unless moe_act recomputes it
             t["routed SwiGLU input"] = k * 2 * I * c
             if not self.rc.has("moe_act"):
                 t["routed SwiGLU output"] = k * (I + self._sc(I) if self.fp8 else I * c)
-        t["routed outputs (combine)"] = k * H * c
         if mc.n_shared_experts and not self.rc.has("shared_experts"):
             # fp32: gate/up read the router's input storage (counted); else each its cast / FP8 copy
             t["shared experts"] = self.swiglu(mc.n_shared_experts * I, r, readers_saved=not (c == 4 and r == 4))
@@ -209,13 +239,14 @@ class ActivationModel:
     def full_moe_kept(self, r: int) -> float:
         """What a MoE block recomputed in full keeps besides its input: parallel/recompute.py splits it at the
         dispatcher (no collective inside a region), so the post-attention residual (the norm's input), the
-        router's saves (its input only if it is a copy), the indices, the dispatched rows (the experts'
-        region input, what EP's all-to-all received: in the stream's dtype, or under fp8 the FP8 rows and
-        their scales, models/fp8.py's QuantisedRows) and the expert outputs combine saves stay."""
+        router's saves (its input only if it is a copy), the indices and row gates, and the dispatched rows
+        (the experts' region input, what EP's all-to-all received: in the stream's dtype, or under fp8 the FP8
+        rows and their scales, models/fp8.py's QuantisedRows) stay; combine keeps only its index (the gates
+        are applied inside the experts' region)."""
         mc = self.mc
         H, k, E = mc.hidden_size, mc.num_experts_per_tok, mc.n_routed_experts
         rows = H + self._sc(H) if self.fp8 and Fp8GroupedGemm.quantised_dispatch else H * r
-        b = H * r + (4 * H if r != 4 else 0) + 4 * E + 12 * k + 4 + 28 * k + k * rows + k * H * self.c
+        b = H * r + (4 * H if r != 4 else 0) + 4 * E + 12 * k + 4 + 20 * k + k * rows
         if mc.aux_loss_alpha or mc.device_aux_loss_alpha or mc.comm_aux_loss_alpha:
             b += 4 * E + 4 + 8
         return float(b)

@@ -41,7 +41,9 @@ Memory model (per rank, bytes; GiB = 2**30 in the output), matching what moeforg
   weight gradient, for the main head and every MTP depth), the EP all-to-all send and receive rows of
   one layer, and under fp8 the emulated expert GEMM's transient fp32 gate_up weights of one layer.
 * Micro-batches in flight on a rank: 1 without PP; GPipe all; 1F1B pp - rank; interleaved
-  schedules their warm-up depth; V-shaped (DualPipe) pp + 1 (DeepSeek-V3 report, Table 2).
+  schedules their warm-up depth; V-shaped schedules per stage, from torch's action lists
+  (`v_stage_peaks`): DualPipeV 2pp - r micro-batches of rank r's first stage and r + 1 of its second
+  (2pp + 1 stage-micro-batches: the DualPipe table's PP + 1 counts its 2pp stages), ZBVZeroBubble 2pp.
 * Fixed overhead (CUDA context, NCCL and allocator slack): `--overhead-gb`, 3 GiB by default.
 """
 
@@ -80,6 +82,7 @@ class Unit:
     layer: bool = False  # a transformer block (or an MTP module's block)
     mtp: bool = False
     position: int = -1  # model position of a block: decoder layer i, or L + k for MTP depth k + 1
+    stage: int = 0  # pipeline stage holding it (stage_units)
 
 
 def _is_expert(name: str) -> bool:
@@ -179,6 +182,8 @@ def stage_units(cfg: Config) -> tuple[list[list[Unit]], list[int]]:
             last_rank = layout.stage_to_rank(s, p.pp, style)
             if last_rank != 0 and (mtps or cfg.model.tie_word_embeddings):  # MTP needs its own embedding copy
                 chunk.append(Unit("embedding copy", dense=embed.dense, fp8_dense=embed.fp8_dense))
+        for u in chunk:
+            u.stage = s
         ranks[layout.stage_to_rank(s, p.pp, style)].extend(chunk)
     return ranks, sizes
 
@@ -199,11 +204,41 @@ def in_flight(cfg: Config, rank: int) -> float:
     style, v = pipeline_shape(cfg)
     if name in ("GPipe", "LoopedBFS"):  # every forward before any backward
         return float(m)
-    if style == "v":  # DualPipe(V): PP + 1 (DeepSeek-V3 report, Table 2)
-        return float(min(m, p.pp + 1))
+    if style == "v":  # the heavier peak of the V's two stages, counted in all-layer units
+        return max(sum(c.values()) for c in v_stage_peaks(name, p.pp, m, rank)) / 2
     if style == "loop":  # interleaved warm-up: (v - 1) pp + 2 (pp - rank - 1) + 1 stage-forwards
         return min(m * v, (v - 1) * p.pp + 2 * (p.pp - rank - 1) + 1) / v
     return float(max(1, min(m, p.pp - rank)))  # 1F1B
+
+
+def v_stage_peaks(name: str, pp: int, m: int, rank: int) -> list[dict[int, int]]:
+    """Micro-batches in flight on each of a V-shaped rank's two stages (r and 2pp-1-r) at its peaks: a
+    stage's micro-batch holds its activations from its forward to its weight gradient (W, or the full
+    backward). The rank's peak is the heaviest of these candidates, by its stages' bytes per micro-batch.
+    From torch's schedules (torch.distributed.pipelining, m >= 2pp as parallel/layout.py requires;
+    tests/test_plan.py replays their action lists):
+      DualPipeV      one peak: 2pp - r of the first stage, r + 1 of the second (2pp + 1 stage-micro-batches:
+                     the DualPipe table's PP + 1 with PP = its 2pp stages). Rank 0, which holds the embedding's
+                     stage and the head's, keeps 2pp of the first and one of the last.
+      ZBVZeroBubble  2pp - 1 - r and r + 1, or 2pp - r and r (2pp stage-micro-batches)."""
+    first, second = rank, 2 * pp - 1 - rank
+    if name == "DualPipeV":
+        peaks = [(2 * pp - rank, rank + 1)]
+    else:  # ZBVZeroBubble
+        peaks = [(2 * pp - 1 - rank, rank + 1), (2 * pp - rank, rank)]
+    return [{first: min(m, a), second: min(m, b)} for a, b in peaks]
+
+
+def stage_flights(cfg: Config, rank: int) -> list[Optional[dict[int, int]]]:
+    """Candidate peaks of a rank as micro-batches in flight per stage (V-shaped schedules), or [None]: every
+    stage of the rank holds `in_flight` micro-batches."""
+    p = cfg.parallel
+    if p.pp > 1 and pipeline_shape(cfg)[0] == "v":
+        try:
+            return v_stage_peaks(layout.schedule_name(p), p.pp, microbatches(cfg), rank)
+        except layout.LayoutError:  # reported by check_layout
+            pass
+    return [None]
 
 
 # ---------------------------------------------------------------- memory per rank
@@ -219,7 +254,8 @@ class RankMemory:
     activations: float
     buffers: float  # logits/softmax of the head, EP dispatch buffers: one micro-batch at a time
     overhead: float
-    in_flight: float
+    in_flight: float  # in all-layer units (V-shaped: half the stage-micro-batches of its two stages)
+    in_flight_per_stage: dict[int, int] = field(default_factory=dict)  # V-shaped: stage -> micro-batches at the peak
     total: float = 0.0
     notes: list[str] = field(default_factory=list)
     host: float = 0.0  # host (CPU) memory: DeepSpeed's offloaded optimizer state; not in total
@@ -263,6 +299,46 @@ def deepspeed_memory(cfg: Config, dense: float, expert: float, edp: int) -> tupl
     return weights, grads, state, 0.0, bucket
 
 
+def _copies_and_activations(cfg: Config, units: list[Unit], flights: list[float], recompute: Recompute,
+                            am: ActivationModel, mode: str) -> tuple[float, float]:
+    """(weight copies, activations) of a rank whose units have `flights` micro-batches in flight each."""
+    p, t, precision = cfg.parallel, cfg.train, cfg.train.precision
+    tp, ep = p.tp, p.ep
+    # Micro-batches whose graphs keep a unit's weight copies: a block recomputed whole keeps none between
+    # its forward and its backward, only while it recomputes (one at a time).
+    unit_flight = [1.0 if u.layer and recompute.full_block(u.position) else f for u, f in zip(units, flights)]
+    fp8_units = [(u.fp8_dense / tp + u.fp8_expert / ep) * (1 + 4 / 128**2) for u in units]  # E4M3 + block scales
+    quantised = sum(fp8_units)
+    compute = 0.0
+    if mode == "fsdp":
+        if precision != "fp32" or p.pp > 1:
+            c = 4 if precision == "fp32" else 2
+            if p.pp > 1:  # stage roots stay unsharded from forward to backward (parallel/pipeline.py)
+                compute = c * sum(u.dense / tp + u.expert / ep for u in units)
+            else:  # two blocks gathered at a time (current + prefetch), compute dtype
+                biggest = sorted((u.dense / tp + u.expert / ep for u in units), reverse=True)[:2]
+                compute = c * sum(biggest)
+        if precision == "fp8":  # every re-gather writes the weight (a new version): quantised per micro-batch
+            compute += sum(q * f for q, f in zip(fp8_units, flights))
+    elif precision != "fp32":
+        # autocast casts each weight again in every micro-batch's forward, and that graph saves the copy;
+        # FP8 GEMMs instead share one quantised copy per weight per step (models.fp8.QuantisedWeights)
+        fp8 = precision == "fp8"
+        compute = sum(2 * ((u.cast - (u.fp8_dense if fp8 else 0)) / tp + (u.cast_expert - (u.fp8_expert if fp8 else 0)) / ep)
+                      * f for u, f in zip(units, unit_flight))
+        compute += quantised if fp8 else 0.0
+
+    kept, recomputing = 0.0, 0.0  # bytes per token: over the micro-batches in flight, and of one block recomputing
+    for u, f in zip(units, flights):
+        if u.layer:
+            kept += (am.block(u.moe, u.position, u.mtp) + (am.mtp_extra() if u.mtp else 0.0) + 8.0 * u.mtp) * f
+            if recompute.full_block(u.position):  # one block's activations while it recomputes
+                recomputing = max(recomputing, am.block_whole(u.moe, u.mtp))
+        elif u.name == "embedding":
+            kept += 8.0 * f  # the token ids the lookup saves
+    return compute, t.micro_batch_size * t.seq_len * (kept + recomputing) / layout.sequence_shards(p)
+
+
 def rank_memory(cfg: Config, rank: int, units: list[Unit], recompute: Recompute, overhead_gb: float) -> RankMemory:
     p, t, mc = cfg.parallel, cfg.train, cfg.model
     precision = t.precision
@@ -270,7 +346,6 @@ def rank_memory(cfg: Config, rank: int, units: list[Unit], recompute: Recompute,
     edp = max(1, p.dp_shard // ep)
     dense = sum(u.dense for u in units) / tp
     expert = sum(u.expert for u in units) / ep
-    fp8_w = (sum(u.fp8_dense for u in units) / tp + sum(u.fp8_expert for u in units) / ep)
     moments = 4 if cfg.optim.bf16_moments else 8
     mode = data_parallel_mode(cfg)
     host = ds_bucket = 0.0
@@ -294,40 +369,15 @@ def rank_memory(cfg: Config, rank: int, units: list[Unit], recompute: Recompute,
     layer_units = [u for u in units if u.layer]
     tokens = t.micro_batch_size * t.seq_len
     flight = in_flight(cfg, rank)
-    # Micro-batches whose graphs keep a unit's weight copies: a block recomputed whole keeps none between
-    # its forward and its backward, only while it recomputes (one at a time).
-    unit_flight = [1.0 if u.layer and recompute.full_block(u.position) else flight for u in units]
-    quantised = fp8_w * (1 + 4 / 128**2)  # E4M3 weights + one fp32 scale per 128 x 128 block
-    compute = 0.0
-    if mode == "fsdp":
-        if precision != "fp32" or p.pp > 1:
-            c = 4 if precision == "fp32" else 2
-            if p.pp > 1:  # stage roots stay unsharded from forward to backward (parallel/pipeline.py)
-                compute = c * (dense + expert)
-            else:  # two blocks gathered at a time (current + prefetch), compute dtype
-                biggest = sorted((u.dense / tp + u.expert / ep for u in units), reverse=True)[:2]
-                compute = c * sum(biggest)
-        if precision == "fp8":  # every re-gather writes the weight (a new version): quantised per micro-batch
-            compute += quantised * flight
-    elif precision != "fp32":
-        # autocast casts each weight again in every micro-batch's forward, and that graph saves the copy;
-        # FP8 GEMMs instead share one quantised copy per weight per step (models.fp8.QuantisedWeights)
-        fp8 = precision == "fp8"
-        compute = sum(2 * ((u.cast - (u.fp8_dense if fp8 else 0)) / tp + (u.cast_expert - (u.fp8_expert if fp8 else 0)) / ep)
-                      * f for u, f in zip(units, unit_flight))
-        compute += quantised if fp8 else 0.0
-
     fp8_head = precision == "fp8" and _fp8_selected("lm_head", cfg)
     am = ActivationModel(mc, precision, recompute, t.micro_batch_size, tp, fp8_head)
-    per_token, recomputing = 0.0, 0.0
-    for u in layer_units:
-        extra = am.mtp_extra() if u.mtp else 0.0
-        per_token += am.block(u.moe, u.position, u.mtp) + extra
-        if recompute.full_block(u.position):  # one block's activations while it recomputes
-            recomputing = max(recomputing, am.block_whole(u.moe, u.mtp))
     names = {u.name for u in units}
-    per_token += 8.0 * ("embedding" in names) + 8.0 * sum(u.mtp for u in units)  # token ids the lookups save
-    activations = tokens * (per_token * flight + recomputing) / layout.sequence_shards(p)
+    compute, activations, per_stage = -1.0, -1.0, {}
+    for peak in stage_flights(cfg, rank):  # the heaviest candidate peak of the rank
+        flights = [float(flight if peak is None else peak[u.stage]) for u in units]
+        c_peak, a_peak = _copies_and_activations(cfg, units, flights, recompute, am, mode)
+        if c_peak + a_peak > compute + activations:
+            compute, activations, per_stage = c_peak, a_peak, dict(peak or {})
 
     buffers = 0.0
     if "head" in names:  # one micro-batch at a time: its backward follows its forward on the last stage
@@ -343,12 +393,21 @@ def rank_memory(cfg: Config, rank: int, units: list[Unit], recompute: Recompute,
     rm = RankMemory(
         rank=rank, units=[u.name for u in units], params=int(dense + expert), weights=weights, grads=grads,
         optimizer=optimizer, compute_copies=compute, activations=activations, buffers=buffers,
-        overhead=overhead, in_flight=round(flight, 2), host=host,
+        overhead=overhead, in_flight=round(flight, 2), in_flight_per_stage=per_stage, host=host,
     )
     rm.total = weights + grads + optimizer + compute + activations + buffers + overhead
     # parallel/ema.py: two fp32 CPU buffers (average, snapshot) per parameter element this rank holds
     rm.host_ema = 2 * weights if t.ema_decay else 0.0
     return rm
+
+
+def _flight_text(rank: dict[str, Any]) -> str:
+    """'17 micro-batches', or per stage of a V: '32 micro-batches of stage 0 + 1 of stage 31'."""
+    per_stage = rank.get("in_flight_per_stage") or {}
+    if not per_stage:
+        return f"{rank['in_flight']:g} micro-batches"
+    (s0, n0), *rest = sorted(per_stage.items())
+    return f"{n0} micro-batches of stage {s0}" + "".join(f" + {n} of stage {s}" for s, n in rest)
 
 
 def _compact(names: list[str]) -> str:
@@ -528,7 +587,7 @@ def print_plan(result: dict[str, Any], config: str) -> None:
     for key, label in (("weights", "weights"), ("grads", "gradients"), ("optimizer", "optimizer states"),
                        ("compute_copies", "bf16/fp8 weight copies"), ("activations", "activations"),
                        ("buffers", "logits + dispatch buffers"), ("overhead", "CUDA/NCCL overhead")):
-        extra = f"  ({w['in_flight']:g} micro-batches in flight)" if key == "activations" else ""
+        extra = f"  ({_flight_text(w)} in flight)" if key == "activations" else ""
         print(f"  {label:<26}{w[key]:>9.2f}{extra}")
     print(f"  {'total':<26}{w['total']:>9.2f} of {mem['gpu_mem_gb']:g} -> {mem['verdict']}")
     if w["host"]:
@@ -541,7 +600,7 @@ def print_plan(result: dict[str, Any], config: str) -> None:
     if not mem["fits"]:
         terms = [(f"{part}: {name}", b) for part, ts in mem["activation_terms_per_token"].items() for name, b in ts.items()]
         top = sorted(terms, key=lambda t: -t[1])[:5]
-        print(f"  largest activation terms (bytes per token of one block part, x {w['in_flight']:g} micro-batches "
+        print(f"  largest activation terms (bytes per token of one block part, x micro-batches in flight "
               "x layers x tokens): " + "; ".join(f"{n} {b / 1024:.1f} KiB" for n, b in top))
     if "comm" in result:
         c = result["comm"]
