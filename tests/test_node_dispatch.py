@@ -7,7 +7,8 @@ Config and planner refusals run in-process. One 4-rank launch runs every dispatc
 * the hierarchical dispatch on test_dispatch.py's global problem (8 experts, uneven tokens, experts
   and ranks without tokens): every row reaches the right expert, and outputs and the gradients of
   x, the gates and the expert weights equal LocalDispatcher on all ranks' tokens; dropless and
-  capacity mode (dropped assignments never sent), synchronous and overlapped;
+  capacity mode (dropped assignments never sent), synchronous and overlapped; FP8 rows (E4M3 +
+  1x128 scales, train.precision=fp8) reach the experts bitwise as quantised, their gradient exactly;
 * with the real group-limited router (tiny's 16 experts, top-4, 4 groups), counted from the pairs
   the dispatcher sends: a token reaches at most topk_group nodes, and each (token, node) crosses
   once (one row per distinct (token, node) of its kept experts), on 2 x 2 and on 4 x 1; the same
@@ -28,7 +29,7 @@ import torch.distributed as dist
 
 from parallel import layout
 from tests.distributed import run_ranks
-from tests.test_dispatch import N_EXPERTS, check_expert_ids, check_grads, global_problem
+from tests.test_dispatch import N_EXPERTS, check_expert_ids, check_grads, global_problem, my_slice
 from train.config import ConfigError, ParallelConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,6 +140,27 @@ def check_crossings(rank: int, nodes: int, ranks_per_node: int, inter_group, int
     return found
 
 
+def check_fp8_rows(p, rank, disp):
+    """FP8 rows (models/fp8.py's QuantisedRows, as under train.precision=fp8) through both stages: each
+    expert rank gets the unquantised dispatch's rows as their E4M3 bytes + 1x128 scales, and the rows'
+    gradient (through the stand-in) comes back to x exactly like the unquantised rows'."""
+    from models.fp8 import quantise_rows, quantize_tiles
+
+    sl = my_slice(rank)
+    idx = p["idx"][sl]
+    x = p["x"][sl].clone().requires_grad_(True)
+    x8 = p["x"][sl].clone().requires_grad_(True)
+    plain, counts, _ = disp.dispatch(x, idx, None)
+    rows8, counts8, _ = disp.dispatch(quantise_rows(x8), idx, None)
+    probe = torch.randn(plain.shape, generator=torch.Generator().manual_seed(rank))
+    (plain * probe).sum().backward()
+    (rows8.grad * probe).sum().backward()  # every collective before any assertion
+    q, scales = quantize_tiles(plain.detach())
+    assert torch.equal(counts8, counts)
+    assert torch.equal(rows8.data.view(torch.uint8), q.view(torch.uint8)) and torch.equal(rows8.scales, scales)
+    assert torch.equal(x8.grad, x.grad)
+
+
 def run_node_checks(rank: int) -> dict[str, object]:
     from parallel.mesh import build_context
     from parallel.node_dispatch import NodeLimitedDispatcher
@@ -166,6 +188,8 @@ def run_node_checks(rank: int) -> dict[str, object]:
                 tag = f"{'overlap' if overlap else 'sync'}_{'capacity' if keep else 'dropless'}"
                 attempt(f"expert_ids_{tag}", check_expert_ids, p, rank, 4, disp, keep)
                 attempt(f"grads_{tag}", check_grads, p, rank, 4, disp, keep)
+        attempt("fp8_rows", check_fp8_rows, p, rank,
+                NodeLimitedDispatcher(N_EXPERTS, 2, 2, ctx.ep_inter_group, ctx.ep_intra_group))
         attempt("crossings_2x2", check_crossings, rank, 2, 2, ctx.ep_inter_group, ctx.ep_intra_group)
         ctx4 = build_context(ParallelConfig(dp_shard=4, ep=4, ep_ranks_per_node=1), cpu)
         attempt("crossings_4x1", check_crossings, rank, 4, 1, ctx4.ep_inter_group, ctx4.ep_intra_group)
@@ -180,7 +204,7 @@ def node_results():
     return run_ranks(4, run_node_checks, timeout=300)
 
 
-CHECKS = ["groups"] + [f"{c}_{o}_{k}" for c in ("expert_ids", "grads") for o in ("sync", "overlap")
+CHECKS = ["groups", "fp8_rows"] + [f"{c}_{o}_{k}" for c in ("expert_ids", "grads") for o in ("sync", "overlap")
                        for k in ("dropless", "capacity")]
 
 
