@@ -12,15 +12,20 @@ parallelism (FSDP2 or ZeRO-1, HSDP), expert parallelism (flat, or hierarchical a
 pairs are (token, node), ep_intra's (token, rank) as flat EP's), tensor parallelism with sequence
 parallelism (its all-gathers and reduce-scatters along the sequence, the balance statistics and the
 replicated parameters' gradient sum, group "tp"; the balance statistics assume one document per
-sequence, `bytes_max` one per token; each tp rank dispatches its own sequence shard). Not predicted
-(nor counted by the ledger): the pipeline's traffic, tensor parallelism without SP, and
-loss_parallel's DTensor-internal reductions.
+sequence, `bytes_max` one per token; each tp rank dispatches its own sequence shard), HSDP (FSDP2's
+all-reduce of every reduce-scatter output over dp_replicate), and pipeline parallelism on its own
+(pp only; every schedule; per pipeline rank, `predict_comm(cfg, pp_rank)`: the activation sends /
+receives per stage boundary between ranks and their gradients', the pipeline sums, the tied embedding
+and the expert-load gather). Not predicted: the pipeline combined with data or tensor parallelism
+(refused), tensor parallelism without SP and loss_parallel's DTensor-internal reductions (refused;
+not counted by the ledger either: DTensor issues them inside `redistribute`, which offers no hook).
 """
 
 from __future__ import annotations
 
 from itertools import combinations
 from math import comb
+import pickle
 from typing import Any
 
 import torch
@@ -33,7 +38,10 @@ from models.fp8 import TILE, Fp8GroupedGemm
 from models.gqa_attention import GroupedQueryAttention
 from models.mlp import SwiGLU
 from models.moe import moe_layers
-from parallel.layout import ep_nodes, sequence_parallel, sequence_shards
+from models.moe_state import ExpertLoad
+from parallel.layout import (ep_nodes, schedule_style, sequence_parallel, sequence_shards, split_layers,
+                             stage_to_rank, stages_per_rank)
+from parallel.pipeline import load_payload, prune_model
 from parallel.sequence_parallel import replicated_parameter_names
 from train.config import Config
 from train.precision import fp8_selected
@@ -156,11 +164,51 @@ def _sequence_parallel_comm(out: dict, cfg: Config, model: torch.nn.Module, comp
         out["all_reduce/tp"]["bytes_max"] = out["all_reduce/tp"]["bytes"] - stats + stats_max
 
 
-def predict_comm(cfg: Config) -> dict[str, Any]:
-    """{"calls", "bytes", "by": {"kind/group": {"calls", "bytes"[, "bytes_min", "bytes_max"]}}} of one rank's step."""
+def _pipeline_comm(out: dict, cfg: Config, pp_rank: int) -> None:
+    """Pipeline rank `pp_rank`'s traffic (parallel/pipeline.py), per step: per micro-batch and stage boundary
+    between ranks, the B x S x H activation forward (send / recv) and its gradient backward, in the residual
+    stream's dtype (fp32: a pipeline-only layout skips FSDP2); the objective / CE / MTP / aux sums over pp
+    (fp64); the tied embedding copies' gradient sum over {first, last} (when on different ranks and the last
+    stage needs the embedding); the pickled expert loads gathered over pp."""
     p, mc, t = cfg.parallel, cfg.model, cfg.train
-    if p.pp > 1 or (p.tp > 1 and not sequence_parallel(p)):
-        raise ValueError("predict_comm: pipeline and tensor parallelism without SP are not predicted yet")
+    style, n_stages = schedule_style(p), p.pp * stages_per_rank(p)
+    owner = [stage_to_rank(s, p.pp, style) for s in range(n_stages)]
+    mine = [s for s in range(n_stages) if owner[s] == pp_rank]
+    act = t.micro_batch_size * t.seq_len * mc.hidden_size * 4
+    micro = t.grad_accum_steps
+    for s in mine:
+        for peer, forward in ((s - 1, "recv"), (s + 1, "send")):  # the input from s - 1, the output to s + 1
+            if 0 <= peer < n_stages and owner[peer] != pp_rank:
+                backward = "send" if forward == "recv" else "recv"
+                _add(out, f"{forward}/pp", micro, micro * act)
+                _add(out, f"{backward}/pp", micro, micro * act)
+    _add(out, "all_reduce/pp", 1, 8 * (3 + mc.num_nextn_predict_layers))
+    last = owner[-1]
+    needs_tie = last != 0 and (mc.num_nextn_predict_layers > 0 or mc.tie_word_embeddings)
+    if needs_tie and pp_rank in (0, last):
+        _add(out, "all_reduce/pp_tie", 1, 4 * mc.vocab_size * mc.hidden_size)
+    model = build_meta_model(mc)
+    split = split_layers(p, mc)
+    prune_model(model, {i for s in mine for i in split[s]}, first=0 in mine, last=n_stages - 1 in mine)
+    if mc.n_routed_experts and len(moe_layers(build_meta_model(mc))):
+        layers = moe_layers(model)
+        load = None
+        if layers:
+            zeros = torch.zeros(len(layers), mc.n_routed_experts)
+            biases = zeros if all(m.gate.uses_bias for m in layers) else None
+            load = ExpertLoad([m.layer_idx for m in layers], zeros, biases, 0.0)
+        _add(out, "all_gather/pp", 1, len(pickle.dumps(load_payload(load))))
+
+
+def predict_comm(cfg: Config, pp_rank: int = 0) -> dict[str, Any]:
+    """{"calls", "bytes", "by": {"kind/group": {"calls", "bytes"[, "bytes_min", "bytes_max"]}}} of one rank's step
+    (under pipeline parallelism, a rank of pipeline rank `pp_rank`: the stages differ)."""
+    p, mc, t = cfg.parallel, cfg.model, cfg.train
+    if p.tp > 1 and not sequence_parallel(p):
+        raise ValueError("predict_comm: tensor parallelism without SP is not predicted (nor counted) yet")
+    if p.pp > 1 and p.dp_replicate * p.dp_shard * p.tp > 1:
+        raise ValueError("predict_comm: the pipeline is predicted on its own (pp only), not yet with data or "
+                         "tensor parallelism")
     world = p.dp_replicate * p.dp_shard
     edp = p.dp_shard // p.ep
     dp, expert_dp = world, p.dp_replicate * edp
@@ -169,8 +217,10 @@ def predict_comm(cfg: Config) -> dict[str, Any]:
     params = {n: q for n, q in model.named_parameters() if q.requires_grad}
     depth, micro = mc.num_nextn_predict_layers, t.grad_accum_steps
     out: dict[str, dict[str, float]] = {}
-    if world * p.tp > 1:
+    if world * p.tp * p.pp > 1:
         _add(out, "all_reduce/world", 1, 8)  # gradient-norm square sum (fp64)
+    if p.pp > 1:
+        _pipeline_comm(out, cfg, pp_rank)
     if dp > 1:
         _add(out, "all_reduce/dp", 1, 8 * (1 + depth))  # global target-token counts
         _add(out, "all_reduce/dp", 1, 8 * (3 + depth))  # objective, CE, MTP CEs, aux sums
@@ -206,9 +256,11 @@ def predict_comm(cfg: Config) -> dict[str, Any]:
         dense_group = "dp_shard"
         for (block, expert), names in units.items():
             ranks, group = (edp, "edp") if expert else (p.dp_shard, dense_group)
+            shard = sum(_padded_numel(shape_of(n), ranks) for n in names)
+            if p.dp_replicate > 1:  # HSDP: each reduce-scatter's fp32 output summed over the replicas
+                _add(out, "all_reduce/dp_replicate", micro, micro * 4 * shard)
             if ranks == 1:
                 continue
-            shard = sum(_padded_numel(shape_of(n), ranks) for n in names)
             gathers = micro if block == "root" else 2 * micro  # non-root units reshard after forward
             _add(out, f"all_gather/{group}", gathers, gathers * gather * shard)
             _add(out, f"reduce_scatter/{group}", micro, micro * 4 * ranks * shard)
