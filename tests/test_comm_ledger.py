@@ -6,7 +6,7 @@ custom-collective seam, and the deduplicated all-to-all), as EP2 over ZeRO-1 (it
 all-reduce and parameter all-gathers), as TP2 with sequence parallelism (its all-gathers and
 reduce-scatters along the sequence and its sums over tp), and four ranks as node-limited EP4 on
 2 "nodes" x 2 ranks (the hierarchical dispatch's inter-node and intra-node all-to-alls, under their
-own group names), two ranks as a pipeline under 1F1B and under ZBVZeroBubble (the activations
+own group names), two ranks as a pipeline under 1F1B, Interleaved1F1B, ZBVZeroBubble and DualPipeV (the activations
 and gradients sent and received per stage boundary, kinds send / recv over pp; each pipeline rank
 has its own prediction), and four ranks as HSDP 2 x 2 (FSDP2's all-reduce over dp_replicate).
 Every rank's `comm` of every step must equal the prediction key by key, calls and bytes, except the routed tokens' all-to-all bytes, which depend
@@ -48,12 +48,18 @@ LAYOUTS = {  # name -> (ranks, overrides)
     # a V (stages 0 and 3 on rank 0, 1 and 2 on rank 1: the 1 -> 2 boundary passes tensors without p2p)
     "pp2_zbv": (2, {"parallel.pp": 2, "parallel.pipeline_schedule": "ZBVZeroBubble", "model.num_hidden_layers": 4,
                     "train.grad_accum_steps": 4, "train.micro_batch_size": 1}),
+    # a loop (stages 0, 2 on rank 0; 1, 3 on rank 1: every boundary between ranks) and DualPipeV's V
+    "pp2_interleaved": (2, {"parallel.pp": 2, "parallel.pipeline_schedule": "Interleaved1F1B",
+                            "model.num_hidden_layers": 4, "train.grad_accum_steps": 4, "train.micro_batch_size": 1}),
+    "pp2_dualpipev": (2, {"parallel.pp": 2, "parallel.pipeline_schedule": "DualPipeV", "model.num_hidden_layers": 4,
+                          "train.grad_accum_steps": 4, "train.micro_batch_size": 1}),
     # HSDP: FSDP2's own all-reduce of every reduce-scatter output over dp_replicate
     "hsdp": (4, {"parallel.dp_replicate": 2, "parallel.dp_shard": 2, "parallel.data_parallel": "fsdp"}),
 }
 FOCUS = {  # layout -> entries it exists to check (besides the routed all-to-all)
     "tp2_sp": ["reduce_scatter/tp"], "pp2_1f1b": ["send/pp", "recv/pp", "all_reduce/pp_tie", "all_gather/pp"],
-    "pp2_zbv": ["send/pp", "recv/pp"], "hsdp": ["all_reduce/dp_replicate", "reduce_scatter/dp_shard"],
+    "pp2_zbv": ["send/pp", "recv/pp"], "pp2_interleaved": ["send/pp", "recv/pp"], "pp2_dualpipev": ["send/pp", "recv/pp"],
+    "hsdp": ["all_reduce/dp_replicate", "reduce_scatter/dp_shard"],
 }
 
 
