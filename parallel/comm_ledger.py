@@ -21,9 +21,15 @@ communicates (padding included), they record them and run FSDP2's default collec
 all-reduce over the replicate dimension is counted through FSDP2's all-reduce hook. The pipeline
 schedules' activations and gradients are counted per point-to-point op as kinds "send" / "recv"
 over "pp" (`count_stage_p2p`), the forward-only evaluation's sends likewise. Not counted (yet):
-DTensor redistributions inside tensor-parallel modules (plain TP's all-reduces, loss_parallel's
-reductions), and torch.distributed.pipelining's one-time warm-up handshake on the first step
-(its P2P vote / neighbour ops and shape metadata, issued outside the stage's op builders).
+DTensor's collectives inside tensor-parallel modules: plain TP's all-reduces (`Partial._reduce_value`
+in torch/distributed/tensor/placement_types.py calls funcol.all_reduce during `redistribute`:
+RowwiseParallel's output forward, ColwiseParallel's input gradient backward) and loss_parallel's
+(funcol.all_reduce in torch/distributed/tensor/parallel/loss.py). Neither offers a hook; counting
+them would take patching torch's functional collectives or running every step under a dispatch mode
+(CommDebugMode's mechanism, which intercepts every op); the clean route is moeforge issuing plain TP's all-reduces
+itself, as parallel/sequence_parallel.py issues SP's. Nor is torch.distributed.pipelining's one-time
+warm-up handshake on the first step (P2P vote / neighbour ops, shape metadata: issued outside the
+stage's op builders).
 
 The ledger is per process (one process is one rank): `LEDGER.reset()` starts a step,
 `LEDGER.summary()` reads it.
