@@ -53,13 +53,15 @@ LAYOUTS = {  # name -> (ranks, overrides)
                             "model.num_hidden_layers": 4, "train.grad_accum_steps": 4, "train.micro_batch_size": 1}),
     "pp2_dualpipev": (2, {"parallel.pp": 2, "parallel.pipeline_schedule": "DualPipeV", "model.num_hidden_layers": 4,
                           "train.grad_accum_steps": 4, "train.micro_batch_size": 1}),
+    # the pipeline over ZeRO-1 data parallelism (pp x dp_shard: ranks 0, 1 hold stage 0, ranks 2, 3 stage 1)
+    "pp2_dp2_zero1": (4, {"parallel.pp": 2, "parallel.dp_shard": 2, "parallel.data_parallel": "zero1"}),
     # HSDP: FSDP2's own all-reduce of every reduce-scatter output over dp_replicate
     "hsdp": (4, {"parallel.dp_replicate": 2, "parallel.dp_shard": 2, "parallel.data_parallel": "fsdp"}),
 }
 FOCUS = {  # layout -> entries it exists to check (besides the routed all-to-all)
     "tp2_sp": ["reduce_scatter/tp"], "pp2_1f1b": ["send/pp", "recv/pp", "all_reduce/pp_tie", "all_gather/pp"],
     "pp2_zbv": ["send/pp", "recv/pp"], "pp2_interleaved": ["send/pp", "recv/pp"], "pp2_dualpipev": ["send/pp", "recv/pp"],
-    "hsdp": ["all_reduce/dp_replicate", "reduce_scatter/dp_shard"],
+    "pp2_dp2_zero1": ["send/pp", "all_reduce/dp", "all_gather/dp"], "hsdp": ["all_reduce/dp_replicate", "reduce_scatter/dp_shard"],
 }
 
 

@@ -14,10 +14,10 @@ parallelism (its all-gathers and reduce-scatters along the sequence, the balance
 replicated parameters' gradient sum, group "tp"; the balance statistics assume one document per
 sequence, `bytes_max` one per token; each tp rank dispatches its own sequence shard), HSDP (FSDP2's
 all-reduce of every reduce-scatter output over dp_replicate), and pipeline parallelism on its own
-(pp only; every schedule; per pipeline rank, `predict_comm(cfg, pp_rank)`: the activation sends /
+(every schedule; per pipeline rank, `predict_comm(cfg, pp_rank)`: the activation sends /
 receives per stage boundary between ranks and their gradients', the pipeline sums, the tied embedding
-and the expert-load gather). Not predicted: the pipeline combined with data or tensor parallelism
-(refused), tensor parallelism without SP and loss_parallel's DTensor-internal reductions (refused;
+and the expert-load gather; alone or with ZeRO-1). Not predicted: the pipeline with FSDP2 or tensor
+parallelism (refused), DeepSpeed (its collectives bypass the ledger), tensor parallelism without SP and loss_parallel's DTensor-internal reductions (refused;
 not counted by the ledger either: DTensor issues them inside `redistribute`, which offers no hook).
 """
 
@@ -164,16 +164,33 @@ def _sequence_parallel_comm(out: dict, cfg: Config, model: torch.nn.Module, comp
         out["all_reduce/tp"]["bytes_max"] = out["all_reduce/tp"]["bytes"] - stats + stats_max
 
 
-def _pipeline_comm(out: dict, cfg: Config, pp_rank: int) -> None:
+def _pipeline_stages(cfg: Config, pp_rank: int) -> tuple[list[int], list[int]]:
+    """(stage -> pipeline rank, the stages of `pp_rank`) as parallel/pipeline.py places them."""
+    p = cfg.parallel
+    n_stages = p.pp * stages_per_rank(p)
+    owner = [stage_to_rank(s, p.pp, schedule_style(p)) for s in range(n_stages)]
+    return owner, [s for s in range(n_stages) if owner[s] == pp_rank]
+
+
+def _stage_model(cfg: Config, pp_rank: int) -> torch.nn.Module:
+    """The meta model as pipeline rank `pp_rank` keeps it (the whole model without a pipeline)."""
+    model = build_meta_model(cfg.model)
+    if cfg.parallel.pp > 1:
+        owner, mine = _pipeline_stages(cfg, pp_rank)
+        split = split_layers(cfg.parallel, cfg.model)
+        prune_model(model, {i for s in mine for i in split[s]}, first=0 in mine, last=len(owner) - 1 in mine)
+    return model
+
+
+def _pipeline_comm(out: dict, cfg: Config, pp_rank: int, model: torch.nn.Module) -> None:
     """Pipeline rank `pp_rank`'s traffic (parallel/pipeline.py), per step: per micro-batch and stage boundary
     between ranks, the B x S x H activation forward (send / recv) and its gradient backward, in the residual
-    stream's dtype (fp32: a pipeline-only layout skips FSDP2); the objective / CE / MTP / aux sums over pp
+    stream's dtype (fp32: FSDP2 is not part of the predicted layouts); the objective / CE / MTP / aux sums over pp
     (fp64); the tied embedding copies' gradient sum over {first, last} (when on different ranks and the last
     stage needs the embedding); the pickled expert loads gathered over pp."""
     p, mc, t = cfg.parallel, cfg.model, cfg.train
-    style, n_stages = schedule_style(p), p.pp * stages_per_rank(p)
-    owner = [stage_to_rank(s, p.pp, style) for s in range(n_stages)]
-    mine = [s for s in range(n_stages) if owner[s] == pp_rank]
+    owner, mine = _pipeline_stages(cfg, pp_rank)
+    n_stages = len(owner)
     act = t.micro_batch_size * t.seq_len * mc.hidden_size * 4
     micro = t.grad_accum_steps
     for s in mine:
@@ -187,9 +204,6 @@ def _pipeline_comm(out: dict, cfg: Config, pp_rank: int) -> None:
     needs_tie = last != 0 and (mc.num_nextn_predict_layers > 0 or mc.tie_word_embeddings)
     if needs_tie and pp_rank in (0, last):
         _add(out, "all_reduce/pp_tie", 1, 4 * mc.vocab_size * mc.hidden_size)
-    model = build_meta_model(mc)
-    split = split_layers(p, mc)
-    prune_model(model, {i for s in mine for i in split[s]}, first=0 in mine, last=n_stages - 1 in mine)
     if mc.n_routed_experts and len(moe_layers(build_meta_model(mc))):
         layers = moe_layers(model)
         load = None
@@ -200,19 +214,23 @@ def _pipeline_comm(out: dict, cfg: Config, pp_rank: int) -> None:
         _add(out, "all_gather/pp", 1, len(pickle.dumps(load_payload(load))))
 
 
+def comm_predicted(p: Any) -> bool:
+    """Whether `predict_comm` covers the layout of ParallelConfig `p`."""
+    pipeline_ok = p.pp == 1 or (p.tp == 1 and (p.dp_replicate * p.dp_shard == 1 or p.data_parallel == "zero1"))
+    return pipeline_ok and (p.tp == 1 or sequence_parallel(p)) and p.data_parallel != "deepspeed"
+
+
 def predict_comm(cfg: Config, pp_rank: int = 0) -> dict[str, Any]:
     """{"calls", "bytes", "by": {"kind/group": {"calls", "bytes"[, "bytes_min", "bytes_max"]}}} of one rank's step
     (under pipeline parallelism, a rank of pipeline rank `pp_rank`: the stages differ)."""
     p, mc, t = cfg.parallel, cfg.model, cfg.train
-    if p.tp > 1 and not sequence_parallel(p):
-        raise ValueError("predict_comm: tensor parallelism without SP is not predicted (nor counted) yet")
-    if p.pp > 1 and p.dp_replicate * p.dp_shard * p.tp > 1:
-        raise ValueError("predict_comm: the pipeline is predicted on its own (pp only), not yet with data or "
-                         "tensor parallelism")
+    if not comm_predicted(p):
+        raise ValueError("predict_comm: not predicted yet: tensor parallelism without SP (nor counted), a pipeline "
+                         "with FSDP2 or tensor parallelism, DeepSpeed (its collectives bypass the ledger)")
     world = p.dp_replicate * p.dp_shard
     edp = p.dp_shard // p.ep
     dp, expert_dp = world, p.dp_replicate * edp
-    model = build_meta_model(mc)
+    model = _stage_model(cfg, pp_rank)  # under a pipeline, this rank's stages only
     n_moe = len(moe_layers(model))
     params = {n: q for n, q in model.named_parameters() if q.requires_grad}
     depth, micro = mc.num_nextn_predict_layers, t.grad_accum_steps
@@ -220,7 +238,7 @@ def predict_comm(cfg: Config, pp_rank: int = 0) -> dict[str, Any]:
     if world * p.tp * p.pp > 1:
         _add(out, "all_reduce/world", 1, 8)  # gradient-norm square sum (fp64)
     if p.pp > 1:
-        _pipeline_comm(out, cfg, pp_rank)
+        _pipeline_comm(out, cfg, pp_rank, model)
     if dp > 1:
         _add(out, "all_reduce/dp", 1, 8 * (1 + depth))  # global target-token counts
         _add(out, "all_reduce/dp", 1, 8 * (3 + depth))  # objective, CE, MTP CEs, aux sums
