@@ -6,13 +6,15 @@ custom-collective seam, and the deduplicated all-to-all), as EP2 over ZeRO-1 (it
 all-reduce and parameter all-gathers), as TP2 with sequence parallelism (its all-gathers and
 reduce-scatters along the sequence and its sums over tp), and four ranks as node-limited EP4 on
 2 "nodes" x 2 ranks (the hierarchical dispatch's inter-node and intra-node all-to-alls, under their
-own group names), two ranks as a pipeline under 1F1B, Interleaved1F1B, ZBVZeroBubble and DualPipeV (the activations
-and gradients sent and received per stage boundary, kinds send / recv over pp; each pipeline rank
-has its own prediction), and four ranks as HSDP 2 x 2 (FSDP2's all-reduce over dp_replicate).
-Every rank's `comm` of every step must equal the prediction key by key, calls and bytes, except the routed tokens' all-to-all bytes, which depend
-on the routing: their mean over the ranks lies within the predicted bounds and within 15% of the
-uniform-routing expectation, and equals the planner's figure for the (token, rank) pairs the
-dispatches counted exactly. EP2 over FSDP2 under FP8 dispatches FP8 rows (E4M3 + tile scales).
+own group names), two ranks as a pipeline under 1F1B, Interleaved1F1B, ZBVZeroBubble and
+DualPipeV (the activations and gradients sent and received per stage boundary, kinds send / recv
+over pp; each pipeline rank has its own prediction), and four ranks as HSDP 2 x 2 with EP2
+(FSDP2's all-reduce over dp_replicate) and as PP2 x DP2 over ZeRO-1. Every rank's `comm` of every
+step must equal the prediction key by key, calls and bytes, except the routed tokens' all-to-all
+bytes, which depend on the routing: their mean over the ranks lies within the predicted bounds and
+within 15% of the uniform-routing expectation, and equals the planner's figure for the (token,
+rank) pairs the dispatches counted exactly. EP2 over FSDP2 under FP8 dispatches FP8 rows (E4M3 +
+tile scales).
 metrics.jsonl carries the same `comm` object.
 """
 
@@ -55,13 +57,17 @@ LAYOUTS = {  # name -> (ranks, overrides)
                           "train.grad_accum_steps": 4, "train.micro_batch_size": 1}),
     # the pipeline over ZeRO-1 data parallelism (pp x dp_shard: ranks 0, 1 hold stage 0, ranks 2, 3 stage 1)
     "pp2_dp2_zero1": (4, {"parallel.pp": 2, "parallel.dp_shard": 2, "parallel.data_parallel": "zero1"}),
-    # HSDP: FSDP2's own all-reduce of every reduce-scatter output over dp_replicate
-    "hsdp": (4, {"parallel.dp_replicate": 2, "parallel.dp_shard": 2, "parallel.data_parallel": "fsdp"}),
+    # HSDP: FSDP2's own all-reduce of every reduce-scatter output over dp_replicate (the experts' too, whose
+    # shard group edp = dp_shard / ep has one rank), with EP2's dispatch inside each replica
+    "hsdp_ep2": (4, {"parallel.dp_replicate": 2, "parallel.dp_shard": 2, "parallel.ep": 2,
+                     "parallel.data_parallel": "fsdp"}),
 }
 FOCUS = {  # layout -> entries it exists to check (besides the routed all-to-all)
     "tp2_sp": ["reduce_scatter/tp"], "pp2_1f1b": ["send/pp", "recv/pp", "all_reduce/pp_tie", "all_gather/pp"],
-    "pp2_zbv": ["send/pp", "recv/pp"], "pp2_interleaved": ["send/pp", "recv/pp"], "pp2_dualpipev": ["send/pp", "recv/pp"],
-    "pp2_dp2_zero1": ["send/pp", "all_reduce/dp", "all_gather/dp"], "hsdp": ["all_reduce/dp_replicate", "reduce_scatter/dp_shard"],
+    "pp2_zbv": ["send/pp", "recv/pp"], "pp2_interleaved": ["send/pp", "recv/pp"],
+    "pp2_dualpipev": ["send/pp", "recv/pp"],
+    "pp2_dp2_zero1": ["send/pp", "all_reduce/dp", "all_gather/dp"],
+    "hsdp_ep2": ["all_reduce/dp_replicate", "reduce_scatter/dp_shard"],
 }
 
 
@@ -176,7 +182,8 @@ def test_plan_reports_every_pipeline_rank():
     cfg = load_config(REPO / "configs" / "tiny.yaml", ["parallel.pp=2", "parallel.pipeline_schedule=ZBVZeroBubble",
                                                        "train.grad_accum_steps=4"])
     out = plan(cfg, 2)
-    assert out["comm_by_pp_rank"] == [predict_comm(cfg, r) for r in range(2)] and out["comm"] == out["comm_by_pp_rank"][0]
+    assert out["comm_by_pp_rank"] == [predict_comm(cfg, r) for r in range(2)]
+    assert out["comm"] == out["comm_by_pp_rank"][0]
     act = cfg.train.micro_batch_size * cfg.train.seq_len * cfg.model.hidden_size * 4
     for r in range(2):
         by = out["comm_by_pp_rank"][r]["by"]
