@@ -16,9 +16,11 @@ sequence, `bytes_max` one per token; each tp rank dispatches its own sequence sh
 all-reduce of every reduce-scatter output over dp_replicate), and pipeline parallelism on its own
 (every schedule; per pipeline rank, `predict_comm(cfg, pp_rank)`: the activation sends /
 receives per stage boundary between ranks and their gradients', the pipeline sums, the tied embedding
-and the expert-load gather; alone or with ZeRO-1). Not predicted: the pipeline with FSDP2 or tensor
-parallelism (refused), DeepSpeed (its collectives bypass the ledger), tensor parallelism without SP and loss_parallel's DTensor-internal reductions (refused;
-not counted by the ledger either: DTensor issues them inside `redistribute`, which offers no hook).
+and the expert-load gather; alone, with ZeRO-1 or with FSDP2, whose stage roots gather and reduce
+once per step). Not predicted (refused): the pipeline with HSDP or tensor parallelism; DeepSpeed (its
+collectives bypass the ledger); tensor parallelism without SP and loss_parallel's DTensor-internal
+reductions (not counted by the ledger either: DTensor issues them inside `redistribute` and
+torch's loss_parallel, which offer no hook).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from models.gqa_attention import GroupedQueryAttention
 from models.mlp import SwiGLU
 from models.moe import moe_layers
 from models.moe_state import ExpertLoad
-from parallel.layout import (ep_nodes, schedule_style, sequence_parallel, sequence_shards, split_layers,
+from parallel.layout import (ep_nodes, fsdp_applies, schedule_style, sequence_parallel, sequence_shards, split_layers,
                              stage_to_rank, stages_per_rank)
 from parallel.pipeline import load_payload, prune_model
 from parallel.sequence_parallel import replicated_parameter_names
@@ -182,16 +184,31 @@ def _stage_model(cfg: Config, pp_rank: int) -> torch.nn.Module:
     return model
 
 
+def _holds_last_stage(cfg: Config, pp_rank: int) -> bool:
+    owner, mine = _pipeline_stages(cfg, pp_rank)
+    return len(owner) - 1 in mine
+
+
+def _root_unit(cfg: Config, pp_rank: int, name: str) -> str:
+    """The FSDP root holding a parameter outside the blocks: the model's, or under a pipeline its stage
+    module's (the embedding on the first stage, the norm, head and MTP's embedding on the last)."""
+    if cfg.parallel.pp == 1:
+        return "root"
+    _, mine = _pipeline_stages(cfg, pp_rank)
+    return "root/first" if name.startswith("embed_tokens.") and 0 in mine else "root/last"
+
+
 def _pipeline_comm(out: dict, cfg: Config, pp_rank: int, model: torch.nn.Module) -> None:
     """Pipeline rank `pp_rank`'s traffic (parallel/pipeline.py), per step: per micro-batch and stage boundary
     between ranks, the B x S x H activation forward (send / recv) and its gradient backward, in the residual
-    stream's dtype (fp32: FSDP2 is not part of the predicted layouts); the objective / CE / MTP / aux sums over pp
+    stream's dtype (FSDP2's param dtype, else fp32); the objective / CE / MTP / aux sums over pp
     (fp64); the tied embedding copies' gradient sum over {first, last} (when on different ranks and the last
     stage needs the embedding); the pickled expert loads gathered over pp."""
     p, mc, t = cfg.parallel, cfg.model, cfg.train
     owner, mine = _pipeline_stages(cfg, pp_rank)
     n_stages = len(owner)
-    act = t.micro_batch_size * t.seq_len * mc.hidden_size * 4
+    act_bytes = (4 if t.precision == "fp32" else 2) if fsdp_applies(p) else 4  # FSDP2's param dtype, else fp32
+    act = t.micro_batch_size * t.seq_len * mc.hidden_size * act_bytes
     micro = t.grad_accum_steps
     for s in mine:
         for peer, forward in ((s - 1, "recv"), (s + 1, "send")):  # the input from s - 1, the output to s + 1
@@ -203,7 +220,8 @@ def _pipeline_comm(out: dict, cfg: Config, pp_rank: int, model: torch.nn.Module)
     last = owner[-1]
     needs_tie = last != 0 and (mc.num_nextn_predict_layers > 0 or mc.tie_word_embeddings)
     if needs_tie and pp_rank in (0, last):
-        _add(out, "all_reduce/pp_tie", 1, 4 * mc.vocab_size * mc.hidden_size)
+        shard = _padded_numel(torch.Size((mc.vocab_size, mc.hidden_size)), p.dp_shard if fsdp_applies(p) else 1)
+        _add(out, "all_reduce/pp_tie", 1, 4 * shard)  # the (FSDP2-sharded) gradient of each copy
     if mc.n_routed_experts and len(moe_layers(build_meta_model(mc))):
         layers = moe_layers(model)
         load = None
@@ -216,7 +234,7 @@ def _pipeline_comm(out: dict, cfg: Config, pp_rank: int, model: torch.nn.Module)
 
 def comm_predicted(p: Any) -> bool:
     """Whether `predict_comm` covers the layout of ParallelConfig `p`."""
-    pipeline_ok = p.pp == 1 or (p.tp == 1 and (p.dp_replicate * p.dp_shard == 1 or p.data_parallel == "zero1"))
+    pipeline_ok = p.pp == 1 or (p.tp == 1 and p.dp_replicate == 1)
     return pipeline_ok and (p.tp == 1 or sequence_parallel(p)) and p.data_parallel != "deepspeed"
 
 
@@ -226,7 +244,7 @@ def predict_comm(cfg: Config, pp_rank: int = 0) -> dict[str, Any]:
     p, mc, t = cfg.parallel, cfg.model, cfg.train
     if not comm_predicted(p):
         raise ValueError("predict_comm: not predicted yet: tensor parallelism without SP (nor counted), a pipeline "
-                         "with FSDP2 or tensor parallelism, DeepSpeed (its collectives bypass the ledger)")
+                         "with HSDP or tensor parallelism, DeepSpeed (its collectives bypass the ledger)")
     world = p.dp_replicate * p.dp_shard
     edp = p.dp_shard // p.ep
     dp, expert_dp = world, p.dp_replicate * edp
@@ -266,22 +284,28 @@ def predict_comm(cfg: Config, pp_rank: int = 0) -> dict[str, Any]:
             _add(out, f"all_gather/{group}", len(names), 4 * sum(_padded_numel(shape_of(n), ranks) for n in names))
     elif mode == "fsdp":
         blocks = [f"layers.{i}." for i in range(mc.num_hidden_layers)] + [f"mtp.{i}." for i in range(depth)]
-        units: dict[tuple[str, bool], list[str]] = {}
+        units: dict[tuple[str, bool], list[torch.Size]] = {}
         for n in params:
-            block = next((b for b in blocks if n.startswith(b)), "root")
-            units.setdefault((block, _is_expert(n)), []).append(n)
+            block = next((b for b in blocks if n.startswith(b)), None) or _root_unit(cfg, pp_rank, n)
+            units.setdefault((block, _is_expert(n)), []).append(shape_of(n))
+        if p.pp > 1 and schedule_style(p) == "v" and depth and p.tp == 1 and _holds_last_stage(cfg, pp_rank):
+            # the last stage's private embedding copy (parallel/pipeline.py, Pipeline.embed_copy)
+            units.setdefault(("root/last", False), []).append(torch.Size((mc.vocab_size, mc.hidden_size)))
         gather = 4 if t.precision == "fp32" else 2  # FSDP2's param dtype (bf16 under bf16 / fp8)
         dense_group = "dp_shard"
-        for (block, expert), names in units.items():
+        # under a pipeline each stage module is an FSDP root whose units stay unsharded for the whole step and
+        # reduce once at its end; otherwise non-root units reshard after forward and every micro-batch reduces
+        reductions = 1 if p.pp > 1 else micro
+        for (block, expert), shapes in units.items():
             ranks, group = (edp, "edp") if expert else (p.dp_shard, dense_group)
-            shard = sum(_padded_numel(shape_of(n), ranks) for n in names)
+            shard = sum(_padded_numel(shape, ranks) for shape in shapes)
             if p.dp_replicate > 1:  # HSDP: each reduce-scatter's fp32 output summed over the replicas
-                _add(out, "all_reduce/dp_replicate", micro, micro * 4 * shard)
+                _add(out, "all_reduce/dp_replicate", reductions, reductions * 4 * shard)
             if ranks == 1:
                 continue
-            gathers = micro if block == "root" else 2 * micro  # non-root units reshard after forward
+            gathers = 1 if p.pp > 1 else micro if block.startswith("root") else 2 * micro
             _add(out, f"all_gather/{group}", gathers, gathers * gather * shard)
-            _add(out, f"reduce_scatter/{group}", micro, micro * 4 * ranks * shard)
+            _add(out, f"reduce_scatter/{group}", reductions, reductions * 4 * ranks * shard)
     if p.ep > 1 and n_moe:
         dispatch = (t.micro_batch_size * t.seq_len // sequence_shards(p), n_moe * micro, fp8_dispatch_layers(cfg, model) / n_moe)
         nodes = ep_nodes(p)
