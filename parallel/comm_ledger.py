@@ -1,6 +1,6 @@
 """Communication ledger: every collective moeforge issues, counted on this rank per step.
 
-An entry is keyed by (kind, group): kind is the collective (all_reduce, all_gather,
+An entry is keyed by (kind, group): kind is the collective (all_reduce, all_gather, send, recv,
 reduce_scatter, all_to_all), group the role of the ranks it runs over, named by the caller
 (ep, dp, edp, dp_shard, expert_dp, tp, pp, pp_tie, world): one process group can play several
 roles (on 2 ranks with dp_shard = ep = 2, dp, dp_shard and ep are all the world group). Each entry holds its calls and bytes, where
@@ -17,10 +17,19 @@ a recompute region's replay of a forward is not counted again). FSDP2's all-gath
 reduce-scatters are counted from outside through FSDP2's own seam,
 `FSDPModule.set_custom_all_gather / set_custom_reduce_scatter` (see `count_fsdp_collectives`):
 FSDP2 hands `LedgeredAllGather` / `LedgeredReduceScatter` the exact flat buffers it
-communicates (padding included), they record them and run FSDP2's default collective. Not
-counted (yet): DTensor redistributions inside tensor-parallel modules (plain TP's all-reduces,
-loss_parallel's reductions), the pipeline
-schedule's activation send/recv, and HSDP's replicate-dimension all-reduce inside FSDP2.
+communicates (padding included), they record them and run FSDP2's default collective; HSDP's
+all-reduce over the replicate dimension is counted through FSDP2's all-reduce hook. The pipeline
+schedules' activations and gradients are counted per point-to-point op as kinds "send" / "recv"
+over "pp" (`count_stage_p2p`), the forward-only evaluation's sends likewise. Not counted (yet):
+DTensor's collectives inside tensor-parallel modules: plain TP's all-reduces (`Partial._reduce_value`
+in torch/distributed/tensor/placement_types.py calls funcol.all_reduce during `redistribute`:
+RowwiseParallel's output forward, ColwiseParallel's input gradient backward) and loss_parallel's
+(funcol.all_reduce in torch/distributed/tensor/parallel/loss.py). Neither offers a hook; counting
+them would take patching torch's functional collectives or running every step under a dispatch mode
+(CommDebugMode's mechanism, which intercepts every op); the clean route is moeforge issuing plain TP's all-reduces
+itself, as parallel/sequence_parallel.py issues SP's. Nor is torch.distributed.pipelining's one-time
+warm-up handshake on the first step (P2P vote / neighbour ops, shape metadata: issued outside the
+stage's op builders).
 
 The ledger is per process (one process is one rank): `LEDGER.reset()` starts a step,
 `LEDGER.summary()` reads it.
@@ -120,9 +129,39 @@ def wait(work: Optional[dist.Work], kind: str, label: str) -> None:
     LEDGER.add_wait(kind, label, time.perf_counter() - t0)
 
 
+def send(t: torch.Tensor, peer: int, label: str, group: Any = None) -> None:
+    """Point-to-point send of `t` to global rank `peer`, counted (kind "send")."""
+    LEDGER.record("send", label, group, nbytes(t))
+    dist.send(t, dst=peer, group=group)
+
+
+def recv(t: torch.Tensor, peer: int, label: str, group: Any = None) -> None:
+    """Point-to-point receive into `t` from global rank `peer`, counted (kind "recv", the bytes received)."""
+    LEDGER.record("recv", label, group, nbytes(t))
+    dist.recv(t, src=peer, group=group)
+
+
+def record_p2p_ops(ops: list[dist.P2POp], label: str) -> list[dist.P2POp]:
+    """Count point-to-point ops built elsewhere (a pipeline stage's sends and receives), one call each."""
+    for op in ops:
+        kind = "send" if op.op in (dist.isend, dist.send) else "recv"
+        LEDGER.record(kind, label, op.group, nbytes(op.tensor))
+    return ops
+
+
 def record_all_gather(local: torch.Tensor, label: str, group: Any) -> None:
     """Count an all-gather of `local` issued elsewhere (DTensor.full_tensor of a Shard(0) DTensor)."""
     LEDGER.record("all_gather", label, group, nbytes(local))
+
+
+def count_stage_p2p(stage: Any, label: str) -> None:
+    """Count the activations and gradients a torch.distributed.pipelining stage exchanges: every schedule
+    (GPipe, 1F1B, interleaved, zero bubble, DualPipeV) takes its point-to-point ops from the stage's four
+    `get_{fwd,bwd}_{send,recv}_ops`, so wrapping them on the instance counts each op the schedule runs
+    (a V schedule's same-rank stage pair passes tensors directly and builds none)."""
+    for name in ("get_fwd_recv_ops", "get_fwd_send_ops", "get_bwd_recv_ops", "get_bwd_send_ops"):
+        inner = getattr(stage, name)
+        setattr(stage, name, lambda chunk, inner=inner: record_p2p_ops(inner(chunk), label))
 
 
 # ---------------------------------------------------------------- FSDP2, counted from outside
@@ -148,8 +187,15 @@ class LedgeredReduceScatter(DefaultReduceScatter):
         return super().__call__(output_tensor, input_tensor, group, op, async_op)
 
 
-def count_fsdp_collectives(module: nn.Module, label: str) -> None:
-    """Count the all-gathers and reduce-scatters of FSDP module `module` (sharded over role `label`)."""
+def count_fsdp_collectives(module: nn.Module, mesh: Any) -> None:
+    """Count the all-gathers and reduce-scatters of FSDP module `module` over its 1-D or HSDP 2-D `mesh`
+    (role: the mesh's last dimension, the one it shards over) and, under HSDP, the all-reduce of each
+    reduce-scatter output over the replicate dimension (role: the first dimension's name), which FSDP2
+    issues itself: its all-reduce hook runs right after that all-reduce on the buffer it reduced."""
     assert isinstance(module, FSDPModule)
+    label = mesh.mesh_dim_names[-1]
     module.set_custom_all_gather(LedgeredAllGather(label))
     module.set_custom_reduce_scatter(LedgeredReduceScatter(label))
+    if mesh.ndim == 2:
+        replicate, group = mesh.mesh_dim_names[0], mesh.get_group(0)
+        module.set_all_reduce_hook(lambda reduced: LEDGER.record("all_reduce", replicate, group, nbytes(reduced)))

@@ -54,12 +54,12 @@ def apply_fsdp(
         for module in block.modules():
             if isinstance(module, MoE):
                 fully_shard(module.experts, mesh=expert_mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
-                comm_ledger.count_fsdp_collectives(module.experts, mesh_label(expert_mesh))
+                comm_ledger.count_fsdp_collectives(module.experts, expert_mesh)
         fully_shard(block, mesh=dense_mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
-        comm_ledger.count_fsdp_collectives(block, mesh_label(dense_mesh))
+        comm_ledger.count_fsdp_collectives(block, dense_mesh)
     for root in roots or [model]:
         fully_shard(root, mesh=dense_mesh, mp_policy=mp_policy)
-        comm_ledger.count_fsdp_collectives(root, mesh_label(dense_mesh))
+        comm_ledger.count_fsdp_collectives(root, dense_mesh)
     for module in [m for r in roots or [model] for m in r.modules()]:
         if isinstance(module, FSDPModule):
             # Sum, never average: losses are already normalised by the global token count.

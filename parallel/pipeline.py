@@ -181,8 +181,10 @@ class Pipeline:
                    else torch.empty(micro_batch, seq_len, hidden, dtype=act, device=device).requires_grad_())
             out = (torch.empty(1 + mtp_depth, dtype=torch.float32, device=device) if module.is_last
                    else torch.empty(micro_batch, seq_len, hidden, dtype=act, device=device).requires_grad_())
-            self.stages.append(PipelineStage(module, module.index, self.n_stages, device,
-                                             input_args=(inp,), output_args=(out,), group=pp_group))
+            stage = PipelineStage(module, module.index, self.n_stages, device,
+                                  input_args=(inp,), output_args=(out,), group=pp_group)
+            comm_ledger.count_stage_p2p(stage, "pp")  # activations forward, their gradients backward
+            self.stages.append(stage)
         cls = schedule_class(self.name)
         target = self.stages[0] if self.style == "single" else self.stages
         self.schedule = cls(target, n_microbatches=n_micro, loss_fn=self._loss_fn, scale_grads=False)
@@ -234,12 +236,12 @@ class Pipeline:
                     prev = owner[s - 1] if s else None  # the rank that ran the stage before
                     if owner[s] != me:
                         if prev == me:
-                            dist.send(h.contiguous(), dst=dist.get_global_rank(group, owner[s]), group=group)
+                            comm_ledger.send(h.contiguous(), dist.get_global_rank(group, owner[s]), "pp", group)
                         continue
                     if prev not in (None, me):
                         h = torch.empty(*ids.shape, self.model.cfg.hidden_size, dtype=stage[s].act_dtype,
                                         device=ids.device)
-                        dist.recv(h, src=dist.get_global_rank(group, prev), group=group)
+                        comm_ledger.recv(h, dist.get_global_rank(group, prev), "pp", group)
                     h = stage[s](h, **kwargs)
             if self.has_last:
                 sums += h.double().cpu()
@@ -294,13 +296,22 @@ class Pipeline:
 
     def gather_load(self, load: Optional[ExpertLoad]) -> Optional[ExpertLoad]:
         """The expert load of every pipeline stage's MoE layers, on every rank, rows in model order."""
-        local = None
-        if load is not None:
-            biases = None if load.biases is None else load.biases.detach().cpu()
-            local = ExpertLoad(load.layer_ids, load.counts.detach().cpu(), biases, load.dropped_tokens)
         pieces: list[Any] = [None] * self.ctx.pp_size
-        comm_ledger.all_gather_object(pieces, local, "pp", self.ctx.pp_group)
+        comm_ledger.all_gather_object(pieces, load_payload(load), "pp", self.ctx.pp_group)
         return merge_expert_loads([p for p in pieces if p is not None])
+
+
+def load_payload(load: Optional[ExpertLoad]) -> Optional[ExpertLoad]:
+    """What `Pipeline.gather_load` sends: the load on the CPU in tensors of their own (a view would pickle
+    its whole base storage), so its pickled size depends only on the layer ids and the shapes."""
+    if load is None:
+        return None
+
+    def own(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().cpu().clone(memory_format=torch.contiguous_format)
+
+    biases = None if load.biases is None else own(load.biases)
+    return ExpertLoad(list(load.layer_ids), own(load.counts), biases, float(load.dropped_tokens))
 
 
 def build_pipeline(model: nn.Module, parallel, ctx, mp_policy: Any = None) -> Pipeline:

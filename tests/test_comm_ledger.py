@@ -6,11 +6,15 @@ custom-collective seam, and the deduplicated all-to-all), as EP2 over ZeRO-1 (it
 all-reduce and parameter all-gathers), as TP2 with sequence parallelism (its all-gathers and
 reduce-scatters along the sequence and its sums over tp), and four ranks as node-limited EP4 on
 2 "nodes" x 2 ranks (the hierarchical dispatch's inter-node and intra-node all-to-alls, under their
-own group names). Every rank's `comm` of every step must equal the
-prediction key by key, calls and bytes, except the routed tokens' all-to-all bytes, which depend
-on the routing: their mean over the ranks lies within the predicted bounds and within 15% of the
-uniform-routing expectation, and equals the planner's figure for the (token, rank) pairs the
-dispatches counted exactly. EP2 over FSDP2 under FP8 dispatches FP8 rows (E4M3 + tile scales).
+own group names), two ranks as a pipeline under 1F1B, Interleaved1F1B and ZBVZeroBubble (the
+activations and gradients sent and received per stage boundary, kinds send / recv over pp; each
+pipeline rank has its own prediction), and four ranks as HSDP 2 x 2 with EP2 (FSDP2's all-reduce
+over dp_replicate) and as PP2 x DP2 over ZeRO-1 (1F1B) and over FSDP2 (DualPipeV, bf16). Every
+rank's `comm` of every step must equal the prediction key by key, calls and bytes, except the
+routed tokens' all-to-all bytes, which depend on the routing: their mean over the ranks lies within
+the predicted bounds and within 15% of the uniform-routing expectation, and equals the planner's
+figure for the (token, rank) pairs the dispatches counted exactly. EP2 over FSDP2 under FP8
+dispatches FP8 rows (E4M3 + tile scales).
 metrics.jsonl carries the same `comm` object.
 """
 
@@ -41,6 +45,33 @@ LAYOUTS = {  # name -> (ranks, overrides)
     # sequence parallelism's all-gathers / reduce-scatters / sums over tp; batch-wise balance statistics
     # (seq_aux per document would make their size depend on the documents in the batch)
     "tp2_sp": (2, {"parallel.tp": 2, "model.seq_aux": "false", "model.aux_loss_alpha": 0.01}),
+    # the pipeline's activations / gradients per stage boundary, its sums, the tied embedding and load gather
+    "pp2_1f1b": (2, {"parallel.pp": 2}),
+    # a V (stages 0 and 3 on rank 0, 1 and 2 on rank 1: the 1 -> 2 boundary passes tensors without p2p)
+    "pp2_zbv": (2, {"parallel.pp": 2, "parallel.pipeline_schedule": "ZBVZeroBubble", "model.num_hidden_layers": 4,
+                    "train.grad_accum_steps": 4, "train.micro_batch_size": 1}),
+    # a loop (stages 0, 2 on rank 0; 1, 3 on rank 1: every boundary between ranks)
+    "pp2_interleaved": (2, {"parallel.pp": 2, "parallel.pipeline_schedule": "Interleaved1F1B",
+                            "model.num_hidden_layers": 4, "train.grad_accum_steps": 4, "train.micro_batch_size": 1}),
+    # the pipeline over data parallelism (pp x dp_shard: ranks 0, 1 are pipeline rank 0, ranks 2, 3 rank 1):
+    # ZeRO-1 under 1F1B (the tied embedding's sum), FSDP2 under bf16 and DualPipeV (bf16 activations, each
+    # stage module a root reducing once per step, the last stage's private embedding copy on rank 0)
+    "pp2_dp2_zero1": (4, {"parallel.pp": 2, "parallel.dp_shard": 2, "parallel.data_parallel": "zero1"}),
+    "pp2_dp2_fsdp_bf16_dualpipev": (4, {"parallel.pp": 2, "parallel.dp_shard": 2, "parallel.data_parallel": "fsdp",
+                                        "train.precision": "bf16", "parallel.pipeline_schedule": "DualPipeV",
+                                        "model.num_hidden_layers": 4, "train.grad_accum_steps": 4,
+                                        "train.micro_batch_size": 1}),
+    # HSDP: FSDP2's own all-reduce of every reduce-scatter output over dp_replicate (the experts' too, whose
+    # shard group edp = dp_shard / ep has one rank), with EP2's dispatch inside each replica
+    "hsdp_ep2": (4, {"parallel.dp_replicate": 2, "parallel.dp_shard": 2, "parallel.ep": 2,
+                     "parallel.data_parallel": "fsdp"}),
+}
+FOCUS = {  # layout -> entries it exists to check (besides the routed all-to-all)
+    "tp2_sp": ["reduce_scatter/tp"], "pp2_1f1b": ["send/pp", "recv/pp", "all_reduce/pp_tie", "all_gather/pp"],
+    "pp2_zbv": ["send/pp", "recv/pp"], "pp2_interleaved": ["send/pp", "recv/pp"],
+    "pp2_dp2_zero1": ["send/pp", "all_reduce/pp_tie", "all_reduce/dp", "all_gather/dp"],
+    "pp2_dp2_fsdp_bf16_dualpipev": ["send/pp", "reduce_scatter/dp_shard", "reduce_scatter/edp"],
+    "hsdp_ep2": ["all_reduce/dp_replicate", "reduce_scatter/dp_shard"],
 }
 
 
@@ -79,7 +110,9 @@ def test_ledger_matches_prediction(layout, tmp_path):
         "train.steps": 2, "train.micro_batch_size": 2, "train.grad_accum_steps": 2, "train.threads": 1,
         "checkpoint.at_end": "false", **extra})
     cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
-    predicted = predict_comm(cfg)["by"]
+    per_pp_rank = world // cfg.parallel.pp  # global rank r is pipeline rank r // per_pp_rank (mesh pp outermost)
+    by_rank = [predict_comm(cfg, pp_rank=r // per_pp_rank)["by"] for r in range(world)]
+    predicted = by_rank[0]
     fp8 = fp8_dispatch_layers(cfg, build_meta_model(cfg.model)) > 0
     assert fp8 == (layout == "ep2_fsdp_fp8")
     results = run_ranks(world, train_comm, overrides)
@@ -89,18 +122,18 @@ def test_ledger_matches_prediction(layout, tmp_path):
         routed = ["all_to_all/ep_inter", "all_to_all/ep_intra"]
     else:
         routed = ["all_to_all/ep"] if "all_to_all/ep" in predicted else []
-    assert all(k in predicted for k in routed) and (routed or "reduce_scatter/tp" in predicted)
-    assert any(k.startswith(("reduce_scatter/", "all_reduce/dp")) for k in predicted)
+    assert all(any(k in b for b in by_rank) for k in routed + FOCUS.get(layout, [])) and (routed or layout in FOCUS)
+    assert cfg.parallel.pp > 1 or any(k.startswith(("reduce_scatter/", "all_reduce/dp")) for k in predicted)
     for step in range(2):
         for rank in range(world):
-            got = steps[rank][step]["by"]
+            got, predicted = steps[rank][step]["by"], by_rank[rank]
             assert got.keys() == predicted.keys(), (layout, rank, step, got.keys(), predicted.keys())
             for key, want in predicted.items():
                 assert got[key]["calls"] == want["calls"], (layout, key, got[key], want)
                 if key not in routed:
                     assert got[key]["bytes"] == want["bytes"], (layout, key, got[key], want)
         for key in routed:
-            want = predicted[key]
+            want = by_rank[0][key]
             mean = sum(steps[r][step]["by"][key]["bytes"] for r in range(world)) / world
             assert want["bytes_min"] <= mean <= want["bytes_max"], (key, mean, want)
             assert abs(mean / want["bytes"] - 1) < 0.15, (key, mean, want)
@@ -144,3 +177,18 @@ def test_comm_reaches_charts_and_console(tmp_path):
     assert scalars["comm/bytes"] == 3 * 2**20 and scalars["comm/calls/all_to_all/ep"] == 3
     assert "comm 3.00 MiB/3 calls" in logger._line(1, metrics)
     logger.close()
+
+
+def test_plan_reports_every_pipeline_rank():
+    """`plan --json` gives a pipeline's prediction per pipeline rank; under a V every rank owns two boundaries."""
+    from train.plan import plan
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["parallel.pp=2", "parallel.pipeline_schedule=ZBVZeroBubble",
+                                                       "train.grad_accum_steps=4"])
+    out = plan(cfg, 2)
+    assert out["comm_by_pp_rank"] == [predict_comm(cfg, r) for r in range(2)]
+    assert out["comm"] == out["comm_by_pp_rank"][0]
+    act = cfg.train.micro_batch_size * cfg.train.seq_len * cfg.model.hidden_size * 4
+    for r in range(2):
+        by = out["comm_by_pp_rank"][r]["by"]
+        assert by["send/pp"] == by["recv/pp"] == {"calls": 2 * 4, "bytes": 2 * 4 * act}

@@ -60,7 +60,7 @@ from parallel import layout
 from parallel.deepspeed_engine import REDUCE_BUCKET_ELEMENTS
 from train.activations import ActivationModel, Recompute
 from train.config import Config, ConfigError, load_config
-from train.plan_comm import predict_comm
+from train.plan_comm import comm_predicted, predict_comm
 
 GiB = 2**30
 NOT_YET = ("not available yet", "not supported yet")
@@ -554,9 +554,12 @@ def plan(cfg: Config, gpus: Optional[int] = None, gpu_mem_gb: float = 80.0, reco
         "attention": am.attention_terms(4),
         "moe": am.moe_terms(4) if cfg.model.n_routed_experts else {},
     }
-    # per rank and step, keyed as the ledger keys it; DeepSpeed's own collectives bypass the ledger
-    if not errors and p.pp == 1 and (p.tp == 1 or layout.sequence_parallel(p)) and p.data_parallel != "deepspeed":
+    # per rank and step, keyed as the ledger keys it (train/plan_comm.py); under a pipeline rank 0's as `comm`,
+    # every pipeline rank's as `comm_by_pp_rank`
+    if not errors and comm_predicted(p):
         out["comm"] = predict_comm(cfg)
+        if p.pp > 1:
+            out["comm_by_pp_rank"] = [predict_comm(cfg, r) for r in range(p.pp)]
     out["errors"] = errors
     out["warnings"] = warnings
     return out

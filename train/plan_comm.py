@@ -12,15 +12,22 @@ parallelism (FSDP2 or ZeRO-1, HSDP), expert parallelism (flat, or hierarchical a
 pairs are (token, node), ep_intra's (token, rank) as flat EP's), tensor parallelism with sequence
 parallelism (its all-gathers and reduce-scatters along the sequence, the balance statistics and the
 replicated parameters' gradient sum, group "tp"; the balance statistics assume one document per
-sequence, `bytes_max` one per token; each tp rank dispatches its own sequence shard). Not predicted
-(nor counted by the ledger): the pipeline's traffic, tensor parallelism without SP, and
-loss_parallel's DTensor-internal reductions.
+sequence, `bytes_max` one per token; each tp rank dispatches its own sequence shard), HSDP (FSDP2's
+all-reduce of every reduce-scatter output over dp_replicate), and pipeline parallelism on its own
+(every schedule; per pipeline rank, `predict_comm(cfg, pp_rank)`: the activation sends /
+receives per stage boundary between ranks and their gradients', the pipeline sums, the tied embedding
+and the expert-load gather; alone, with ZeRO-1 or with FSDP2, whose stage roots gather and reduce
+once per step). Not predicted (refused): the pipeline with HSDP or tensor parallelism; DeepSpeed (its
+collectives bypass the ledger); tensor parallelism without SP and loss_parallel's DTensor-internal
+reductions (not counted by the ledger either: DTensor issues them inside `redistribute` and
+torch's loss_parallel, which offer no hook).
 """
 
 from __future__ import annotations
 
 from itertools import combinations
 from math import comb
+import pickle
 from typing import Any
 
 import torch
@@ -33,7 +40,10 @@ from models.fp8 import TILE, Fp8GroupedGemm
 from models.gqa_attention import GroupedQueryAttention
 from models.mlp import SwiGLU
 from models.moe import moe_layers
-from parallel.layout import ep_nodes, sequence_parallel, sequence_shards
+from models.moe_state import ExpertLoad
+from parallel.layout import (ep_nodes, fsdp_applies, schedule_style, sequence_parallel, sequence_shards, split_layers,
+                             stage_to_rank, stages_per_rank)
+from parallel.pipeline import load_payload, prune_model
 from parallel.sequence_parallel import replicated_parameter_names
 from train.config import Config
 from train.precision import fp8_selected
@@ -156,21 +166,97 @@ def _sequence_parallel_comm(out: dict, cfg: Config, model: torch.nn.Module, comp
         out["all_reduce/tp"]["bytes_max"] = out["all_reduce/tp"]["bytes"] - stats + stats_max
 
 
-def predict_comm(cfg: Config) -> dict[str, Any]:
-    """{"calls", "bytes", "by": {"kind/group": {"calls", "bytes"[, "bytes_min", "bytes_max"]}}} of one rank's step."""
+def _pipeline_stages(cfg: Config, pp_rank: int) -> tuple[list[int], list[int]]:
+    """(stage -> pipeline rank, the stages of `pp_rank`) as parallel/pipeline.py places them."""
+    p = cfg.parallel
+    n_stages = p.pp * stages_per_rank(p)
+    owner = [stage_to_rank(s, p.pp, schedule_style(p)) for s in range(n_stages)]
+    return owner, [s for s in range(n_stages) if owner[s] == pp_rank]
+
+
+def _stage_model(cfg: Config, pp_rank: int) -> torch.nn.Module:
+    """The meta model as pipeline rank `pp_rank` keeps it (the whole model without a pipeline)."""
+    model = build_meta_model(cfg.model)
+    if cfg.parallel.pp > 1:
+        owner, mine = _pipeline_stages(cfg, pp_rank)
+        split = split_layers(cfg.parallel, cfg.model)
+        prune_model(model, {i for s in mine for i in split[s]}, first=0 in mine, last=len(owner) - 1 in mine)
+    return model
+
+
+def _holds_last_stage(cfg: Config, pp_rank: int) -> bool:
+    owner, mine = _pipeline_stages(cfg, pp_rank)
+    return len(owner) - 1 in mine
+
+
+def _root_unit(cfg: Config, pp_rank: int, name: str) -> str:
+    """The FSDP root holding a parameter outside the blocks: the model's, or under a pipeline its stage
+    module's (the embedding on the first stage, the norm, head and MTP's embedding on the last)."""
+    if cfg.parallel.pp == 1:
+        return "root"
+    _, mine = _pipeline_stages(cfg, pp_rank)
+    return "root/first" if name.startswith("embed_tokens.") and 0 in mine else "root/last"
+
+
+def _pipeline_comm(out: dict, cfg: Config, pp_rank: int, model: torch.nn.Module) -> None:
+    """Pipeline rank `pp_rank`'s traffic (parallel/pipeline.py), per step: per micro-batch and stage boundary
+    between ranks, the B x S x H activation forward (send / recv) and its gradient backward, in the residual
+    stream's dtype (FSDP2's param dtype, else fp32); the objective / CE / MTP / aux sums over pp
+    (fp64); the tied embedding copies' gradient sum over {first, last} (when on different ranks and the last
+    stage needs the embedding); the pickled expert loads gathered over pp."""
     p, mc, t = cfg.parallel, cfg.model, cfg.train
-    if p.pp > 1 or (p.tp > 1 and not sequence_parallel(p)):
-        raise ValueError("predict_comm: pipeline and tensor parallelism without SP are not predicted yet")
+    owner, mine = _pipeline_stages(cfg, pp_rank)
+    n_stages = len(owner)
+    act_bytes = (4 if t.precision == "fp32" else 2) if fsdp_applies(p) else 4  # FSDP2's param dtype, else fp32
+    act = t.micro_batch_size * t.seq_len * mc.hidden_size * act_bytes
+    micro = t.grad_accum_steps
+    for s in mine:
+        for peer, forward in ((s - 1, "recv"), (s + 1, "send")):  # the input from s - 1, the output to s + 1
+            if 0 <= peer < n_stages and owner[peer] != pp_rank:
+                backward = "send" if forward == "recv" else "recv"
+                _add(out, f"{forward}/pp", micro, micro * act)
+                _add(out, f"{backward}/pp", micro, micro * act)
+    _add(out, "all_reduce/pp", 1, 8 * (3 + mc.num_nextn_predict_layers))
+    last = owner[-1]
+    needs_tie = last != 0 and (mc.num_nextn_predict_layers > 0 or mc.tie_word_embeddings)
+    if needs_tie and pp_rank in (0, last):
+        shard = _padded_numel(torch.Size((mc.vocab_size, mc.hidden_size)), p.dp_shard if fsdp_applies(p) else 1)
+        _add(out, "all_reduce/pp_tie", 1, 4 * shard)  # the (FSDP2-sharded) gradient of each copy
+    if mc.n_routed_experts and len(moe_layers(build_meta_model(mc))):
+        layers = moe_layers(model)
+        load = None
+        if layers:
+            zeros = torch.zeros(len(layers), mc.n_routed_experts)
+            biases = zeros if all(m.gate.uses_bias for m in layers) else None
+            load = ExpertLoad([m.layer_idx for m in layers], zeros, biases, 0.0)
+        _add(out, "all_gather/pp", 1, len(pickle.dumps(load_payload(load))))
+
+
+def comm_predicted(p: Any) -> bool:
+    """Whether `predict_comm` covers the layout of ParallelConfig `p`."""
+    pipeline_ok = p.pp == 1 or (p.tp == 1 and p.dp_replicate == 1)
+    return pipeline_ok and (p.tp == 1 or sequence_parallel(p)) and p.data_parallel != "deepspeed"
+
+
+def predict_comm(cfg: Config, pp_rank: int = 0) -> dict[str, Any]:
+    """{"calls", "bytes", "by": {"kind/group": {"calls", "bytes"[, "bytes_min", "bytes_max"]}}} of one rank's step
+    (under pipeline parallelism, a rank of pipeline rank `pp_rank`: the stages differ)."""
+    p, mc, t = cfg.parallel, cfg.model, cfg.train
+    if not comm_predicted(p):
+        raise ValueError("predict_comm: not predicted yet: tensor parallelism without SP (nor counted), a pipeline "
+                         "with HSDP or tensor parallelism, DeepSpeed (its collectives bypass the ledger)")
     world = p.dp_replicate * p.dp_shard
     edp = p.dp_shard // p.ep
     dp, expert_dp = world, p.dp_replicate * edp
-    model = build_meta_model(mc)
+    model = _stage_model(cfg, pp_rank)  # under a pipeline, this rank's stages only
     n_moe = len(moe_layers(model))
     params = {n: q for n, q in model.named_parameters() if q.requires_grad}
     depth, micro = mc.num_nextn_predict_layers, t.grad_accum_steps
     out: dict[str, dict[str, float]] = {}
-    if world * p.tp > 1:
+    if world * p.tp * p.pp > 1:
         _add(out, "all_reduce/world", 1, 8)  # gradient-norm square sum (fp64)
+    if p.pp > 1:
+        _pipeline_comm(out, cfg, pp_rank, model)
     if dp > 1:
         _add(out, "all_reduce/dp", 1, 8 * (1 + depth))  # global target-token counts
         _add(out, "all_reduce/dp", 1, 8 * (3 + depth))  # objective, CE, MTP CEs, aux sums
@@ -198,20 +284,28 @@ def predict_comm(cfg: Config) -> dict[str, Any]:
             _add(out, f"all_gather/{group}", len(names), 4 * sum(_padded_numel(shape_of(n), ranks) for n in names))
     elif mode == "fsdp":
         blocks = [f"layers.{i}." for i in range(mc.num_hidden_layers)] + [f"mtp.{i}." for i in range(depth)]
-        units: dict[tuple[str, bool], list[str]] = {}
+        units: dict[tuple[str, bool], list[torch.Size]] = {}
         for n in params:
-            block = next((b for b in blocks if n.startswith(b)), "root")
-            units.setdefault((block, _is_expert(n)), []).append(n)
+            block = next((b for b in blocks if n.startswith(b)), None) or _root_unit(cfg, pp_rank, n)
+            units.setdefault((block, _is_expert(n)), []).append(shape_of(n))
+        if p.pp > 1 and schedule_style(p) == "v" and depth and p.tp == 1 and _holds_last_stage(cfg, pp_rank):
+            # the last stage's private embedding copy (parallel/pipeline.py, Pipeline.embed_copy)
+            units.setdefault(("root/last", False), []).append(torch.Size((mc.vocab_size, mc.hidden_size)))
         gather = 4 if t.precision == "fp32" else 2  # FSDP2's param dtype (bf16 under bf16 / fp8)
         dense_group = "dp_shard"
-        for (block, expert), names in units.items():
+        # under a pipeline each stage module is an FSDP root whose units stay unsharded for the whole step and
+        # reduce once at its end; otherwise non-root units reshard after forward and every micro-batch reduces
+        reductions = 1 if p.pp > 1 else micro
+        for (block, expert), shapes in units.items():
             ranks, group = (edp, "edp") if expert else (p.dp_shard, dense_group)
+            shard = sum(_padded_numel(shape, ranks) for shape in shapes)
+            if p.dp_replicate > 1:  # HSDP: each reduce-scatter's fp32 output summed over the replicas
+                _add(out, "all_reduce/dp_replicate", reductions, reductions * 4 * shard)
             if ranks == 1:
                 continue
-            shard = sum(_padded_numel(shape_of(n), ranks) for n in names)
-            gathers = micro if block == "root" else 2 * micro  # non-root units reshard after forward
+            gathers = 1 if p.pp > 1 else micro if block.startswith("root") else 2 * micro
             _add(out, f"all_gather/{group}", gathers, gathers * gather * shard)
-            _add(out, f"reduce_scatter/{group}", micro, micro * 4 * ranks * shard)
+            _add(out, f"reduce_scatter/{group}", reductions, reductions * 4 * ranks * shard)
     if p.ep > 1 and n_moe:
         dispatch = (t.micro_batch_size * t.seq_len // sequence_shards(p), n_moe * micro, fp8_dispatch_layers(cfg, model) / n_moe)
         nodes = ep_nodes(p)
