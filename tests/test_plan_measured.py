@@ -7,14 +7,20 @@ one (hidden 512, q_proj without query compression, v_head_dim == qk_head_dim so 
 experts of a width that is not a multiple of 128) in bf16 and fp8 without recomputation, where train.plan's
 per-rank activations and weight copies are checked too; every recompute mode (each selective module,
 DeepSeek-V3's three, full, full every 2nd block) on tiny bf16, and DeepSeek's modules and full also in fp8
-and on the wider config.
+and on the wider config. One 2-rank launch does the same per TP2 rank, with sequence parallelism and without
+(fp32 and bf16 without recomputation, DeepSeek's modules and full in fp32), and checks train.plan's per-rank
+activations there.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import torch
 
 from parallel.recompute import MODULES
+from tests.distributed import run_ranks
 from train.activations import ActivationModel
 from train.config import load_config
 from train.memory_probe import KINDS, measure_saved_bytes
@@ -76,3 +82,44 @@ def test_predicted_saved_bytes_within_10_percent_of_measured(repo_root, name, pr
         assert rank["compute_copies"] == 0 and measured.weight_copies == 0
     else:
         assert rank["compute_copies"] * GiB == pytest.approx(measured.weight_copies, rel=TOLERANCE)
+
+
+REPO = Path(__file__).resolve().parents[1]
+TP_MODES = [("fp32", []), ("bf16", []), ("fp32", MODES[-3]), ("fp32", MODES[-2])]
+TP_CASES = [(sp, precision, mode) for sp in ("true", "false") for precision, mode in TP_MODES]
+
+
+def _tp_cfg(repo_root, sp, precision, mode):
+    return _cfg(repo_root, precision, ["parallel.tp=2", f"parallel.sequence_parallel={sp}", *mode])
+
+
+def measure_tp_ranks(rank: int) -> list[dict[str, int]]:
+    """This TP2 rank's saved bytes per kind and the total, for every TP case (one process group for all)."""
+    from parallel.mesh import init_distributed
+
+    out = []
+    for sp, precision, mode in TP_CASES:
+        cfg = _tp_cfg(REPO, sp, precision, mode)
+        measured = measure_saved_bytes(cfg, micro_batches=1, backward=True, ctx=init_distributed(cfg.parallel, cfg.model))
+        out.append({**measured.activations[0], "total": measured.total_activations})
+    torch.distributed.destroy_process_group()
+    return out
+
+
+@pytest.mark.multirank
+def test_predicted_saved_bytes_per_tp_rank_within_10_percent_of_measured(repo_root):
+    ranks = run_ranks(2, measure_tp_ranks)
+    tokens = MICRO_BATCH * SEQ
+    for case, got, other in zip(TP_CASES, *ranks):
+        sp, precision, mode = case
+        assert got == other, case  # the tp ranks hold equal shares
+        cfg = _tp_cfg(repo_root, sp, precision, mode)
+        predicted = ActivationModel(cfg.model, precision, recompute_of(cfg), MICRO_BATCH, tp=2,
+                                    sequence_parallel=sp == "true").by_kind(tokens)
+        for kind in KINDS:
+            if got[kind] == predicted[kind] == 0:
+                continue
+            assert predicted[kind] == pytest.approx(got[kind], rel=TOLERANCE), (case, kind, predicted[kind], got[kind])
+        if not mode:  # train.plan's per-rank activations (the head is in its buffers term)
+            rank = plan(cfg, 2)["memory"]["ranks"][0]
+            assert rank["activations"] * GiB == pytest.approx(got["total"] - got["head"], rel=TOLERANCE), case

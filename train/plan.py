@@ -29,14 +29,16 @@ Memory model (per rank, bytes; GiB = 2**30 in the output), matching what moeforg
   re-gather writes the weight each micro-batch (a new version, so a new copy per micro-batch in flight).
 * Activations: train/activations.py, term by term what the code saves for backward, per token and
   layer kind, for fp32 / bf16 / fp8 and every train.recompute mode (parallel/recompute.py's semantics);
-  tests/test_plan_measured.py checks it against the bytes autograd saves on CPU. Under tensor
-  parallelism with parallel.sequence_parallel (the default) every rank holds 1/tp of the tokens between
-  TP regions and 1/tp of the heads and widths inside them: activations / tp. That misses the full-sequence
-  inputs the column-parallel projections (MLA's latents, SwiGLU, the head) save after their all-gather:
-  measured on tiny (2 layers, fp32, 2 x 48 tokens, TP2+SP) a rank saves 0.74x the single process's
-  activations, against the 0.50x predicted. Without SP every rank keeps the whole sequence's activations
-  (measured there: 0.99x of the unsplit prediction). A block recomputed whole keeps its input and, under EP,
-  the rows its all-to-alls moved; one such block's activations live again while it recomputes.
+  tests/test_plan_measured.py checks it against the bytes autograd saves on CPU, also on a TP2 rank.
+  Under tensor parallelism the per-head / per-column tensors (attention core, o_proj's input, SwiGLU
+  widths, the vocab-parallel log-softmax) are split over tp; with parallel.sequence_parallel (the default)
+  the stream between TP regions (norms, residuals, MLA's down-projection inputs, router, routed experts,
+  MTP's enorm/hnorm/eh_proj) is split too, while what the column-parallel projections save after their
+  all-gather stays whole: MLA's latents (or its input without q_lora), the SwiGLU input of dense MLPs and
+  shared experts, the head's input (measured on tiny, 2 layers, fp32, 2 x 48 tokens: a TP2+SP rank saves
+  0.55x of the single process, a plain TP2 rank 0.74x; both predicted within 0.1%). A block recomputed
+  whole keeps its input and, under EP, the rows its all-to-alls moved; one such block's activations live
+  again while it recomputes.
 * Buffers, one micro-batch at a time: the head (final norm, and the fused head+CE's grad_h and fp32
   weight gradient, for the main head and every MTP depth), the EP all-to-all send and receive rows of
   one layer, and under fp8 the emulated expert GEMM's transient fp32 gate_up weights of one layer.
@@ -316,7 +318,7 @@ def rank_memory(cfg: Config, rank: int, units: list[Unit], recompute: Recompute,
         compute += quantised if fp8 else 0.0
 
     fp8_head = precision == "fp8" and _fp8_selected("lm_head", cfg)
-    am = ActivationModel(mc, precision, recompute, t.micro_batch_size, tp, fp8_head)
+    am = ActivationModel(mc, precision, recompute, t.micro_batch_size, tp, fp8_head, layout.sequence_parallel(p))
     per_token, recomputing = 0.0, 0.0
     for u in layer_units:
         extra = am.mtp_extra() if u.mtp else 0.0
@@ -325,12 +327,12 @@ def rank_memory(cfg: Config, rank: int, units: list[Unit], recompute: Recompute,
             recomputing = max(recomputing, am.block_whole(u.moe, u.mtp))
     names = {u.name for u in units}
     per_token += 8.0 * ("embedding" in names) + 8.0 * sum(u.mtp for u in units)  # token ids the lookups save
-    activations = tokens * (per_token * flight + recomputing) / layout.sequence_shards(p)
+    activations = tokens * (per_token * flight + recomputing)  # per_token: this rank's bytes (tp/SP splits in it)
 
     buffers = 0.0
     if "head" in names:  # one micro-batch at a time: its backward follows its forward on the last stage
         head_mb = (t.grad_accum_steps if (p.pp > 1 and p.pipeline_schedule == "GPipe") else 1)
-        buffers += (tokens * am.head_per_token() / layout.sequence_shards(p) + am.head_per_micro_batch()) * head_mb
+        buffers += (tokens * am.head_per_token() + am.head_per_micro_batch()) * head_mb
     if ep > 1 and any(u.moe for u in layer_units):  # all-to-all send + receive of one layer, compute dtype
         c = 4 if precision == "fp32" else 2
         buffers += 2 * tokens * mc.num_experts_per_tok * mc.hidden_size * c / layout.sequence_shards(p)
@@ -486,8 +488,8 @@ def plan(cfg: Config, gpus: Optional[int] = None, gpu_mem_gb: float = 80.0, reco
         "layers_per_stage": chunk_layers,
     }
     am = ActivationModel(cfg.model, cfg.train.precision, rc, cfg.train.micro_batch_size, p.tp,
-                         cfg.train.precision == "fp8" and _fp8_selected("lm_head", cfg))
-    out["memory"]["activation_terms_per_token"] = {  # bytes per token of one block part (before /tp)
+                         cfg.train.precision == "fp8" and _fp8_selected("lm_head", cfg), layout.sequence_parallel(p))
+    out["memory"]["activation_terms_per_token"] = {  # one rank's bytes per token (of the micro-batch) of a block part
         "attention": am.attention_terms(4),
         "moe": am.moe_terms(4) if cfg.model.n_routed_experts else {},
     }
