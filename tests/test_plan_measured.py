@@ -94,14 +94,21 @@ def _tp_cfg(repo_root, sp, precision, mode):
 
 
 def measure_tp_ranks(rank: int) -> list[dict[str, int]]:
-    """This TP2 rank's saved bytes per kind and the total, for every TP case (one process group for all)."""
+    """This TP2 rank's saved bytes per kind, their total, the weight copies and the parameters it holds, for
+    every TP case (one process group for all)."""
+    from torch.distributed.tensor import DTensor
+
     from parallel.mesh import init_distributed
+    from train.memory_probe import build_model
 
     out = []
     for sp, precision, mode in TP_CASES:
         cfg = _tp_cfg(REPO, sp, precision, mode)
-        measured = measure_saved_bytes(cfg, micro_batches=1, backward=True, ctx=init_distributed(cfg.parallel, cfg.model))
-        out.append({**measured.activations[0], "total": measured.total_activations})
+        ctx = init_distributed(cfg.parallel, cfg.model)
+        measured = measure_saved_bytes(cfg, micro_batches=1, backward=True, ctx=ctx)
+        params = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in build_model(cfg, ctx=ctx)[0].parameters())
+        out.append({**measured.activations[0], "total": measured.total_activations,
+                    "weight_copies": measured.weight_copies, "params": params})
     torch.distributed.destroy_process_group()
     return out
 
@@ -120,6 +127,8 @@ def test_predicted_saved_bytes_per_tp_rank_within_10_percent_of_measured(repo_ro
             if got[kind] == predicted[kind] == 0:
                 continue
             assert predicted[kind] == pytest.approx(got[kind], rel=TOLERANCE), (case, kind, predicted[kind], got[kind])
-        if not mode:  # train.plan's per-rank activations (the head is in its buffers term)
+        if not mode:  # train.plan's per-rank activations (the head is in its buffers term), copies, parameters
             rank = plan(cfg, 2)["memory"]["ranks"][0]
             assert rank["activations"] * GiB == pytest.approx(got["total"] - got["head"], rel=TOLERANCE), case
+            assert rank["compute_copies"] * GiB == pytest.approx(got["weight_copies"], rel=TOLERANCE), case
+            assert rank["params"] == got["params"], case

@@ -11,7 +11,8 @@ Memory model (per rank, bytes; GiB = 2**30 in the output), matching what moeforg
   the first, final norm + head + MTP on the last, which keeps its own embedding copy for MTP when it
   lives on another rank; V schedules put stages r and 2pp-1-r on rank r, loop schedules stage s on
   rank s % pp). Every figure is for the busiest rank; the text output also lists each rank's total.
-* Sharding. Non-expert weights split over tp, routed experts over ep. FSDP2 (`fsdp`) shards
+* Sharding. Non-expert weights split over tp as the TP plan splits them (the norms, MLA's q_a / kv_a,
+  the router and MTP's eh_proj stay whole on every tp rank), routed experts over ep. FSDP2 (`fsdp`) shards
   weights, gradients and optimizer states over dp_shard (dense) / dp_shard / ep (experts; the
   dp_replicate dimension replicates: HSDP). ZeRO-1 (`zero1`) keeps weights and gradients whole and
   shards the optimizer (fp32 master copy + moments) over all data-parallel ranks (dense) / the
@@ -24,7 +25,8 @@ Memory model (per rank, bytes; GiB = 2**30 in the output), matching what moeforg
   bf16 (a pipeline stage keeps all of its blocks gathered from forward to backward). Without FSDP,
   autocast casts every Linear / expert weight again in each micro-batch's forward and that graph saves
   the copy, so bf16 copies count once per micro-batch in flight (the fused head's cast is transient;
-  router and norms stay fp32). FP8 GEMMs share one quantised copy per weight per optimizer step
+  router and norms stay fp32; under TP the head is not fused and its cast is saved: once per
+  micro-batch, under SP once per head call, main and every MTP depth). FP8 GEMMs share one quantised copy per weight per optimizer step
   (models.fp8.QuantisedWeights: 1 byte + one fp32 scale per 128 x 128 block), except under FSDP2, whose
   re-gather writes the weight each micro-batch (a new version, so a new copy per micro-batch in flight).
 * Activations: train/activations.py, term by term what the code saves for backward, per token and
@@ -78,6 +80,9 @@ class Unit:
     fp8_expert: int = 0
     cast: int = 0  # non-expert weights a bf16 GEMM saves a cast copy of (Linears; not the fused head, router, norms)
     cast_expert: int = 0  # routed-expert weights likewise (all of them)
+    tp_whole: int = 0  # non-expert parameters every tp rank keeps whole (norms, q_a / kv_a, router, eh_proj)
+    fp8_tp_whole: int = 0  # of which FP8
+    cast_tp_whole: int = 0  # of which a bf16 GEMM casts
     moe: bool = False  # a layer with routed experts
     layer: bool = False  # a transformer block (or an MTP module's block)
     mtp: bool = False
@@ -101,7 +106,10 @@ def model_units(cfg: Config) -> tuple[Unit, list[Unit], Unit, list[Unit]]:
     from models.experts import GroupedExperts
     from models.head_loss import fused_head_applies
 
+    from parallel.sequence_parallel import replicated_parameter_names
+
     model = build_meta_model(cfg.model)
+    tp_whole = set(replicated_parameter_names(model))  # the TP plan (with or without SP) splits the rest
     fp8_params: set[int] = set()
     if cfg.train.precision == "fp8":
         for name, module in model.named_modules():
@@ -138,6 +146,10 @@ def model_units(cfg: Config) -> tuple[Unit, list[Unit], Unit, list[Unit]]:
             unit.cast += n if id(p) in cast_params else 0
             unit.dense += n
             unit.fp8_dense += n if id(p) in fp8_params else 0
+            if name in tp_whole:
+                unit.tp_whole += n
+                unit.cast_tp_whole += n if id(p) in cast_params else 0
+                unit.fp8_tp_whole += n if id(p) in fp8_params else 0
     return embed, layers, head, mtps
 
 
@@ -263,14 +275,19 @@ def deepspeed_memory(cfg: Config, dense: float, expert: float, edp: int) -> tupl
     return weights, grads, state, 0.0, bucket
 
 
+def _per_tp_rank(params: float, whole: float, tp: int) -> float:
+    """Of `params`, what one tp rank holds: the tp-split ones / tp, the `whole` ones entire."""
+    return (params - whole) / tp + whole
+
+
 def rank_memory(cfg: Config, rank: int, units: list[Unit], recompute: Recompute, overhead_gb: float) -> RankMemory:
     p, t, mc = cfg.parallel, cfg.train, cfg.model
     precision = t.precision
     tp, ep = p.tp, p.ep
     edp = max(1, p.dp_shard // ep)
-    dense = sum(u.dense for u in units) / tp
+    dense = sum(_per_tp_rank(u.dense, u.tp_whole, tp) for u in units)
     expert = sum(u.expert for u in units) / ep
-    fp8_w = (sum(u.fp8_dense for u in units) / tp + sum(u.fp8_expert for u in units) / ep)
+    fp8_w = (sum(_per_tp_rank(u.fp8_dense, u.fp8_tp_whole, tp) for u in units) + sum(u.fp8_expert for u in units) / ep)
     moments = 4 if cfg.optim.bf16_moments else 8
     mode = data_parallel_mode(cfg)
     host = ds_bucket = 0.0
@@ -305,7 +322,7 @@ def rank_memory(cfg: Config, rank: int, units: list[Unit], recompute: Recompute,
             if p.pp > 1:  # stage roots stay unsharded from forward to backward (parallel/pipeline.py)
                 compute = c * (dense + expert)
             else:  # two blocks gathered at a time (current + prefetch), compute dtype
-                biggest = sorted((u.dense / tp + u.expert / ep for u in units), reverse=True)[:2]
+                biggest = sorted((_per_tp_rank(u.dense, u.tp_whole, tp) + u.expert / ep for u in units), reverse=True)[:2]
                 compute = c * sum(biggest)
         if precision == "fp8":  # every re-gather writes the weight (a new version): quantised per micro-batch
             compute += quantised * flight
@@ -313,11 +330,18 @@ def rank_memory(cfg: Config, rank: int, units: list[Unit], recompute: Recompute,
         # autocast casts each weight again in every micro-batch's forward, and that graph saves the copy;
         # FP8 GEMMs instead share one quantised copy per weight per step (models.fp8.QuantisedWeights)
         fp8 = precision == "fp8"
-        compute = sum(2 * ((u.cast - (u.fp8_dense if fp8 else 0)) / tp + (u.cast_expert - (u.fp8_expert if fp8 else 0)) / ep)
+        compute = sum(2 * (_per_tp_rank(u.cast - (u.fp8_dense if fp8 else 0), u.cast_tp_whole - (u.fp8_tp_whole if fp8 else 0), tp)
+                           + (u.cast_expert - (u.fp8_expert if fp8 else 0)) / ep)
                       * f for u, f in zip(units, unit_flight))
         compute += quantised if fp8 else 0.0
 
     fp8_head = precision == "fp8" and _fp8_selected("lm_head", cfg)
+    if tp > 1 and precision != "fp32" and not fp8_head and "head" in {u.name for u in units}:
+        # the head is not fused under TP: its forward saves the cast of this rank's vocabulary rows -- once per
+        # micro-batch under plain TP (autocast caches the cast of the DTensor leaf), once per head call (main
+        # and every MTP depth) under SP, whose per-call to_local is no leaf autocast caches
+        calls = 1 + mc.num_nextn_predict_layers if layout.sequence_parallel(p) else 1
+        compute += 2 * mc.vocab_size * mc.hidden_size / tp * calls * flight
     am = ActivationModel(mc, precision, recompute, t.micro_batch_size, tp, fp8_head, layout.sequence_parallel(p))
     per_token, recomputing = 0.0, 0.0
     for u in layer_units:
