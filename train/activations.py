@@ -121,6 +121,7 @@ class ActivationModel:
         self.fp8 = precision == "fp8"
         self.micro_batch_size = micro_batch_size
         self.fused_head = tp == 1 and not fp8_head  # models.head_loss.fused_head_applies
+        self.fp8_head = fp8_head
         self.tp = tp  # heads and column widths split over it
         self.seq = tp if sequence_parallel and tp > 1 else 1  # the stream between TP regions split over it
 
@@ -305,7 +306,9 @@ class ActivationModel:
         if self.fused_head:
             grad_h = 4 * H + D * self.c * H  # main: fp32 normed h; MTP: its stream's dtype
         else:
-            grad_h = (1 + D) * (self.linear_inputs(H, 1, 4) + 4 * V / self.tp + 8)
+            # its input: an FP8 head's quantised copy, else as any Linear (a bf16 head under fp8: its cast)
+            head_input = self.linear_inputs(H, 1, 4) if self.fp8_head or not self.fp8 else H * self.c
+            grad_h = (1 + D) * (head_input + 4 * V / self.tp + 8)
         return self.norm(H, 4) / self.seq + grad_h
 
     def head_per_micro_batch(self) -> float:
