@@ -8,7 +8,7 @@ experts of a width that is not a multiple of 128) in bf16 and fp8 without recomp
 per-rank activations and weight copies are checked too; every recompute mode (each selective module,
 DeepSeek-V3's three, full, full every 2nd block) on tiny bf16, and DeepSeek's modules and full also in fp8
 and on the wider config. One 2-rank launch does the same per TP2 rank, with sequence parallelism and without
-(fp32, bf16 and fp8 without recomputation, DeepSeek's modules and full in fp32), and checks train.plan's
+(fp32, bf16 and fp8 without recomputation, DeepSeek's modules, all six and full in fp32), and checks train.plan's
 per-rank activations, weight copies and parameter count there.
 """
 
@@ -85,7 +85,8 @@ def test_predicted_saved_bytes_within_10_percent_of_measured(repo_root, name, pr
 
 
 REPO = Path(__file__).resolve().parents[1]
-TP_MODES = [("fp32", []), ("bf16", []), ("fp8", []), ("fp32", MODES[-3]), ("fp32", MODES[-2])]
+ALL_SIX = ["train.recompute=selective", f"train.recompute_modules=[{','.join(MODULES)}]"]
+TP_MODES = [("fp32", []), ("bf16", []), ("fp8", []), ("fp32", MODES[-3]), ("fp32", ALL_SIX), ("fp32", MODES[-2])]
 TP_CASES = [(sp, precision, mode) for sp in ("true", "false") for precision, mode in TP_MODES]
 
 

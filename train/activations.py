@@ -53,7 +53,10 @@ Tensor parallelism (tp > 1; a rank's bytes per token of the whole micro-batch, m
                          storage, so fp32 shared experts no longer share the router's input), and the
                          vocab-parallel lookup saves an fp32 mask of its rows (4 per token, per lookup).
   layernorm              a column-parallel projection reading a norm's output through a new tensor
-                         (plain TP's DTensor of it, SP's all-gather) keeps it.
+                         (plain TP's DTensor of it, SP's all-gather) keeps it (q_b / kv_b not when
+                         mla_up_proj and core_attn recompute them with the core).
+  mlp, shared_experts    their region keeps its input (under SP the gathered one, whole) and the result
+                         of down_proj's collective (row_parallel_output).
   full                   a region's TP collectives are recorded to be replayed, not rerun, so their results
                          stay: plain TP the all-reduced o_proj / down_proj outputs (H c each); SP the
                          gathered latents (or the input) twice (the gathered buffer and its reordered
@@ -164,7 +167,10 @@ class ActivationModel:
         # under SP the stream is a sequence shard (/seq) up to the gather: after q_a / kv_a with a query latent,
         # else at the attention's input (q_proj and kv_a then read the full sequence)
         gathered_input = self.seq if mc.q_lora_rank else 1
-        tp_wraps_latents = self.tp > 1 and self.seq == 1  # q_b / kv_b read plain TP's DTensor of the normed latent
+        # q_b / kv_b read plain TP's DTensor of the normed latent -- inside the region that recomputes the
+        # up-projections and the core together (mla_up_proj + core_attn), which keeps none of it
+        tp_wraps_latents = (self.tp > 1 and self.seq == 1
+                            and not (self.rc.has("mla_up_proj") and self.rc.has("core_attn")))
         t = {"input norm": self.norm(H, r) / self.seq,
              "q_a/kv_a inputs": self._normed_inputs(H, 2, r, wrapped=self.tp > 1 and not mc.q_lora_rank) / gathered_input}
         if mc.q_lora_rank:
@@ -207,9 +213,15 @@ class ActivationModel:
 
     def dense_mlp(self, r: int) -> float:
         H = self.mc.hidden_size
-        if self.rc.has("mlp"):
-            return (self.norm(H, r) + (0.0 if self.rc.has("layernorm") else H * r)) / self.seq
+        if self.rc.has("mlp"):  # its region keeps its input (under SP the gathered one, whole: no norm output)
+            kept_input = 0.0 if self.rc.has("layernorm") and self.seq == 1 else H * r
+            return self.norm(H, r) / self.seq + kept_input + self.row_parallel_output()
         return self.norm(H, r) / self.seq + self.swiglu(self.mc.intermediate_size, r)
+
+    def row_parallel_output(self) -> float:
+        """Under TP, the output of a row-parallel projection (o_proj, down_proj) inside a recompute region: the
+        region records the all-reduced (plain TP) or reduce-scattered (SP) result to replay it, not rerun it."""
+        return 0.0 if self.tp == 1 else float(self.mc.hidden_size * self.c / self.seq)
 
     def moe_terms(self, r: int) -> dict[str, float]:
         """Per-token bytes of one MoE block part, by what saves them."""
@@ -237,8 +249,12 @@ class ActivationModel:
             # full-sequence storage); else each its cast / FP8 copy
             shares_router_input = c == 4 and r == 4 and self.seq == 1 and not (self.tp > 1 and self.rc.has("layernorm"))
             t["shared experts"] = self.swiglu(mc.n_shared_experts * I, r, readers_saved=not shares_router_input)
-        elif mc.n_shared_experts and r != 4 and not self.rc.has("layernorm"):
-            t["shared experts"] = H * r / self.seq  # their kept input (the main stack's is the router's input)
+        elif mc.n_shared_experts:  # recomputed: their region keeps its input and its TP collective's result
+            if self.seq > 1:  # the gathered input, whole
+                kept_input = H * r
+            else:  # the main stack's is the router's input
+                kept_input = H * r if r != 4 and not self.rc.has("layernorm") else 0.0
+            t["shared experts"] = kept_input + self.row_parallel_output()
         return t
 
     def moe(self, r: int) -> float:
@@ -266,13 +282,14 @@ class ActivationModel:
         if self.tp == 1:
             return 0.0, 0.0
         mc, c, H = self.mc, self.c, self.mc.hidden_size
-        if self.seq == 1:  # plain TP: the all-reduced outputs of o_proj and down_proj, full sequence
-            return float(H * c), float(H * c if (mc.n_shared_experts or not moe) else 0.0)
+        row_out = self.row_parallel_output()  # o_proj's, down_proj's
+        if self.seq == 1:  # plain TP: only the all-reduced outputs
+            return row_out, row_out if (mc.n_shared_experts or not moe) else 0.0
         gathered = (mc.q_lora_rank + mc.kv_lora_rank + mc.qk_rope_head_dim) * c if mc.q_lora_rank else H * r
-        attention = 2 * gathered + H * c / self.seq  # the latents (or the input) gathered, o_proj's reduce-scatter
+        attention = 2 * gathered + row_out  # the latents (or the input) gathered
         if moe:
-            return attention, (H * r + H * c / self.seq) if mc.n_shared_experts else 0.0
-        return attention, 2 * H * r + H * c / self.seq  # the SwiGLU input gathered, down_proj's reduce-scatter
+            return attention, (H * r + row_out) if mc.n_shared_experts else 0.0
+        return attention, 2 * H * r + row_out  # the SwiGLU input gathered
 
     def block(self, moe: bool, position: int, mtp: bool = False) -> float:
         """A transformer block at model `position`, per token (MTP's block has the c-byte stream)."""
