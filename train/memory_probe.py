@@ -14,7 +14,8 @@ What is not an activation is counted apart, as the planner does:
               of models.fp8.QuantisedWeights (the planner's compute-copies term).
 The probe keeps a reference to every storage it counted, so a freed address cannot be reused and
 mistaken for one already seen while it runs. Under activation recomputation the probe observes through
-parallel.recompute's saved-tensor hook (`Recompute.context(pack)`), so it counts what that mode keeps.
+parallel.recompute's saved-tensor hook (`Recompute.context(pack)`), so it counts what that mode keeps,
+including the TP collectives' results a recompute region records to replay them.
 On a tensor-parallel rank (`measure_saved_bytes(..., ctx=...)`, the layout applied by parallel.parallelize as
 the trainer does) a saved DTensor counts its local shard's storage; the probe itself issues no collective.
 For tests and bench/memory.py.
