@@ -139,6 +139,8 @@ class _RecordCollectives(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if ns in FUNCTIONAL_COLLECTIVES:
             self.results.append((func, out))
+            if _OBSERVERS:  # kept until backward like a saved tensor: an observer counts it as one
+                _OBSERVERS[-1][0](out)
         return out
 
 

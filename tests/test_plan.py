@@ -167,12 +167,14 @@ def test_sharding_arithmetic_on_a_small_model(repo_root):
 
 
 def test_tp_activations_follow_sequence_parallelism(repo_root):
-    """Under SP a tp rank keeps 1/tp of the activations and the planner predicts its tp collectives; plain TP
-    keeps the whole sequence's (and has no communication prediction)."""
+    """Under SP a tp rank keeps less than under plain TP but more than half of it (the column-parallel projections
+    save their gathered full-sequence inputs; tests/test_plan_measured.py checks both against a TP2 rank), and
+    the planner predicts its tp collectives; plain TP has no communication prediction."""
     tiny = repo_root / "configs" / "tiny.yaml"
     sp = plan(load_config(tiny, ["parallel.tp=2"]), 2)
     tp = plan(load_config(tiny, ["parallel.tp=2", "parallel.sequence_parallel=false"]), 2)
-    assert sp["memory"]["ranks"][0]["activations"] == pytest.approx(tp["memory"]["ranks"][0]["activations"] / 2, rel=1e-3)
+    sp_act, tp_act = sp["memory"]["ranks"][0]["activations"], tp["memory"]["ranks"][0]["activations"]
+    assert tp_act / 2 < sp_act < tp_act
     assert "reduce_scatter/tp" in sp["comm"]["by"] and "comm" not in tp
 
 

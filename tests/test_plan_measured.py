@@ -7,16 +7,23 @@ one (hidden 512, q_proj without query compression, v_head_dim == qk_head_dim so 
 experts of a width that is not a multiple of 128) in bf16 and fp8 without recomputation, where train.plan's
 per-rank activations and weight copies are checked too; every recompute mode (each selective module,
 DeepSeek-V3's three, full, full every 2nd block) on tiny bf16, DeepSeek's modules and full also in fp8
-and on the wider config, all six (the 671B preset's set) in fp8 on both, and mla_up_proj + core_attn (one region from the
+and on the wider config, all six (what fits the 671B layout) in fp8 on both, and mla_up_proj + core_attn (one region from the
 latents) on the wider bf16 config; gpt-oss (GQA attention with sinks, clamped biased experts, softmax
 router) in bf16 and, under DeepSeek's modules, in fp8.
+One 2-rank launch does the same per TP2 rank, with sequence parallelism and without (fp32, bf16 and fp8
+without recomputation, DeepSeek's modules, all six and full in fp32), and checks train.plan's per-rank
+activations, weight copies and parameter count there.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import torch
 
 from parallel.recompute import MODULES
+from tests.distributed import run_ranks
 from train.activations import ActivationModel
 from train.config import load_config
 from train.memory_probe import KINDS, measure_saved_bytes
@@ -83,3 +90,54 @@ def test_predicted_saved_bytes_within_10_percent_of_measured(repo_root, name, pr
         assert rank["compute_copies"] == 0 and measured.weight_copies == 0
     else:
         assert rank["compute_copies"] * GiB == pytest.approx(measured.weight_copies, rel=TOLERANCE)
+
+
+REPO = Path(__file__).resolve().parents[1]
+ALL_SIX = ["train.recompute=selective", f"train.recompute_modules=[{','.join(MODULES)}]"]
+TP_MODES = [("fp32", []), ("bf16", []), ("fp8", []), ("fp32", MODES[-3]), ("fp32", ALL_SIX), ("fp32", MODES[-2])]
+TP_CASES = [(sp, precision, mode) for sp in ("true", "false") for precision, mode in TP_MODES]
+
+
+def _tp_cfg(repo_root, sp, precision, mode):
+    return _cfg(repo_root, precision, ["parallel.tp=2", f"parallel.sequence_parallel={sp}", *mode])
+
+
+def measure_tp_ranks(rank: int) -> list[dict[str, int]]:
+    """This TP2 rank's saved bytes per kind, their total, the weight copies and the parameters it holds, for
+    every TP case (one process group for all)."""
+    from torch.distributed.tensor import DTensor
+
+    from parallel.mesh import init_distributed
+    from train.memory_probe import build_model
+
+    out = []
+    for sp, precision, mode in TP_CASES:
+        cfg = _tp_cfg(REPO, sp, precision, mode)
+        ctx = init_distributed(cfg.parallel, cfg.model)
+        measured = measure_saved_bytes(cfg, micro_batches=1, backward=True, ctx=ctx)
+        params = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in build_model(cfg, ctx=ctx)[0].parameters())
+        out.append({**measured.activations[0], "total": measured.total_activations,
+                    "weight_copies": measured.weight_copies, "params": params})
+    torch.distributed.destroy_process_group()
+    return out
+
+
+@pytest.mark.multirank
+def test_predicted_saved_bytes_per_tp_rank_within_10_percent_of_measured(repo_root):
+    ranks = run_ranks(2, measure_tp_ranks)
+    tokens = MICRO_BATCH * SEQ
+    for case, got, other in zip(TP_CASES, *ranks):
+        sp, precision, mode = case
+        assert got == other, case  # the tp ranks hold equal shares
+        cfg = _tp_cfg(repo_root, sp, precision, mode)
+        predicted = ActivationModel(cfg.model, precision, recompute_of(cfg), MICRO_BATCH, tp=2,
+                                    sequence_parallel=sp == "true").by_kind(tokens)
+        for kind in KINDS:
+            if got[kind] == predicted[kind] == 0:
+                continue
+            assert predicted[kind] == pytest.approx(got[kind], rel=TOLERANCE), (case, kind, predicted[kind], got[kind])
+        if not mode:  # train.plan's per-rank activations (the head is in its buffers term), copies, parameters
+            rank = plan(cfg, 2)["memory"]["ranks"][0]
+            assert rank["activations"] * GiB == pytest.approx(got["total"] - got["head"], rel=TOLERANCE), case
+            assert rank["compute_copies"] * GiB == pytest.approx(got["weight_copies"], rel=TOLERANCE), case
+            assert rank["params"] == got["params"], case

@@ -40,6 +40,32 @@ ceil(K / 128), the fp32 1x128 tile scales of one FP8 row.
                          head) the plain path saves the head's input and the fp32 log-softmax (4V).
   embedding              the token ids (8 per token), for the main input and every MTP depth.
 
+Tensor parallelism (tp > 1; a rank's bytes per token of the whole micro-batch, measured on a TP2 rank):
+  split over tp          what runs per head or per column: the attention core's q, k, v, output and lse,
+                         o_proj's input, the SwiGLU widths (gate, up, silu, down's input) of dense MLPs
+                         and shared experts, the head's log-softmax (4V / tp, vocab-parallel CE).
+  whole                  what the column-parallel projections read: MLA's latents and their norms (q_b,
+                         kv_b), RoPE's tables, the SwiGLU input, the head's input and labels; a plain-TP
+                         head saves its input as it is, so MTP's hnorm input (the final norm's output)
+                         is counted there.
+  sequence-split (SP)    with parallel.sequence_parallel everything between the TP regions is split over
+                         tp: the norms and residuals, the down-projections' input (q_a / kv_a; without
+                         q_lora MLA gathers at its input, which q_proj and kv_a then save whole), the
+                         router, the dispatch and the routed experts, MTP's enorm / hnorm / eh_proj, a
+                         recomputed block's input; the SwiGLU input is its all-gathered copy (a new
+                         storage, so fp32 shared experts no longer share the router's input), and the
+                         vocab-parallel lookup saves an fp32 mask of its rows (4 per token, per lookup).
+  layernorm              a column-parallel projection reading a norm's output through a new tensor
+                         (plain TP's DTensor of it, SP's all-gather) keeps it (q_b / kv_b not when
+                         mla_up_proj and core_attn recompute them with the core).
+  mlp, shared_experts    their region keeps its input (under SP the gathered one, whole) and the result
+                         of down_proj's collective (row_parallel_output).
+  full                   a region's TP collectives are recorded to be replayed, not rerun, so their results
+                         stay: plain TP the all-reduced o_proj / down_proj outputs (H c each); SP the
+                         gathered latents (or the input) twice (the gathered buffer and its reordered
+                         copy), o_proj's and down_proj's reduce-scatter outputs (H c / tp), a dense MLP's
+                         gathered input twice, the shared experts' gathered input (their region's input).
+
 Recomputation (parallel/recompute.py's semantics, train.recompute):
   layernorm      a norm keeps only its input (its own bytes); its output and internals are recomputed, so a
                  projection that saves the output as it is keeps nothing, one that saves its own copy
@@ -96,12 +122,15 @@ class ActivationModel:
     """Saved bytes per token of each part of the model for one precision and recomputation (see the module doc)."""
 
     def __init__(self, model_cfg: Any, precision: str, recompute: Recompute = Recompute(), micro_batch_size: int = 1,
-                 tp: int = 1, fp8_head: bool = False) -> None:
+                 tp: int = 1, fp8_head: bool = False, sequence_parallel: bool = False) -> None:
         self.mc, self.precision, self.rc = model_cfg, precision, recompute
         self.c = 4 if precision == "fp32" else 2
         self.fp8 = precision == "fp8"
         self.micro_batch_size = micro_batch_size
         self.fused_head = tp == 1 and not fp8_head  # models.head_loss.fused_head_applies
+        self.fp8_head = fp8_head
+        self.tp = tp  # heads and column widths split over it
+        self.seq = tp if sequence_parallel and tp > 1 else 1  # the stream between TP regions split over it
 
     # ------------------------------------------------------------ building blocks
     @staticmethod
@@ -123,10 +152,12 @@ class ActivationModel:
         kept_input = (storage or width) * 4 if in_bytes == 4 else width * 4  # the input, or its x.float() copy
         return float(kept_input + 4 + 4 * width)
 
-    def _normed_inputs(self, k: int, readers: int, source_bytes: int) -> float:
+    def _normed_inputs(self, k: int, readers: int, source_bytes: int, wrapped: bool = False) -> float:
         """Projections reading a norm's output. Under `layernorm` the output itself is recomputed, so a
-        Linear that saves it as it is keeps nothing; one that saves its own copy (bf16 cast, FP8) keeps it."""
-        if self.rc.has("layernorm") and not self.fp8 and source_bytes == self.c:
+        Linear that saves it as it is keeps nothing; one that saves its own copy (bf16 cast, FP8) keeps it, and
+        so does one that reads it through a new tensor (`wrapped`: the column-parallel projection's DTensor
+        of plain TP, or SP's all-gathered full sequence)."""
+        if self.rc.has("layernorm") and not self.fp8 and source_bytes == self.c and not wrapped:
             return 0.0
         return self.linear_inputs(k, readers, source_bytes)
 
@@ -143,13 +174,20 @@ class ActivationModel:
         # copies and RoPE's tables inside it are recomputed too
         region = up_proj and core
         readers = 1 if region and not mc.q_lora_rank else 2  # q_proj (no query compression) inside the region
-        t = {"input norm": self.norm(H, r), "q_a/kv_a inputs": self._normed_inputs(H, readers, r)}
+        # under SP the stream is a sequence shard (/seq) up to the gather: after q_a / kv_a with a query latent,
+        # else at the attention's input (q_proj and kv_a then read the full sequence)
+        gathered_input = self.seq if mc.q_lora_rank else 1
+        # q_b / kv_b read plain TP's DTensor of the normed latent (outside the region, which keeps none of it)
+        tp_wraps_latents = self.tp > 1 and self.seq == 1 and not region
+        t = {"input norm": self.norm(H, r) / self.seq,
+             "q_a/kv_a inputs": self._normed_inputs(H, readers, r, wrapped=self.tp > 1 and not mc.q_lora_rank)
+             / gathered_input}
         if mc.q_lora_rank:
-            t["q latent norm + q_b input"] = (self.norm(mc.q_lora_rank, c)
-                                              + (0 if region else self._normed_inputs(mc.q_lora_rank, 1, c)))
+            t["q latent norm + q_b input"] = (self.norm(mc.q_lora_rank, c) + (
+                0 if region else self._normed_inputs(mc.q_lora_rank, 1, c, tp_wraps_latents)))
         # kv_a_layernorm reads a split view of kv_a's output [kv_lora + d_rope]
         t["kv latent norm + kv_b input"] = (self.norm(kv, c, storage=kv + dr)
-                                            + (0 if region else self._normed_inputs(kv, 1, c)))
+                                            + (0 if region else self._normed_inputs(kv, 1, c, tp_wraps_latents)))
         v_bytes = nh * (dqk if padded else dn + dv) * c  # padded: its own storage; else a view of kv_b's output
         if not region:
             t["RoPE tables"] = 2 * 4 * dr / self.micro_batch_size  # complex64 cos/sin [S, dr/2] of q and k
@@ -162,16 +200,16 @@ class ActivationModel:
                 latents = (((mc.q_lora_rank, c, region) if mc.q_lora_rank else (H, r, False)), (kv, c, region))
                 t["up-projection inputs"] = sum(w * nb for w, nb, kept in latents if kept or self.fp8 or nb != c)
         else:
-            t["core q, k"] = 2 * nh * dqk * c
-            t["core v"] = nh * (dn + dv) * c if core else v_bytes  # core_attn keeps the unpadded view
+            t["core q, k"] = 2 * nh * dqk * c / self.tp
+            t["core v"] = (nh * (dn + dv) * c if core else v_bytes) / self.tp  # core_attn keeps the unpadded view
         # o_proj's input: its own copy (of the padded output's first d_v, or FP8), else the core's output itself
         own_o_input = padded or self.fp8
         if not core:
-            t["core output + lse"] = nh * (dqk if padded else dv) * c + 4 * nh
+            t["core output + lse"] = (nh * (dqk if padded else dv) * c + 4 * nh) / self.tp
         elif not own_o_input:
-            t["core output + lse"] = nh * dv * c  # the output stays: o_proj saves it
+            t["core output + lse"] = nh * dv * c / self.tp  # the output stays: o_proj saves it
         if own_o_input:
-            t["o_proj input"] = self.linear_inputs(nh * dv, 1, c)
+            t["o_proj input"] = self.linear_inputs(nh * dv, 1, c) / self.tp
         return t
 
     def gqa_attention_terms(self, r: int) -> dict[str, float]:
@@ -189,15 +227,22 @@ class ActivationModel:
         return float(sum(terms.values()))
 
     def swiglu(self, width: int, input_bytes: int, readers_saved: bool = True) -> float:
-        """A SwiGLU MLP of `width` on a normed H-wide input of `input_bytes` (gate, up, silu, down's input)."""
-        b = self._normed_inputs(self.mc.hidden_size, 2, input_bytes) if readers_saved else 0.0
-        return b + 3 * width * self.c + self.linear_inputs(width, 1, self.c)
+        """A SwiGLU MLP of `width` on a normed H-wide input of `input_bytes` (gate, up, silu, down's input); the
+        input is the full sequence (gathered under SP), the width split over tp (column-parallel gate / up)."""
+        b = self._normed_inputs(self.mc.hidden_size, 2, input_bytes, wrapped=self.tp > 1) if readers_saved else 0.0
+        return b + (3 * width * self.c + self.linear_inputs(width, 1, self.c)) / self.tp
 
     def dense_mlp(self, r: int) -> float:
         H = self.mc.hidden_size
-        if self.rc.has("mlp"):
-            return self.norm(H, r) + (0.0 if self.rc.has("layernorm") else H * r)
-        return self.norm(H, r) + self.swiglu(self.mc.intermediate_size, r)
+        if self.rc.has("mlp"):  # its region keeps its input (under SP the gathered one, whole: no norm output)
+            kept_input = 0.0 if self.rc.has("layernorm") and self.seq == 1 else H * r
+            return self.norm(H, r) / self.seq + kept_input + self.row_parallel_output()
+        return self.norm(H, r) / self.seq + self.swiglu(self.mc.intermediate_size, r)
+
+    def row_parallel_output(self) -> float:
+        """Under TP, the output of a row-parallel projection (o_proj, down_proj) inside a recompute region: the
+        region records the all-reduced (plain TP) or reduce-scattered (SP) result to replay it, not rerun it."""
+        return 0.0 if self.tp == 1 else float(self.mc.hidden_size * self.c / self.seq)
 
     def moe_terms(self, r: int) -> dict[str, float]:
         """Per-token bytes of one MoE block part, by what saves them."""
@@ -224,13 +269,20 @@ class ActivationModel:
             t["routed SwiGLU input"] = k * 2 * I * c
             if not self.rc.has("moe_act"):
                 t["routed SwiGLU output"] = k * (I + self._sc(I) if self.fp8 else I * c)
-        if mc.n_shared_experts and not self.rc.has("shared_experts"):
-            # fp32: gate/up read the router's input storage (counted); else each its cast / FP8 copy
-            t["shared experts"] = self.swiglu(mc.n_shared_experts * I, r, readers_saved=not (c == 4 and r == 4))
-        elif mc.n_shared_experts and r != 4 and not self.rc.has("layernorm"):
-            t["shared experts"] = H * r  # their kept input (the main stack's is the router's input)
         if mc.aux_loss_alpha or mc.device_aux_loss_alpha or mc.comm_aux_loss_alpha:
             t["balance loss"] = 4 * E + 4 + 8
+        t = {name: b / self.seq for name, b in t.items()}  # norm, router and routed experts: on the sequence shard
+        if mc.n_shared_experts and not self.rc.has("shared_experts"):
+            # fp32: gate/up read the router's input storage (counted) -- unless SP gathers it first (a new
+            # full-sequence storage); else each its cast / FP8 copy
+            shares_router_input = c == 4 and r == 4 and self.seq == 1 and not (self.tp > 1 and self.rc.has("layernorm"))
+            t["shared experts"] = self.swiglu(mc.n_shared_experts * I, r, readers_saved=not shares_router_input)
+        elif mc.n_shared_experts:  # recomputed: their region keeps its input and its TP collective's result
+            if self.seq > 1:  # the gathered input, whole
+                kept_input = H * r
+            else:  # the main stack's is the router's input
+                kept_input = H * r if r != 4 and not self.rc.has("layernorm") else 0.0
+            t["shared experts"] = kept_input + self.row_parallel_output()
         return t
 
     def moe(self, r: int) -> float:
@@ -251,11 +303,29 @@ class ActivationModel:
             b += 4 * E + 4 + 8
         return float(b)
 
+    def full_tp_kept(self, moe: bool, r: int) -> tuple[float, float]:
+        """(attention part, MLP / MoE part): what a block recomputed in full keeps under TP besides
+        full_moe_kept -- the results of the TP collectives inside its regions, which parallel/recompute.py
+        records in forward to replay them (an all-gather along the sequence keeps two storages: the gathered
+        buffer and its reordered copy), and under SP the shared experts' gathered input (their region's)."""
+        if self.tp == 1:
+            return 0.0, 0.0
+        mc, c, H = self.mc, self.c, self.mc.hidden_size
+        row_out = self.row_parallel_output()  # o_proj's, down_proj's
+        if self.seq == 1:  # plain TP: only the all-reduced outputs
+            return row_out, row_out if (mc.n_shared_experts or not moe) else 0.0
+        gathered = (mc.q_lora_rank + mc.kv_lora_rank + mc.qk_rope_head_dim) * c if mc.q_lora_rank else H * r
+        attention = 2 * gathered + row_out  # the latents (or the input) gathered
+        if moe:
+            return attention, (H * r + row_out) if mc.n_shared_experts else 0.0
+        return attention, 2 * H * r + row_out  # the SwiGLU input gathered
+
     def block(self, moe: bool, position: int, mtp: bool = False) -> float:
         """A transformer block at model `position`, per token (MTP's block has the c-byte stream)."""
         r = self.c if mtp else 4
-        if self.rc.full_block(position):  # its input, and a MoE block's saves outside the regions
-            return self.mc.hidden_size * r + (self.full_moe_kept(r) if moe else 0.0)
+        if self.rc.full_block(position):  # its input, and a MoE block's saves outside the regions (on the shard)
+            kept = (self.mc.hidden_size * r + (self.full_moe_kept(r) if moe else 0.0)) / self.seq
+            return kept + sum(self.full_tp_kept(moe, r))
         return self.block_whole(moe, mtp)
 
     def block_whole(self, moe: bool, mtp: bool = False) -> float:
@@ -269,17 +339,23 @@ class ActivationModel:
         # hnorm reads the final-normed state (fp32, models/transformer.py's losses): its own saved input, which
         # layernorm drops as the final norm's output
         hnorm = 0.0 if self.rc.has("layernorm") else self.norm(H, 4)
+        if hnorm and not self.fused_head and self.seq == 1 and self.c == 4 and not self.fp8:
+            hnorm -= 4 * H  # that input is the plain head's saved input itself (counted in head_per_token)
         # eh_proj reads the concatenation of the two norms' outputs: a new tensor, kept in every mode
-        return self.norm(H, 4) + hnorm + self.linear_inputs(2 * H, 1, 4) + self.norm(H, self.c)
+        return (self.norm(H, 4) + hnorm + self.linear_inputs(2 * H, 1, 4) + self.norm(H, self.c)) / self.seq
 
     def head_per_token(self) -> float:
-        """Final norm plus the CE path's per-token bytes, main head and every MTP depth."""
+        """Final norm plus the CE path's per-token bytes, main head and every MTP depth. Under TP the plain path
+        saves the head's full-sequence input (gathered under SP), the log-softmax of this rank's vocabulary
+        columns and the labels."""
         H, V, D = self.mc.hidden_size, self.mc.vocab_size, self.mc.num_nextn_predict_layers
         if self.fused_head:
             grad_h = 4 * H + D * self.c * H  # main: fp32 normed h; MTP: its stream's dtype
         else:
-            grad_h = (1 + D) * (self.linear_inputs(H, 1, 4) + 4 * V + 8)
-        return self.norm(H, 4) + grad_h
+            # its input: an FP8 head's quantised copy, else as any Linear (a bf16 head under fp8: its cast)
+            head_input = self.linear_inputs(H, 1, 4) if self.fp8_head or not self.fp8 else H * self.c
+            grad_h = (1 + D) * (head_input + 4 * V / self.tp + 8)
+        return self.norm(H, 4) / self.seq + grad_h
 
     def head_per_micro_batch(self) -> float:
         """Token-independent: the fused CE's fp32 weight gradient, main head and every MTP depth."""
@@ -287,7 +363,9 @@ class ActivationModel:
         return float((1 + mc.num_nextn_predict_layers) * mc.vocab_size * mc.hidden_size * 4) if self.fused_head else 0.0
 
     def embedding(self) -> float:
-        return 8.0 * (1 + self.mc.num_nextn_predict_layers)
+        """The token ids of each lookup (main and every MTP depth); under SP also the vocab-parallel lookup's
+        fp32 mask of this rank's rows (parallel/sequence_parallel.py), full sequence, before the reduce-scatter."""
+        return (8.0 + (4.0 if self.seq > 1 else 0.0)) * (1 + self.mc.num_nextn_predict_layers)
 
     # ------------------------------------------------------------ a whole model
     def by_kind(self, tokens: int) -> dict[str, float]:
@@ -297,8 +375,10 @@ class ActivationModel:
         for i in range(mc.num_hidden_layers):
             moe = mc.is_moe_layer(i)
             if self.rc.full_block(i):  # the block's input counts as its attention part's
-                out["attention"] += tokens * mc.hidden_size * 4
-                out["moe" if moe else "dense_mlp"] += tokens * (self.full_moe_kept(4) if moe else 0.0)
+                attention_tp, ffn_tp = self.full_tp_kept(moe, 4)
+                out["attention"] += tokens * (mc.hidden_size * 4 / self.seq + attention_tp)
+                out["moe" if moe else "dense_mlp"] += tokens * ((self.full_moe_kept(4) if moe else 0.0) / self.seq
+                                                                + ffn_tp)
                 continue
             out["attention"] += tokens * self.attention(4)
             out["moe" if moe else "dense_mlp"] += tokens * (self.moe(4) if moe else self.dense_mlp(4))

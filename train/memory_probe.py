@@ -14,8 +14,11 @@ What is not an activation is counted apart, as the planner does:
               of models.fp8.QuantisedWeights (the planner's compute-copies term).
 The probe keeps a reference to every storage it counted, so a freed address cannot be reused and
 mistaken for one already seen while it runs. Under activation recomputation the probe observes through
-parallel.recompute's saved-tensor hook (`Recompute.context(pack)`), so it counts what that mode keeps.
-For tests and bench/memory.py; no torch.distributed.
+parallel.recompute's saved-tensor hook (`Recompute.context(pack)`), so it counts what that mode keeps,
+including the TP collectives' results a recompute region records to replay them.
+On a tensor-parallel rank (`measure_saved_bytes(..., ctx=...)`, the layout applied by parallel.parallelize as
+the trainer does) a saved DTensor counts its local shard's storage; the probe itself issues no collective.
+For tests and bench/memory.py.
 """
 
 from __future__ import annotations
@@ -26,10 +29,15 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from models.fp8 import quantised_weight_stores
 from models.moe import MoE
 from models.transformer import Transformer
+from parallel.context import ParallelContext
+from parallel.parallelize import parallelize
 from parallel.recompute import Recompute, apply_recompute
 from train.precision import policy_from_config
 
@@ -58,8 +66,17 @@ def part_kinds(model: nn.Module) -> dict[str, tuple[str, str]]:
     return kinds
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor whose storage this rank holds: a DTensor's local shard, a functional collective's result
+    (DTensor's redistributions return AsyncCollectiveTensor wrappers), else t itself."""
+    if isinstance(t, DTensor):
+        t = t.to_local()
+    return t.elem if isinstance(t, AsyncCollectiveTensor) else t
+
+
 _CAST_AND_VIEW = {"ToCopyBackward0", "TBackward0", "ViewBackward0", "TransposeBackward0", "PermuteBackward0",
-                  "ExpandBackward0", "AliasBackward0", "UnsafeViewBackward0"}
+                  "ExpandBackward0", "AliasBackward0", "UnsafeViewBackward0",
+                  "_ToTorchTensorBackward"}  # DTensor.to_local: the local shard of a tp-sharded parameter
 
 
 def _leads_to_leaf(t: torch.Tensor, depth: int = 4) -> bool:
@@ -120,8 +137,8 @@ class SavedTensorProbe:
         self._kinds = part_kinds(model)
         self._stack: list[str] = []
         self._current = "embedding"
-        self._param_ptrs = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-        self._param_shapes = {tuple(p.shape) for p in model.parameters()}
+        self._param_ptrs = {_local(t).untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+        self._param_shapes = {tuple(_local(p).shape) for p in model.parameters()}
         self._seen: dict[int, tuple[int, str, int, bool, torch.UntypedStorage, bool]] = {}
         self._micro_batch = 0
         self._handles: list[Any] = []
@@ -142,19 +159,22 @@ class SavedTensorProbe:
 
         return post
 
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+    def _pack(self, saved: torch.Tensor) -> torch.Tensor:
+        t = _local(saved)
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
         if storage.nbytes() and ptr not in self._seen:
             fp8_weight = t.dtype == torch.float8_e4m3fn and tuple(t.shape) in self._param_shapes
-            self._seen[ptr] = (storage.nbytes(), self._current, self._micro_batch, _leads_to_leaf(t), storage, fp8_weight)
-        return t
+            self._seen[ptr] = (storage.nbytes(), self._current, self._micro_batch, _leads_to_leaf(saved), storage,
+                               fp8_weight)
+        return saved
 
     def __enter__(self) -> "SavedTensorProbe":
         for name, module in self.model.named_modules():
             if name in self._kinds:
                 kind, after = self._kinds[name]
-                self._handles.append(module.register_forward_pre_hook(self._enter(kind)))
+                # first among the pre-hooks: what a layout's pre-hook does (SP's all-gather) belongs to this part
+                self._handles.append(module.register_forward_pre_hook(self._enter(kind), prepend=True))
                 self._handles.append(module.register_forward_hook(self._exit(after)))
         if self.recompute is not None:
             self._hooks = self.recompute.context(self._pack, lambda t: t)
@@ -189,14 +209,17 @@ class SavedTensorProbe:
         return out
 
 
-def build_model(cfg: Any, seed: int = 0) -> tuple[Transformer, Any, Recompute]:
+def build_model(cfg: Any, seed: int = 0, ctx: Optional[ParallelContext] = None) -> tuple[Transformer, Any, Recompute]:
     """The model of a train.config.Config on CPU with its precision and train.recompute, as the trainer
-    applies them: (model, precision policy, recompute)."""
+    applies them, then `ctx`'s expert and tensor parallelism (parallel.parallelize): (model, precision policy,
+    recompute)."""
     torch.manual_seed(seed)
     model = Transformer(cfg.model)
     t = cfg.train
     policy = policy_from_config(model, t)
     recompute = apply_recompute(model, t.recompute, t.recompute_modules, t.recompute_num_layers)
+    if ctx is not None:  # the model-parallel layout (EP, TP/SP); no FSDP2 wrapping: its gathers are weights
+        parallelize(model, ctx, "zero1")
     model.train()
     return model, policy, recompute
 
@@ -206,22 +229,25 @@ def random_batch(cfg: Any, gen: torch.Generator) -> torch.Tensor:
     return torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.train.seq_len + 1), generator=gen)
 
 
-def measure_saved_bytes(cfg: Any, micro_batches: int = 1, seed: int = 0, backward: bool = True) -> SavedBytes:
-    """Run `micro_batches` forwards of the config's model (build_model) on random tokens under the probe (all
-    graphs alive at once, as a pipeline holds micro-batches in flight), then their backwards. Returns the
-    probe's counts."""
-    model, policy, recompute = build_model(cfg, seed)
+def measure_saved_bytes(cfg: Any, micro_batches: int = 1, seed: int = 0, backward: bool = True,
+                        ctx: Optional[ParallelContext] = None) -> SavedBytes:
+    """Run `micro_batches` forwards of the config's model (build_model, on `ctx`'s layout: every rank feeds the
+    same tokens) on random tokens under the probe (all graphs alive at once, as a pipeline holds micro-batches
+    in flight), then their backwards. Returns this rank's probe counts."""
+    model, policy, recompute = build_model(cfg, seed, ctx)
     gen = torch.Generator().manual_seed(seed)
     losses = []
-    with SavedTensorProbe(model, recompute) as probe:
-        for m in range(micro_batches):
-            if m:
-                probe.next_micro_batch()
-            ids = random_batch(cfg, gen)
-            with policy.autocast(torch.device("cpu")):
-                out = model(ids[:, :-1], ids[:, 1:])
-            losses.append(out.loss(1.0))
-        result = probe.result()
-    if backward:
-        sum(losses).backward()
+    vocab_parallel = ctx is not None and ctx.tp_size > 1  # the trainer's loss_context: CE over tp-sharded logits
+    with loss_parallel() if vocab_parallel else contextlib.nullcontext():
+        with SavedTensorProbe(model, recompute) as probe:
+            for m in range(micro_batches):
+                if m:
+                    probe.next_micro_batch()
+                ids = random_batch(cfg, gen)
+                with policy.autocast(torch.device("cpu")):
+                    out = model(ids[:, :-1], ids[:, 1:])
+                losses.append(out.loss(1.0))
+            result = probe.result()
+        if backward:
+            sum(losses).backward()
     return result

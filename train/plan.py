@@ -11,7 +11,8 @@ Memory model (per rank, bytes; GiB = 2**30 in the output), matching what moeforg
   the first, final norm + head + MTP on the last, which keeps its own embedding copy for MTP when it
   lives on another rank; V schedules put stages r and 2pp-1-r on rank r, loop schedules stage s on
   rank s % pp). Every figure is for the busiest rank; the text output also lists each rank's total.
-* Sharding. Non-expert weights split over tp, routed experts over ep. FSDP2 (`fsdp`) shards
+* Sharding. Non-expert weights split over tp as the TP plan splits them (the norms, MLA's q_a / kv_a,
+  the router and MTP's eh_proj stay whole on every tp rank), routed experts over ep. FSDP2 (`fsdp`) shards
   weights, gradients and optimizer states over dp_shard (dense) / dp_shard / ep (experts; the
   dp_replicate dimension replicates: HSDP). ZeRO-1 (`zero1`) keeps weights and gradients whole and
   shards the optimizer (fp32 master copy + moments) over all data-parallel ranks (dense) / the
@@ -24,19 +25,22 @@ Memory model (per rank, bytes; GiB = 2**30 in the output), matching what moeforg
   bf16 (a pipeline stage keeps all of its blocks gathered from forward to backward). Without FSDP,
   autocast casts every Linear / expert weight again in each micro-batch's forward and that graph saves
   the copy, so bf16 copies count once per micro-batch in flight (the fused head's cast is transient;
-  router and norms stay fp32). FP8 GEMMs share one quantised copy per weight per optimizer step
+  router and norms stay fp32; under TP the head is not fused and its cast is saved: once per
+  micro-batch, under SP once per head call, main and every MTP depth). FP8 GEMMs share one quantised copy per weight per optimizer step
   (models.fp8.QuantisedWeights: 1 byte + one fp32 scale per 128 x 128 block), except under FSDP2, whose
   re-gather writes the weight each micro-batch (a new version, so a new copy per micro-batch in flight).
 * Activations: train/activations.py, term by term what the code saves for backward, per token and
   layer kind, for fp32 / bf16 / fp8 and every train.recompute mode (parallel/recompute.py's semantics);
-  tests/test_plan_measured.py checks it against the bytes autograd saves on CPU. Under tensor
-  parallelism with parallel.sequence_parallel (the default) every rank holds 1/tp of the tokens between
-  TP regions and 1/tp of the heads and widths inside them: activations / tp. That misses the full-sequence
-  inputs the column-parallel projections (MLA's latents, SwiGLU, the head) save after their all-gather:
-  measured on tiny (2 layers, fp32, 2 x 48 tokens, TP2+SP) a rank saves 0.74x the single process's
-  activations, against the 0.50x predicted. Without SP every rank keeps the whole sequence's activations
-  (measured there: 0.99x of the unsplit prediction). A block recomputed whole keeps its input and, under EP,
-  the rows its all-to-alls moved; one such block's activations live again while it recomputes.
+  tests/test_plan_measured.py checks it against the bytes autograd saves on CPU, also on a TP2 rank.
+  Under tensor parallelism the per-head / per-column tensors (attention core, o_proj's input, SwiGLU
+  widths, the vocab-parallel log-softmax) are split over tp; with parallel.sequence_parallel (the default)
+  the stream between TP regions (norms, residuals, MLA's down-projection inputs, router, routed experts,
+  MTP's enorm/hnorm/eh_proj) is split too, while what the column-parallel projections save after their
+  all-gather stays whole: MLA's latents (or its input without q_lora), the SwiGLU input of dense MLPs and
+  shared experts, the head's input (measured on tiny, 2 layers, fp32, 2 x 48 tokens: a TP2+SP rank saves
+  0.55x of the single process, a plain TP2 rank 0.74x; both predicted within 0.1%). A block recomputed
+  whole keeps its input and, under EP, the rows its all-to-alls moved; one such block's activations live
+  again while it recomputes.
 * Buffers, one micro-batch at a time: the head (final norm, and the fused head+CE's grad_h and fp32
   weight gradient, for the main head and every MTP depth), the EP all-to-all send and receive rows of
   one layer, and under fp8 the emulated expert GEMM's transient fp32 gate_up weights of one layer.
@@ -78,6 +82,9 @@ class Unit:
     fp8_expert: int = 0
     cast: int = 0  # non-expert weights a bf16 GEMM saves a cast copy of (Linears; not the fused head, router, norms)
     cast_expert: int = 0  # routed-expert weights likewise (all of them)
+    tp_whole: int = 0  # non-expert parameters every tp rank keeps whole (norms, q_a / kv_a, router, eh_proj)
+    fp8_tp_whole: int = 0  # of which FP8
+    cast_tp_whole: int = 0  # of which a bf16 GEMM casts
     moe: bool = False  # a layer with routed experts
     layer: bool = False  # a transformer block (or an MTP module's block)
     mtp: bool = False
@@ -102,7 +109,10 @@ def model_units(cfg: Config) -> tuple[Unit, list[Unit], Unit, list[Unit]]:
     from models.experts import GroupedExperts
     from models.head_loss import fused_head_applies
 
+    from parallel.sequence_parallel import replicated_parameter_names
+
     model = build_meta_model(cfg.model)
+    tp_whole = set(replicated_parameter_names(model))  # the TP plan (with or without SP) splits the rest
     fp8_params: set[int] = set()
     if cfg.train.precision == "fp8":
         for name, module in model.named_modules():
@@ -139,6 +149,10 @@ def model_units(cfg: Config) -> tuple[Unit, list[Unit], Unit, list[Unit]]:
             unit.cast += n if id(p) in cast_params else 0
             unit.dense += n
             unit.fp8_dense += n if id(p) in fp8_params else 0
+            if name in tp_whole:
+                unit.tp_whole += n
+                unit.cast_tp_whole += n if id(p) in cast_params else 0
+                unit.fp8_tp_whole += n if id(p) in fp8_params else 0
     return embed, layers, head, mtps
 
 
@@ -299,34 +313,48 @@ def deepspeed_memory(cfg: Config, dense: float, expert: float, edp: int) -> tupl
     return weights, grads, state, 0.0, bucket
 
 
+def _per_tp_rank(params: float, whole: float, tp: int) -> float:
+    """Of `params`, what one tp rank holds: the tp-split ones / tp, the `whole` ones entire."""
+    return (params - whole) / tp + whole
+
+
 def _copies_and_activations(cfg: Config, units: list[Unit], flights: list[float], recompute: Recompute,
                             am: ActivationModel, mode: str) -> tuple[float, float]:
     """(weight copies, activations) of a rank whose units have `flights` micro-batches in flight each."""
-    p, t, precision = cfg.parallel, cfg.train, cfg.train.precision
+    p, t, mc, precision = cfg.parallel, cfg.train, cfg.model, cfg.train.precision
     tp, ep = p.tp, p.ep
     # Micro-batches whose graphs keep a unit's weight copies: a block recomputed whole keeps none between
     # its forward and its backward, only while it recomputes (one at a time).
     unit_flight = [1.0 if u.layer and recompute.full_block(u.position) else f for u, f in zip(units, flights)]
-    fp8_units = [(u.fp8_dense / tp + u.fp8_expert / ep) * (1 + 4 / 128**2) for u in units]  # E4M3 + block scales
+    fp8_units = [(_per_tp_rank(u.fp8_dense, u.fp8_tp_whole, tp) + u.fp8_expert / ep) * (1 + 4 / 128**2)
+                 for u in units]  # E4M3 weights + one fp32 scale per 128 x 128 block
     quantised = sum(fp8_units)
     compute = 0.0
     if mode == "fsdp":
         if precision != "fp32" or p.pp > 1:
             c = 4 if precision == "fp32" else 2
+            held = [_per_tp_rank(u.dense, u.tp_whole, tp) + u.expert / ep for u in units]
             if p.pp > 1:  # stage roots stay unsharded from forward to backward (parallel/pipeline.py)
-                compute = c * sum(u.dense / tp + u.expert / ep for u in units)
+                compute = c * sum(held)
             else:  # two blocks gathered at a time (current + prefetch), compute dtype
-                biggest = sorted((u.dense / tp + u.expert / ep for u in units), reverse=True)[:2]
-                compute = c * sum(biggest)
+                compute = c * sum(sorted(held, reverse=True)[:2])
         if precision == "fp8":  # every re-gather writes the weight (a new version): quantised per micro-batch
             compute += sum(q * f for q, f in zip(fp8_units, flights))
     elif precision != "fp32":
         # autocast casts each weight again in every micro-batch's forward, and that graph saves the copy;
         # FP8 GEMMs instead share one quantised copy per weight per step (models.fp8.QuantisedWeights)
         fp8 = precision == "fp8"
-        compute = sum(2 * ((u.cast - (u.fp8_dense if fp8 else 0)) / tp + (u.cast_expert - (u.fp8_expert if fp8 else 0)) / ep)
+        compute = sum(2 * (_per_tp_rank(u.cast - (u.fp8_dense if fp8 else 0), u.cast_tp_whole - (u.fp8_tp_whole if fp8 else 0), tp)
+                           + (u.cast_expert - (u.fp8_expert if fp8 else 0)) / ep)
                       * f for u, f in zip(units, unit_flight))
         compute += quantised if fp8 else 0.0
+    head_flight = [f for u, f in zip(units, flights) if u.name == "head"]
+    if tp > 1 and precision != "fp32" and not am.fp8_head and head_flight:
+        # the head is not fused under TP: its forward saves the cast of this rank's vocabulary rows -- once per
+        # micro-batch under plain TP (autocast caches the cast of the DTensor leaf), once per head call (main
+        # and every MTP depth) under SP, whose per-call to_local is no leaf autocast caches
+        calls = 1 + mc.num_nextn_predict_layers if layout.sequence_parallel(p) else 1
+        compute += 2 * mc.vocab_size * mc.hidden_size / tp * calls * head_flight[0]
 
     kept, recomputing = 0.0, 0.0  # bytes per token: over the micro-batches in flight, and of one block recomputing
     for u, f in zip(units, flights):
@@ -336,7 +364,8 @@ def _copies_and_activations(cfg: Config, units: list[Unit], flights: list[float]
                 recomputing = max(recomputing, am.block_whole(u.moe, u.mtp))
         elif u.name == "embedding":
             kept += 8.0 * f  # the token ids the lookup saves
-    return compute, t.micro_batch_size * t.seq_len * (kept + recomputing) / layout.sequence_shards(p)
+    # this rank's bytes: the tp / sequence-parallel splits are in the per-token terms (train/activations.py)
+    return compute, t.micro_batch_size * t.seq_len * (kept + recomputing)
 
 
 def rank_memory(cfg: Config, rank: int, units: list[Unit], recompute: Recompute, overhead_gb: float) -> RankMemory:
@@ -344,7 +373,7 @@ def rank_memory(cfg: Config, rank: int, units: list[Unit], recompute: Recompute,
     precision = t.precision
     tp, ep = p.tp, p.ep
     edp = max(1, p.dp_shard // ep)
-    dense = sum(u.dense for u in units) / tp
+    dense = sum(_per_tp_rank(u.dense, u.tp_whole, tp) for u in units)
     expert = sum(u.expert for u in units) / ep
     moments = 4 if cfg.optim.bf16_moments else 8
     mode = data_parallel_mode(cfg)
@@ -370,7 +399,7 @@ def rank_memory(cfg: Config, rank: int, units: list[Unit], recompute: Recompute,
     tokens = t.micro_batch_size * t.seq_len
     flight = in_flight(cfg, rank)
     fp8_head = precision == "fp8" and _fp8_selected("lm_head", cfg)
-    am = ActivationModel(mc, precision, recompute, t.micro_batch_size, tp, fp8_head)
+    am = ActivationModel(mc, precision, recompute, t.micro_batch_size, tp, fp8_head, layout.sequence_parallel(p))
     names = {u.name for u in units}
     compute, activations, per_stage = -1.0, -1.0, {}
     for peak in stage_flights(cfg, rank):  # the heaviest candidate peak of the rank
@@ -382,7 +411,7 @@ def rank_memory(cfg: Config, rank: int, units: list[Unit], recompute: Recompute,
     buffers = 0.0
     if "head" in names:  # one micro-batch at a time: its backward follows its forward on the last stage
         head_mb = (t.grad_accum_steps if (p.pp > 1 and p.pipeline_schedule == "GPipe") else 1)
-        buffers += (tokens * am.head_per_token() / layout.sequence_shards(p) + am.head_per_micro_batch()) * head_mb
+        buffers += (tokens * am.head_per_token() + am.head_per_micro_batch()) * head_mb
     if ep > 1 and any(u.moe for u in layer_units):  # all-to-all send + receive of one layer, compute dtype
         c = 4 if precision == "fp32" else 2
         buffers += 2 * tokens * mc.num_experts_per_tok * mc.hidden_size * c / layout.sequence_shards(p)
@@ -549,8 +578,8 @@ def plan(cfg: Config, gpus: Optional[int] = None, gpu_mem_gb: float = 80.0, reco
         "layers_per_stage": chunk_layers,
     }
     am = ActivationModel(cfg.model, cfg.train.precision, rc, cfg.train.micro_batch_size, p.tp,
-                         cfg.train.precision == "fp8" and _fp8_selected("lm_head", cfg))
-    out["memory"]["activation_terms_per_token"] = {  # bytes per token of one block part (before /tp)
+                         cfg.train.precision == "fp8" and _fp8_selected("lm_head", cfg), layout.sequence_parallel(p))
+    out["memory"]["activation_terms_per_token"] = {  # one rank's bytes per token (of the micro-batch) of a block part
         "attention": am.attention_terms(4),
         "moe": am.moe_terms(4) if cfg.model.n_routed_experts else {},
     }
