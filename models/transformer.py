@@ -208,7 +208,8 @@ class Transformer(nn.Module):
         )
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.reset_parameters()
+        if not self.embed_tokens.weight.is_meta:  # a meta model (shapes only: the planner's) has no values to set
+            self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
