@@ -57,8 +57,9 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
+from bench.expert_parallel import SEQ_LEN  # noqa: E402  (the length step_overrides trains at)
+
 GLOBAL_SEQS = 8
-SEQ_LEN = 256
 COUNTS = {"tokens": 0, "pairs": 0, "assignments": 0, "dispatches": 0, "remote_pairs": 0,  # flat / inter-node
           "intra_pairs": 0,  # node-limited: the intra-node stage
           "routed": 0, "router_calls": 0}  # tokens every router saw (tp: each rank's shard under SP)
@@ -105,20 +106,15 @@ def count_routed(module, args, out) -> None:
 
 def bench_rank(rank: int, ranks: int, extra: dict, overlap: bool, steps: int, warmup: int, run_dir: str,
                precision: str = "fp32") -> dict:
-    from bench.expert_parallel import tiny_trainer
+    from bench.expert_parallel import step_overrides, tiny_trainer
     from train.config import load_config
 
     tp, ep = int(extra.get("parallel.tp", 1)), int(extra.get("parallel.ep", 1))
     per_node = int(extra.get("parallel.ep_ranks_per_node", ep))
     count_pairs(load_config(REPO / "configs" / "tiny.yaml", []).model.n_routed_experts, (rank // tp) % ep // per_node)
     dp = ranks // tp
-    overrides = [
-        f"run.dir={run_dir}", f"train.seq_len={SEQ_LEN}", f"train.micro_batch_size={GLOBAL_SEQS // dp}",
-        "train.grad_accum_steps=1", f"train.precision={precision}", "train.threads=1", f"train.steps={warmup + steps}",
-        "train.sample_prompt=''", "checkpoint.interval=0", "checkpoint.at_end=false", "log.console=false",
-        "log.progress=false", "data.max_files=200", f"parallel.ep_overlap={str(overlap).lower()}",
-        *[f"{k}={v}" for k, v in extra.items()],
-    ]
+    overrides = step_overrides(run_dir, GLOBAL_SEQS // dp, warmup + steps, precision=precision,
+                               extra={"parallel.ep_overlap": str(overlap).lower(), **extra})
     rows = []
     with tiny_trainer(overrides) as trainer:
         from models.moe import moe_layers

@@ -32,8 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.expert_parallel import SEQ_LEN  # noqa: E402  (the length step_overrides trains at)
+
 GLOBAL_SEQS = 8
-SEQ_LEN = 256
 LAYOUTS = {  # name -> (ranks, sequences per step in total, overrides)
     "full (1 rank)": (1, GLOBAL_SEQS, {}),
     "half (1 rank)": (1, GLOBAL_SEQS // 2, {}),
@@ -45,14 +46,9 @@ LAYOUTS = {  # name -> (ranks, sequences per step in total, overrides)
 
 
 def step_rank(rank: int, ranks: int, seqs: int, extra: dict, steps: int, warmup: int, run_dir: str) -> dict:
-    from bench.expert_parallel import tiny_trainer
+    from bench.expert_parallel import step_overrides, tiny_trainer
 
-    overrides = [
-        f"run.dir={run_dir}", f"train.seq_len={SEQ_LEN}", f"train.micro_batch_size={seqs // ranks}",
-        "train.grad_accum_steps=1", "train.precision=fp32", "train.threads=1", f"train.steps={warmup + steps}",
-        "train.sample_prompt=''", "checkpoint.interval=0", "checkpoint.at_end=false", "log.console=false",
-        "log.progress=false", "data.max_files=200", *[f"{k}={v}" for k, v in extra.items()],
-    ]
+    overrides = step_overrides(run_dir, seqs // ranks, warmup + steps, extra=extra)
     wall, cpu, comm = [], [], {}
     with tiny_trainer(overrides) as trainer:
         for i in range(warmup + steps):

@@ -175,23 +175,22 @@ def tiny_trainer(overrides: list[str]):
             torch.distributed.destroy_process_group()
 
 
+def step_overrides(run_dir: str, micro_batch_size: int, steps: int, threads: int = 1, precision: str = "fp32",
+                   extra: Optional[dict] = None) -> list[str]:
+    """The benches' training run on configs/tiny.yaml: seq SEQ_LEN, one micro-batch per step, `steps` steps,
+    no checkpoints, sample or console; `extra` ({key: value}) last, so it wins."""
+    return [
+        f"run.dir={run_dir}", f"train.seq_len={SEQ_LEN}", f"train.micro_batch_size={micro_batch_size}",
+        "train.grad_accum_steps=1", f"train.precision={precision}", f"train.threads={threads}",
+        f"train.steps={steps}", "train.sample_prompt=''", "checkpoint.interval=0", "checkpoint.at_end=false",
+        "log.console=false", "log.progress=false", "data.max_files=200",
+        *[f"{k}={v}" for k, v in (extra or {}).items()],
+    ]
+
+
 def bench_rank(rank: int, ep: int, threads: int, steps: int, warmup: int, run_dir: str) -> dict:
     install_timers()
-    overrides = [
-        f"run.dir={run_dir}",
-        f"train.seq_len={SEQ_LEN}",
-        f"train.micro_batch_size={GLOBAL_MICRO_BATCH // ep}",
-        "train.grad_accum_steps=1",
-        "train.precision=fp32",
-        f"train.threads={threads}",
-        f"train.steps={warmup + steps}",
-        "train.sample_prompt=''",
-        "checkpoint.interval=0",
-        "checkpoint.at_end=false",
-        "log.console=false",
-        "log.progress=false",
-        "data.max_files=200",
-    ]
+    overrides = step_overrides(run_dir, GLOBAL_MICRO_BATCH // ep, warmup + steps, threads)
     if ep > 1:
         overrides += [f"parallel.dp_shard={ep}", f"parallel.ep={ep}", "parallel.data_parallel=fsdp"]
     per_step = []
