@@ -82,6 +82,14 @@ def padded_shard(t: DTensor) -> torch.Tensor:
     return t.to_local().new_empty((rows,) + tuple(t.shape[1:]), device="meta")
 
 
+def saved_param_state(osd: dict, name: str) -> dict:
+    """The optimizer state a checkpoint saved for parameter `name` (moeforge's layout-independent keys)."""
+    saved = osd["state"].get(name)
+    if saved is None:
+        raise KeyError(f"checkpoint has no optimizer state for {name}")
+    return saved
+
+
 class ZeroOneOptimizer:
     """ZeRO stage 1: parameters and gradients replicated, AdamW state sharded over data parallel.
 
@@ -177,9 +185,7 @@ class ZeroOneOptimizer:
             master.to_local().copy_(local_shard(p.detach().float(), mesh))
             if osd is None:
                 continue
-            saved = osd["state"].get(names[p])
-            if saved is None:
-                raise KeyError(f"checkpoint has no optimizer state for {names[p]}")
+            saved = saved_param_state(osd, names[p])
             live = self.inner.state[master]
             for field, value in saved.items():
                 if isinstance(live.get(field), DTensor):

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from parallel.context import ParallelContext
+from parallel.data_parallel import saved_param_state
 from parallel.expert_parallel import is_expert_param
 
 log = logging.getLogger("moeforge")
@@ -260,9 +261,7 @@ class DeepSpeedOptimizer:
                 safe_set_full_fp32_param(p, p.detach().float())
                 if osd is None:
                     continue
-                saved = osd["state"].get(names[p])
-                if saved is None:
-                    raise KeyError(f"checkpoint has no optimizer state for {names[p]}")
+                saved = saved_param_state(osd, names[p])
                 for k in ADAM_MOMENTS:
                     value = saved[k].full_tensor() if hasattr(saved[k], "full_tensor") else saved[k]
                     safe_set_full_optimizer_state(p, value.float(), k)
